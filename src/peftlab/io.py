@@ -1,0 +1,86 @@
+"""The HF PEFT adapter format on disk, and atomic writes.
+
+    DIR/adapter_config.json          HF's fields for the peft_type (sorted keys, indent 2)
+    DIR/adapter_model.safetensors    base_model.model.<module path>.<suffix>, adapter name stripped
+    DIR/NAME/...                     any adapter not called "default"
+
+Weights are read with safetensors only (no pickle). Every file is written to a temporary file in
+the same folder and renamed into place, so an interrupted save leaves the previous adapter whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+
+def adapter_dir(directory: str | os.PathLike, adapter_name: str) -> Path:
+    return Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    # safetensors wants contiguous tensors that share no storage.
+    plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    _atomic_write(Path(path), lambda tmp: save_file(plain, tmp, metadata={"format": "pt", **(metadata or {})}))
+
+
+def write_adapter(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Weights first, then the config: a reader never sees a config that promises missing weights."""
+    atomic_save_tensors(directory / WEIGHTS_NAME, tensors)
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def read_adapter_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: is this a directory written by save_pretrained?")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-save the adapter.") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise ValueError(f"{path} has no 'peft_type': it is not a PEFT adapter config.")
+    return config
+
+
+def read_adapter_weights(directory: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        pickled = [p.name for p in directory.glob("adapter_model.bin")]
+        extra = " An adapter_model.bin is there: peftlab loads no pickle files; convert it to safetensors." if pickled else ""
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}.{extra}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(
+            f"{path} is truncated or corrupt ({e}). Save the adapter again, or restore it from a good copy."
+        ) from None

@@ -1,0 +1,88 @@
+"""DoRA, weight-decomposed low-rank adaptation (Liu et al. 2024), method name ``dora``.
+
+    W' = m ⊙ (W + s·BA) / ‖W + s·BA‖        norm per output row, detached in backward (§4.3)
+    h  = g ⊙ (x Wᵀ + s · x Aᵀ Bᵀ) + b,      g = m / ‖W + s·BA‖
+
+The row norms come without an ``[out, in]`` temporary:
+
+    ‖W_i + s(BA)_i‖² = ‖W_i‖² + 2s · B_i · (W Aᵀ)_i + s² · B_i (A Aᵀ) B_iᵀ
+
+``‖W_i‖²`` is cached until the frozen weight changes (merge, Delta-LoRA); the rest costs one
+``[out, in] × [in, r]`` product per step. ``m`` starts at the row norms of ``W + s·BA`` (of ``W``
+with the default ``B = 0``), so the model starts unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from peftlab.base import BaseLayerView
+from peftlab.methods.lora import LoraAdapter, add_low_rank
+
+
+class DoraAdapter(LoraAdapter):
+    def __init__(self, base: BaseLayerView, r, alpha, dropout, use_rslora, init) -> None:
+        if base.takes_ids:
+            raise TypeError("DoRA on an Embedding layer is not supported; target linear layers, or use LoRA for embeddings.")
+        super().__init__(base, r, alpha, dropout, use_rslora, init)
+        self._row_sq_cache: tuple[tuple, torch.Tensor] | None = None
+        self._merged_scale: torch.Tensor | None = None
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm(base).to(self.lora_A.dtype))
+
+    def _weight_row_sq(self, base: BaseLayerView, weight: torch.Tensor) -> torch.Tensor:
+        key = (base.weight_version(), weight.dtype, weight.device, weight.data_ptr())
+        if self._row_sq_cache is None or self._row_sq_cache[0] != key:
+            self._row_sq_cache = (key, weight.float().pow(2).sum(1))
+        return self._row_sq_cache[1]
+
+    @torch.no_grad()
+    def weight_norm(self, base: BaseLayerView) -> torch.Tensor:
+        """``‖W + s·BA‖`` per output row, in fp32, outside autograd."""
+        w = base.weight()
+        a = self.lora_A.to(w.dtype)
+        b = self.lora_B.to(w.dtype)
+        wa = (w @ a.T).float()  # [out, r]
+        a, b = a.float(), b.float()
+        cross = (b * wa).sum(1)
+        lowrank_sq = ((b @ (a @ a.T)) * b).sum(1)
+        s = self.scaling
+        sq = self._weight_row_sq(base, w) + 2 * s * cross + (s * s) * lowrank_sq
+        return sq.clamp_min(0).sqrt()
+
+    def forward(self, x, base_out, base):
+        x = self._adapter_input(x)
+        bias = base.bias
+        if self.dropout is not None and self.training:
+            # As HF: both terms see the dropped-out input; the base output keeps the clean one.
+            plain = base.forward_no_bias(x)
+        else:
+            plain = base_out if bias is None else base_out - bias
+        scale = (self.lora_magnitude_vector / self.weight_norm(base)).to(plain.dtype)
+        u = base.project_input(x, self.lora_A)
+        adapted = add_low_rank(plain, u, self.lora_B, self.scaling) * scale
+        if self.dropout is not None and self.training:
+            return base_out + (adapted - plain)
+        return adapted if bias is None else adapted + bias
+
+    def delta_weight(self, base):
+        """``W' − W``: the change merging makes (it builds ``[out, in]``, which merging must)."""
+        w = base.weight().float()
+        scale = (self.lora_magnitude_vector.float() / self.weight_norm(base))[:, None]
+        return scale * (w + super().delta_weight(base).float()) - w
+
+    def merge(self, base):
+        scale = (self.lora_magnitude_vector.detach().float() / self.weight_norm(base))[:, None]
+        self._merged_scale = scale
+        w = base.weight().float()
+        base.add_to_weight(scale * (w + super().delta_weight(base).detach().float()) - w)
+
+    def unmerge(self, base):
+        if self._merged_scale is None:
+            raise RuntimeError("unmerge called on a DoRA adapter that was never merged.")
+        w = base.weight().float()
+        base.add_to_weight(w / self._merged_scale - super().delta_weight(base).detach().float() - w)
+        self._merged_scale = None
+
+    def saved_tensors(self):
+        return {**super().saved_tensors(), "lora_magnitude_vector": self.lora_magnitude_vector}

@@ -1,0 +1,145 @@
+"""LoRA (Hu et al. 2021) and rsLoRA (Kalajdzievski 2023).
+
+            ┌──────────┐
+    x ──┬──▶│ W frozen │──────────────┐
+        │   └──────────┘              ▼
+        └──▶ dropout ─▶ A [r,in] ─▶ B [out,r] ─▶ · s ─▶ (+) ─▶ h
+
+    h = x Wᵀ + s · (dropout(x) Aᵀ) Bᵀ,   s = alpha / r   (rsLoRA: alpha / √r)
+
+The low-rank path runs on activations: ``W + BA`` is never built in the forward, and the add of
+the low-rank product is fused into one ``addmm``. Merge adds ``s · B A`` to the frozen weight.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftlab.base import BaseLayerView
+from peftlab.config import AdapterConfig, default_field
+from peftlab.methods.adapter import Adapter
+
+INIT_CHOICES = (True, False, "gaussian")
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    init_lora_weights: bool | str = True
+    rank_pattern: dict = default_field({})
+    alpha_pattern: dict = default_field({})
+
+    peft_type = "LORA"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("r", self.r, whole=True)
+        _check_positive("lora_alpha", self.lora_alpha)
+        for key, rank in self.rank_pattern.items():
+            _check_positive(f"rank_pattern[{key!r}]", rank, whole=True)
+        for key, alpha in self.alpha_pattern.items():
+            _check_positive(f"alpha_pattern[{key!r}]", alpha)
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}; 0 turns dropout off.")
+        if self.bias != "none":
+            raise ValueError(f"bias={self.bias!r} is not supported: peftlab trains no base biases; use bias='none'.")
+        if self.init_lora_weights not in INIT_CHOICES:
+            raise ValueError(f"init_lora_weights={self.init_lora_weights!r}: choose one of {INIT_CHOICES}.")
+
+    def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
+        """The rank and alpha of one module: ``rank_pattern``/``alpha_pattern`` override, as in HF."""
+        return (
+            _pattern_value(self.rank_pattern, module_path, self.r),
+            _pattern_value(self.alpha_pattern, module_path, self.lora_alpha),
+        )
+
+    def make_adapter(self, base: BaseLayerView, module_path: str) -> Adapter:
+        r, alpha = self.rank_and_alpha(module_path)
+        if self.use_dora:
+            from peftlab.methods.dora import DoraAdapter
+
+            return DoraAdapter(base, r, alpha, self.lora_dropout, self.use_rslora, self.init_lora_weights)
+        return LoraAdapter(base, r, alpha, self.lora_dropout, self.use_rslora, self.init_lora_weights)
+
+
+def _check_positive(name: str, value, whole: bool = False) -> None:
+    if isinstance(value, bool) or (whole and not isinstance(value, int)) or not value > 0:
+        kind = "a positive integer" if whole else "a positive number"
+        raise ValueError(f"{name} must be {kind}, got {value!r}.")
+
+
+def _pattern_value(patterns: dict, module_path: str, default):
+    # HF semantics: a key is a regex that must match a suffix of the path at a '.' boundary.
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default
+
+
+class LoraAdapter(Adapter):
+    def __init__(self, base: BaseLayerView, r: int, alpha: float, dropout: float, use_rslora: bool, init) -> None:
+        super().__init__()
+        self.r = r
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.is_embedding = base.takes_ids
+        # HF applies no dropout to token ids.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and not self.is_embedding else None
+        factory = {"device": base.device, "dtype": torch.float32 if base.dtype not in (torch.float32, torch.float64) else base.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, **factory))
+        self.reset_parameters(init)
+
+    def reset_parameters(self, init) -> None:
+        with torch.no_grad():
+            if self.is_embedding:
+                # The embedding convention (HF): A = 0, B ~ N(0, 1); init=False makes both random.
+                nn.init.normal_(self.lora_B)
+                if init is False:
+                    nn.init.normal_(self.lora_A)
+                else:
+                    nn.init.zeros_(self.lora_A)
+                return
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if init is False:
+                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.lora_B)
+
+    def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_embedding and x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)
+        return self.dropout(x) if self.dropout is not None else x
+
+    def forward(self, x, base_out, base):
+        u = base.project_input(self._adapter_input(x), self.lora_A)
+        return add_low_rank(base_out, u, self.lora_B, self.scaling)
+
+    def delta_weight(self, base):
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def saved_tensors(self):
+        if self.is_embedding:
+            return {"lora_embedding_A": self.lora_A, "lora_embedding_B": self.lora_B}
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+
+def add_low_rank(out: torch.Tensor, u: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``out + scale · u Bᵀ`` as one fused ``addmm`` (no separate scale or add over ``[N, out]``)."""
+    if b.dtype != out.dtype and not torch.is_autocast_enabled(out.device.type):
+        return out + (scale * (u @ b.T)).to(out.dtype)
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), u.reshape(-1, u.shape[-1]), b.T, alpha=scale)
+    return flat.view(out.shape)

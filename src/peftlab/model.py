@@ -1,0 +1,353 @@
+"""PeftModel: a transformers (or any torch) model with named adapters injected.
+
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    model(**batch)                              # base + active adapter
+    model(**batch, adapter_names=["a", "__base__", "b"])   # one adapter per row
+    with model.disable_adapter(): ...           # the base alone
+    model.merge_adapter(); model.unmerge_adapter(); model.merge_and_unload()
+    model.save_pretrained(dir); PeftModel.from_pretrained(base, dir)
+
+Method names and behaviour follow HF peft so users can switch by changing an import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+import re
+import warnings
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from peftlab import io
+from peftlab.base import Conv1DView
+from peftlab.config import AdapterConfig
+from peftlab.layer import BASE_ROW, AdaptedLayer, rows_use_adapters
+from peftlab.methods import config_class_for
+from peftlab.modules_to_save import TrainedCopy
+from peftlab.targets import ALL_LINEAR, expand_all_linear, select_targets
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+class PeftModel(nn.Module):
+    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, AdapterConfig] = {}
+        self.active_adapters: list[str] = []
+        model.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+        # A subclass whose forward has the base model's signature, so HF Trainer finds `labels`
+        # and keeps the dataset columns the model takes.
+        self.__class__ = _class_with_signature_of(type(self), model)
+
+    # -- structure -------------------------------------------------------------------------------
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
+        for path, module in self.base_model.named_modules():
+            if isinstance(module, AdaptedLayer):
+                yield path, module
+
+    def trained_copies(self) -> Iterator[tuple[str, TrainedCopy]]:
+        for path, module in self.base_model.named_modules():
+            if isinstance(module, TrainedCopy):
+                yield path, module
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # -- adapters --------------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+        if adapter_name in self.peft_config:
+            raise ValueError(
+                f"an adapter named {adapter_name!r} exists already; choose another name or delete_adapter({adapter_name!r}) first."
+            )
+        if not adapter_name or "." in adapter_name or adapter_name == BASE_ROW:
+            raise ValueError(f"invalid adapter name {adapter_name!r}: use a non-empty name without '.', not {BASE_ROW!r}.")
+        if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
+            config = config.replace(target_modules=expand_all_linear(self.base_model, config))
+        self.peft_config[adapter_name] = config
+        try:
+            for path in select_targets(self.base_model, config):
+                layer = self.base_model.get_submodule(path)
+                if not isinstance(layer, AdaptedLayer):
+                    layer = AdaptedLayer(layer)
+                    _set_module(self.base_model, path, layer)
+                layer.add(adapter_name, config.make_adapter(layer.view, path))
+            self._add_trained_copies(adapter_name, config)
+        except Exception:
+            self._remove_adapter_modules(adapter_name)
+            del self.peft_config[adapter_name]
+            raise
+        self._update_trainable()
+
+    def _add_trained_copies(self, adapter_name: str, config: AdapterConfig) -> None:
+        wanted = config.with_classifier_heads() or []
+        explicit = set(config.modules_to_save or [])
+        for name in wanted:
+            paths = [p for p, m in self.base_model.named_modules() if p == name or p.endswith("." + name)]
+            paths = [p for p in paths if ".copies." not in p and not p.endswith(".original_module")]
+            if not paths and name in explicit:
+                raise ValueError(f"modules_to_save {name!r} matches no module of the model.")
+            for path in paths:
+                module = self.base_model.get_submodule(path)
+                if not isinstance(module, TrainedCopy):
+                    module = TrainedCopy(module)
+                    _set_module(self.base_model, path, module)
+                module.add(adapter_name)
+
+    def _remove_adapter_modules(self, adapter_name: str) -> None:
+        for path, layer in list(self.adapted_layers()):
+            if adapter_name in layer.adapters:
+                layer.remove(adapter_name)
+            if not layer.adapters:
+                _set_module(self.base_model, path, layer.base_layer)
+        for path, copy in list(self.trained_copies()):
+            if adapter_name in copy.copies:
+                copy.remove(adapter_name)
+            if not copy.copies:
+                _set_module(self.base_model, path, copy.original_module)
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._check_known(name)
+        self.active_adapters = names
+        for _, layer in self.adapted_layers():
+            layer.active = list(names)
+        for _, copy in self.trained_copies():
+            copy.active = next((n for n in names if n in copy.copies), None)
+        self._update_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_known(adapter_name)
+        self._remove_adapter_modules(adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [n for n in self.active_adapters if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.active_adapters = remaining
+        if remaining:
+            self.set_adapter(remaining)
+
+    def _check_known(self, name: str) -> None:
+        if name not in self.peft_config:
+            known = ", ".join(sorted(self.peft_config)) or "none"
+            raise ValueError(f"no adapter named {name!r}; the adapters are: {known}. Add it with add_adapter or load_adapter.")
+
+    def _update_trainable(self) -> None:
+        """Only the active adapters (and their trained copies) train, unless loaded for inference."""
+        for _, layer in self.adapted_layers():
+            for name, adapter in layer.adapters.items():
+                adapter.requires_grad_(name in self.active_adapters and not self.peft_config[name].inference_mode)
+        for _, copy in self.trained_copies():
+            for name, module in copy.copies.items():
+                module.requires_grad_(name in self.active_adapters and not self.peft_config[name].inference_mode)
+
+    # -- merging and disabling -------------------------------------------------------------------
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
+        names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        for name in names:
+            self._check_known(name)
+        for _, layer in self.adapted_layers():
+            layer.merge(names)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.adapted_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Merge, then hand back the plain model: no peftlab modules left, zero overhead."""
+        self.merge_adapter(adapter_names)
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """The plain model with merged adapters kept and unmerged ones dropped."""
+        for path, layer in list(self.adapted_layers()):
+            _set_module(self.base_model, path, layer.base_layer)
+        for path, copy in list(self.trained_copies()):
+            _set_module(self.base_model, path, copy.current())
+        return self.base_model
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        layers = [layer for _, layer in self.adapted_layers()]
+        if any(layer.merged for layer in layers):
+            warnings.warn("disable_adapter: merged adapters are unmerged first so the base can run alone.", stacklevel=3)
+            self.unmerge_adapter()
+        wrappers = layers + [copy for _, copy in self.trained_copies()]
+        for wrapper in wrappers:
+            wrapper.disabled = True
+        try:
+            yield
+        finally:
+            for wrapper in wrappers:
+                wrapper.disabled = False
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def _row_adapter_context(self, adapter_names: Sequence[str] | None):
+        if adapter_names is None:
+            return contextlib.nullcontext()
+        for name in set(adapter_names) - {BASE_ROW}:
+            self._check_known(name)
+        return rows_use_adapters(list(adapter_names))
+
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        with self._row_adapter_context(adapter_names):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        with self._row_adapter_context(adapter_names):
+            return self.base_model.generate(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        # Checkpointed blocks recompute only when their input needs grad; with a frozen embedding
+        # it does not, and the adapters would get no gradient. Make the input need one.
+        self.base_model.gradient_checkpointing_enable(**kwargs)
+        if hasattr(self.base_model, "enable_input_require_grads"):
+            self.base_model.enable_input_require_grads()
+
+    # -- parameters ------------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- saving and loading ----------------------------------------------------------------------
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under the HF PEFT file keys."""
+        tensors = {}
+        for path, layer in self.adapted_layers():
+            if adapter_name in layer.adapters:
+                for suffix, tensor in layer.adapters[adapter_name].saved_tensors().items():
+                    tensors[f"{io.KEY_PREFIX}{path}.{suffix}"] = tensor
+        for path, copy in self.trained_copies():
+            if adapter_name in copy.copies:
+                for suffix, tensor in copy.saved_tensors(adapter_name).items():
+                    tensors[f"{io.KEY_PREFIX}{path}.{suffix}"] = tensor
+        return tensors
+
+    def _config_to_save(self, adapter_name: str) -> dict[str, Any]:
+        config = self.peft_config[adapter_name]
+        data = config.to_hf_dict()
+        data["inference_mode"] = True
+        data["modules_to_save"] = config.with_classifier_heads()
+        if data.get("base_model_name_or_path") is None:
+            data["base_model_name_or_path"] = getattr(self.base_model, "name_or_path", None) or None
+        if "fan_in_fan_out" in data:
+            data["fan_in_fan_out"] = any(
+                isinstance(layer.view, Conv1DView) for _, layer in self.adapted_layers() if adapter_name in layer.adapters
+            )
+        return data
+
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None, **_: Any) -> None:
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory path.")
+        for name in selected_adapters or list(self.peft_config):
+            self._check_known(name)
+            io.write_adapter(io.adapter_dir(save_directory, name), self._config_to_save(name), self.adapter_state_dict(name))
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **_: Any
+    ) -> "PeftModel":
+        config = load_config(model_id, is_trainable)
+        peft_model = cls(model, config, adapter_name)
+        peft_model._load_weights(model_id, adapter_name)
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any) -> None:
+        self.add_adapter(adapter_name, load_config(model_id, is_trainable))
+        try:
+            self._load_weights(model_id, adapter_name)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _load_weights(self, model_id: str | os.PathLike, adapter_name: str) -> None:
+        saved = io.read_adapter_weights(io.Path(model_id))
+        expected = self.adapter_state_dict(adapter_name)
+        # Older HF versions wrote DoRA's magnitude with a ".weight" suffix.
+        saved = {re.sub(r"lora_magnitude_vector\.weight$", "lora_magnitude_vector", k): v for k, v in saved.items()}
+        missing = sorted(set(expected) - set(saved))
+        unexpected = sorted(set(saved) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter in {model_id} does not fit this model: missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                f"unexpected keys {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}. "
+                "Load it on the base model it was trained on, with its own adapter_config.json."
+            )
+        for key, tensor in expected.items():
+            if saved[key].shape != tensor.shape:
+                raise ValueError(
+                    f"adapter in {model_id} does not fit this model: {key} has shape {tuple(saved[key].shape)} in the "
+                    f"file but {tuple(tensor.shape)} in the model. Was it trained on another base model or with another r?"
+                )
+        with torch.no_grad():
+            for key, tensor in expected.items():
+                tensor.copy_(saved[key].to(tensor.dtype))
+
+
+def load_config(model_id: str | os.PathLike, is_trainable: bool = False) -> AdapterConfig:
+    data = io.read_adapter_config(io.Path(model_id))
+    config = config_class_for(data["peft_type"]).from_dict(data)
+    return config.replace(inference_mode=not is_trainable)
+
+
+def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap ``model`` with a new trainable adapter; the base model's parameters are frozen."""
+    return PeftModel(model, config, adapter_name)
+
+
+@functools.lru_cache(maxsize=None)
+def _class_with_signature(peft_class: type, base_class: type) -> type:
+    base_sig = inspect.signature(base_class.forward)
+    params = list(base_sig.parameters.values())
+    names = {p.name for p in params}
+    extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+    if "adapter_names" not in names:
+        var_kw = [i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD]
+        params.insert(var_kw[0] if var_kw else len(params), extra)
+
+    def forward(self, *args, adapter_names=None, **kwargs):
+        return peft_class.forward(self, *args, adapter_names=adapter_names, **kwargs)
+
+    forward.__signature__ = base_sig.replace(parameters=params)
+    name = f"{peft_class.__name__}For{base_class.__name__}"
+    namespace = {"forward": forward, "_signature_of": base_class, "__module__": peft_class.__module__, "__qualname__": name}
+    return type(name, (peft_class,), namespace)
+
+
+def _class_with_signature_of(peft_class: type, model: nn.Module) -> type:
+    if getattr(peft_class, "_signature_of", None) is type(model):
+        return peft_class
+    return _class_with_signature(peft_class, type(model))
