@@ -1,0 +1,220 @@
+"""Datasets as plain lists, texts with class labels or prompts with responses, and how to load one.
+
+:func:`load_dataset_spec` turns a name or a path into one split::
+
+    "sst2"          SST-2 (local GLUE files, the hub, or an offline stand-in: see :mod:`.sst2`)
+    "rt-snippets"   that offline stand-in, asked for by name
+    a directory     train.{csv,tsv,jsonl} and validation.* (or dev.*, val.*)
+    a file          one .csv, .tsv or .jsonl file, split 90/10 into train/validation (fixed seed)
+
+Columns: ``text`` (or ``sentence``) and ``label`` for classification; ``prompt`` and ``response``
+for causal LM. Labels are class ids (ints, or strings of digits) or class names; names get ids in
+sorted order over every split of the dataset, so train and validation agree.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..assets import TASKS
+from .errors import DataError
+from .files import Row, Table, expected_split_files, read_table, split_files
+from .splits import SPLITS, hold_out, sample
+from .sst2 import LABEL_NAMES as SST2_LABEL_NAMES
+from .sst2 import load_rt_snippets, load_sst2
+
+TEXT_COLUMNS = ("text", "sentence")
+NAMED_DATASETS = ("sst2", "rt-snippets")
+
+
+@dataclass(frozen=True)
+class ClassificationDataset:
+    """Texts with class ids in ``0 .. num_labels - 1``; items are ``{"text", "label"}``."""
+
+    texts: list[str]
+    labels: list[int]
+    num_labels: int
+    label_names: tuple[str, ...]  # the name of each class id
+    source: str  # where the examples came from, for notices and reports
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"text": self.texts[index], "label": self.labels[index]}
+
+    def select(self, indices: Sequence[int]) -> ClassificationDataset:
+        return replace(self, texts=[self.texts[i] for i in indices], labels=[self.labels[i] for i in indices])
+
+
+@dataclass(frozen=True)
+class CausalLMDataset:
+    """Prompts with the responses to learn; items are ``{"prompt", "response"}``."""
+
+    prompts: list[str]
+    responses: list[str]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"prompt": self.prompts[index], "response": self.responses[index]}
+
+    def select(self, indices: Sequence[int]) -> CausalLMDataset:
+        return replace(
+            self, prompts=[self.prompts[i] for i in indices], responses=[self.responses[i] for i in indices]
+        )
+
+
+TextDataset = ClassificationDataset | CausalLMDataset
+
+
+def load_dataset_spec(
+    name_or_path: str | Path,
+    split: str = "train",
+    *,
+    data_dir: str | Path | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+    task: str | None = None,
+    num_labels: int | None = None,
+) -> TextDataset:
+    """Load ``split`` ("train" or "validation") of a named dataset or of a file or directory.
+
+    ``data_dir``: where SST-2's GLUE files are (else ``$PEFTLAB_DATA_DIR``). ``max_samples``: keep
+    that many examples, drawn by a shuffle seeded with ``seed`` (same seed, same examples).
+    ``task``: "seq-cls" or "causal-lm"; by default inferred from the columns. ``num_labels``: the
+    classifier's size; labels outside ``0 .. num_labels - 1`` are an error.
+    """
+    if split not in SPLITS:
+        raise DataError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if task is not None and task not in TASKS:
+        raise DataError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}")
+    table, label_tables, label_names = _read_split(name_or_path, split, data_dir)
+    if not table.rows:
+        raise DataError(f"{table.source} has no {split} examples; add rows below the header")
+    task = task or _infer_task(table)
+    if task == "causal-lm":
+        _require_columns(table, ("prompt", "response"), "causal LM")
+        dataset: TextDataset = CausalLMDataset(
+            [_text(row, "prompt") for row in table.rows], [_text(row, "response") for row in table.rows], table.source
+        )
+    else:
+        dataset = _classification(table, label_tables, num_labels, label_names)
+    return dataset.select(sample(len(dataset), max_samples, seed))
+
+
+def _read_split(
+    name_or_path: str | Path, split: str, data_dir: str | Path | None
+) -> tuple[Table, list[Table], tuple[str, ...] | None]:
+    """The split's table, the tables whose labels define the classes, and fixed class names if any."""
+    name = str(name_or_path)
+    if name in NAMED_DATASETS:
+        table = load_sst2(split, data_dir) if name == "sst2" else load_rt_snippets(split)
+        return table, [table], SST2_LABEL_NAMES
+    path = Path(name).expanduser()
+    if path.is_dir():
+        files = split_files(path)
+        if split not in files:
+            raise DataError(f"{path} has no {split} file: looked for {expected_split_files(split)}")
+        tables = {each: read_table(file) for each, file in files.items()}
+        return tables[split], list(tables.values()), None
+    if path.is_file():
+        whole = read_table(path)
+        chosen = hold_out(len(whole.rows), split)
+        if whole.rows and not chosen:
+            raise DataError(
+                f"{path} has {len(whole.rows)} example: too few to hold out a validation split; "
+                f"add examples, or pass a directory with train and validation files"
+            )
+        source = f"{path} (held-out {split} split: {len(chosen)} of {len(whole.rows)} rows)"
+        return Table(whole.columns, [whole.rows[i] for i in chosen], source), [whole], None
+    raise DataError(
+        f"Unknown dataset {name!r}: not a file or directory, nor one of {', '.join(NAMED_DATASETS)}. "
+        f"Pass a .csv, .tsv or .jsonl file, or a directory with train and validation files."
+    )
+
+
+def _columns_error(table: Table, wanted: str) -> DataError:
+    found = ", ".join(table.columns) or "none"
+    return DataError(f"{table.source}: expected {wanted}; found columns: {found}")
+
+
+def _infer_task(table: Table) -> str:
+    columns = set(table.columns)
+    if {"prompt", "response"} <= columns:
+        return "causal-lm"
+    if "label" in columns and columns & set(TEXT_COLUMNS):
+        return "seq-cls"
+    raise _columns_error(
+        table, "text (or sentence) and label columns for classification, or prompt and response for causal LM"
+    )
+
+
+def _require_columns(table: Table, columns: tuple[str, ...], task_name: str) -> None:
+    if not set(columns) <= set(table.columns):
+        raise _columns_error(table, f"{' and '.join(columns)} columns for {task_name}")
+
+
+def _value(row: Row, column: str) -> Any:
+    value = row.values.get(column)
+    if value is None:
+        raise DataError(f"{row.where}: no {column!r} value")
+    return value
+
+
+def _text(row: Row, column: str) -> str:
+    value = _value(row, column)
+    if not isinstance(value, str):
+        raise DataError(f"{row.where}: {column!r} should be a string, got {value!r}")
+    return value
+
+
+def _is_class_id(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()) is not None)
+
+
+def _classification(
+    table: Table, label_tables: list[Table], num_labels: int | None, label_names: tuple[str, ...] | None
+) -> ClassificationDataset:
+    text_column = next((column for column in TEXT_COLUMNS if column in table.columns), None)
+    if text_column is None or "label" not in table.columns:
+        raise _columns_error(table, "text (or sentence) and label columns for classification")
+    to_id, names, count = _label_encoding(label_tables, num_labels, label_names)
+    texts = [_text(row, text_column) for row in table.rows]
+    labels = [to_id(_value(row, "label")) for row in table.rows]
+    return ClassificationDataset(texts, labels, count, names, table.source)
+
+
+def _label_encoding(
+    tables: list[Table], num_labels: int | None, label_names: tuple[str, ...] | None
+) -> tuple[Callable[[Any], int], tuple[str, ...], int]:
+    """How labels become class ids, the class names, and the number of classes; checks every label."""
+    values = [(row, _value(row, "label")) for table in tables for row in table.rows]
+    if all(_is_class_id(value) for _, value in values):
+        ids = [(row, int(value)) for row, value in values]
+        for row, class_id in ids:
+            if class_id < 0:
+                raise DataError(f"{row.where}: label {class_id} is not a class id; ids start at 0 (unlabelled rows, like GLUE's test split, have -1)")
+        count = num_labels or (len(label_names) if label_names else max(i for _, i in ids) + 1)
+        for row, class_id in ids:
+            if class_id >= count:
+                raise DataError(
+                    f"{row.where}: label {class_id} is outside the classes 0..{count - 1} "
+                    f"(num_labels={count}); fix the label or pass a larger num_labels"
+                )
+        names = label_names or tuple(str(i) for i in range(count))
+        return int, names, count
+    names = tuple(sorted({str(value).strip() for _, value in values}))
+    if num_labels is not None and len(names) > num_labels:
+        raise DataError(
+            f"{tables[0].source}: {len(names)} classes ({', '.join(names)}) but num_labels={num_labels}"
+        )
+    index = {name: i for i, name in enumerate(names)}
+    return (lambda value: index[str(value).strip()]), names, num_labels or len(names)
