@@ -1,0 +1,67 @@
+"""Optimizers and learning-rate schedules for training what ``requires_grad``.
+
+    optimizer = make_optimizer(model, "adamw", lr=1e-3, weight_decay=0.01)
+    scheduler = make_scheduler(optimizer, "cosine", total_steps=1000, warmup_steps=60)
+
+Weight decay goes only to matrices: biases, norms and vectors such as DoRA's magnitude are
+left undecayed, as in BERT's and HF Trainer's recipes. Every schedule is a pure function of the
+step, so a resumed run continues exactly where the saved one stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("constant", "linear", "cosine")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The trainable parameters in two groups: matrices (decayed) and the rest (not decayed)."""
+    decayed, undecayed = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decayed if param.ndim >= 2 else undecayed).append(param)
+    if not decayed and not undecayed:
+        raise ValueError("the model has no trainable parameters: did the method freeze everything?")
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": undecayed, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def make_optimizer(
+    model: nn.Module, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9
+) -> torch.optim.Optimizer:
+    groups = param_groups(model, weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
+
+
+def lr_multiplier(name: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """The factor on the base learning rate at each step: linear warmup from 0, then the schedule."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}.")
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if name == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if name == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return multiplier
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(name, total_steps, warmup_steps))

@@ -1,0 +1,13 @@
+"""The training engine: options, loop, method hooks, checkpoints, data parallelism, evaluation.
+
+    from peftlab.train import TrainOptions, run_training
+    metrics = run_training(TrainOptions(method="dora", out="runs/dora"))   # metrics.json content
+
+HF ``Trainer`` users get the same method hooks from :mod:`peftlab.train.callback`.
+"""
+
+from peftlab.train.hooks import TrainingHook, TrainingProgress
+from peftlab.train.loop import TrainingDiverged, run_training
+from peftlab.train.options import OptionsError, TrainOptions
+
+__all__ = ["OptionsError", "TrainOptions", "TrainingDiverged", "TrainingHook", "TrainingProgress", "run_training"]

@@ -1,0 +1,111 @@
+"""What a run is made of, from its options: the data, the model with its method, the collator,
+and what is saved at the end. ``peftlab train``, ``eval`` and ``merge`` all build through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from peftlab.assets import load_model_and_tokenizer
+from peftlab.config import SEQ_CLS_HEAD_NAMES
+from peftlab.data import CausalLMCollator, ClassificationCollator, TextDataset, load_dataset_spec
+from peftlab.io import read_adapter_config, read_adapter_weights
+from peftlab.methods import make_method_config
+from peftlab.model import PeftModel, get_peft_model
+from peftlab.train.options import OptionsError, TrainOptions, default_target_modules
+
+PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+TASKS_BY_PEFT_TYPE = {v: k for k, v in PEFT_TASK_TYPES.items()}
+
+
+def load_datasets(options: TrainOptions) -> tuple[TextDataset, TextDataset]:
+    """The training subset (``max_train_samples`` drawn with ``seed``) and the validation split."""
+    train = load_dataset_spec(
+        options.dataset, "train", data_dir=options.data_dir, max_samples=options.max_train_samples,
+        seed=options.seed, task=options.task,
+    )
+    validation = load_eval_dataset(options, getattr(train, "num_labels", None))
+    return train, validation
+
+
+def load_eval_dataset(options: TrainOptions, num_labels: int | None) -> TextDataset:
+    return load_dataset_spec(
+        options.dataset, "validation", data_dir=options.data_dir, max_samples=options.max_eval_samples,
+        seed=options.seed, task=options.task, num_labels=num_labels,
+    )
+
+
+def make_collator(options: TrainOptions, tokenizer) -> Any:
+    collator = ClassificationCollator if options.task == "seq-cls" else CausalLMCollator
+    return collator(tokenizer, max_length=options.max_length)
+
+
+def build_model(options: TrainOptions, num_labels: int | None) -> tuple[nn.Module, Any, TrainOptions]:
+    """The model ready to train: quantized if asked, with the method's adapter (or all trainable for
+    full fine-tuning). Returns the options with ``target_modules`` resolved for this model."""
+    model, tokenizer = load_model_and_tokenizer(options.model, options.task, num_labels=num_labels or 2)
+    if options.quantization:
+        from peftlab.quant import quantize_model
+
+        quantize_model(model)
+    if options.is_full_fine_tuning:
+        model.requires_grad_(True)
+        return model, tokenizer, options
+    if options.target_modules is None:
+        options = dataclasses.replace(options, target_modules=default_target_modules(model.config.model_type))
+    try:
+        config = make_method_config(
+            options.adapter_method,
+            task_type=PEFT_TASK_TYPES[options.task],
+            base_model_name_or_path=options.model,
+            **options.adapter_options(),
+        )
+    except TypeError as error:  # an option the method's config does not have
+        raise OptionsError(f"method {options.adapter_method!r} does not take these options: {error}") from None
+    return get_peft_model(model, config), tokenizer, options
+
+
+def save_trained(model: nn.Module, tokenizer, out: Path) -> None:
+    """An adapter in the HF PEFT format; for full fine-tuning the whole model and its tokenizer."""
+    model.save_pretrained(out)
+    if not isinstance(model, PeftModel):
+        tokenizer.save_pretrained(out)
+
+
+def base_of(model: str | None, adapter: str | None, task: str | None) -> tuple[str, str]:
+    """The base model and task to load: as given, else as the adapter's adapter_config.json records."""
+    if adapter is None:
+        if model is None:
+            raise OptionsError("give --model (a model folder or alias), --adapter (an adapter folder), or both.")
+        return model, task or "seq-cls"
+    saved = read_adapter_config(Path(adapter))
+    model = model or saved.get("base_model_name_or_path")
+    if not model:
+        raise OptionsError(f"{adapter}/adapter_config.json names no base model; give it with --model.")
+    return model, task or TASKS_BY_PEFT_TYPE.get(saved.get("task_type") or "", "seq-cls")
+
+
+def saved_num_labels(adapter: str) -> int | None:
+    """The class count of the classifier saved with an adapter, when one 2-D head weight shows it."""
+    heads = [
+        tensor.shape[0] for key, tensor in read_adapter_weights(Path(adapter)).items()
+        if tensor.ndim == 2 and key.endswith(".weight") and any(f".{h}." in key for h in SEQ_CLS_HEAD_NAMES)
+    ]
+    return heads[0] if len(heads) == 1 else None
+
+
+def load_trained(model: str, adapter: str | None, task: str, num_labels: int | None = None) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` for inference: a base or fully fine-tuned model, plus an adapter if given.
+
+    A classifier gets ``num_labels`` classes, else as many as the adapter's saved head has, else 2.
+    """
+    if adapter is not None and task == "seq-cls":
+        num_labels = num_labels or saved_num_labels(adapter)
+    loaded, tokenizer = load_model_and_tokenizer(model, task, num_labels=num_labels or 2)
+    if adapter is None:
+        return loaded, tokenizer
+    return PeftModel.from_pretrained(loaded, adapter), tokenizer

@@ -1,0 +1,98 @@
+"""The ``peftlab train``, ``eval`` and ``merge`` subcommands: flags in, files and JSON out.
+
+Each command is an object with ``add_arguments(parser)`` and ``run(args) -> exit code``, the
+shape :mod:`peftlab.cli` expects of every subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from peftlab.train.options import OptionsError, TrainOptions, add_train_arguments, options_from_args
+
+SUMMARY_KEYS = ("eval_accuracy", "eval_loss", "eval_perplexity", "train_time_s", "peak_memory_mb",
+                "trainable_params", "total_params", "steps")
+EVAL_OPTIONS = ("model", "task", "dataset", "data_dir", "max_eval_samples", "max_length", "eval_batch_size",
+                "bf16", "device", "seed")
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    print(json.dumps(data, indent=1))
+
+
+class TrainCommand:
+    help = "fine-tune a model with a PEFT method (or in full) and write the adapter and metrics"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_train_arguments(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from peftlab.train.loop import run_training
+
+        metrics = run_training(options_from_args(args))
+        _print_json({k: metrics[k] for k in SUMMARY_KEYS if k in metrics})
+        return 0
+
+
+class EvalCommand:
+    help = "evaluate a model, or a base model with an adapter: accuracy (seq-cls) or perplexity (causal-lm)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--adapter", metavar="DIR", help="adapter folder written by `peftlab train`")
+        add_train_arguments(parser, only=EVAL_OPTIONS)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from peftlab.train.build import base_of, load_eval_dataset, load_trained, make_collator, saved_num_labels
+        from peftlab.train.distributed import start_processes
+        from peftlab.train.evaluate import evaluate
+
+        given = {name: getattr(args, name) for name in EVAL_OPTIONS if hasattr(args, name)}
+        model_name, task = base_of(given.get("model"), args.adapter, given.get("task"))
+        options = TrainOptions(**{**given, "model": model_name, "task": task})
+        num_labels = saved_num_labels(args.adapter) if args.adapter and task == "seq-cls" else None
+        data = load_eval_dataset(options, num_labels)
+        processes = start_processes(options.device)
+        try:
+            model, tokenizer = load_trained(model_name, args.adapter, task, getattr(data, "num_labels", None))
+            collate = make_collator(options, tokenizer)
+            mine = processes.shard(range(len(data)))
+            size = options.eval_batch_size
+            batches = (collate([data[i] for i in mine[s : s + size]]) for s in range(0, len(mine), size))
+            metrics = evaluate(model.to(processes.device), batches, task, processes, options.bf16)
+        finally:
+            processes.close()
+        if processes.is_main:
+            _print_json({**metrics, "examples": len(data)})
+        return 0
+
+
+class MergeCommand:
+    help = "fold an adapter into its base model and save a plain transformers model folder"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--adapter", metavar="DIR", required=True, help="adapter folder written by `peftlab train`")
+        parser.add_argument("--out", metavar="DIR", required=True, help="folder for the merged model and its tokenizer")
+        add_train_arguments(parser, only=("model", "task"))
+
+    def run(self, args: argparse.Namespace) -> int:
+        from peftlab.train.build import base_of, load_trained
+
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise OptionsError(f"--out {out} is a file; give a folder for the merged model.")
+        model_name, task = base_of(getattr(args, "model", None), args.adapter, getattr(args, "task", None))
+        model, tokenizer = load_trained(model_name, args.adapter, task)
+        merged = model.merge_and_unload()
+        merged.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        print(f"peftlab: merged {args.adapter} into {merged.name_or_path or 'the base model'}: wrote {out}", file=sys.stderr)
+        return 0
+
+
+train = TrainCommand()
+evaluate = EvalCommand()
+merge = MergeCommand()

@@ -1,0 +1,415 @@
+"""The training loop: one run of :class:`TrainOptions`, from model and data to metrics.json.
+
+    metrics = run_training(TrainOptions(model="minilm-l6", method="lora", out="runs/lora"))
+
+One optimizer step takes ``grad_accum`` global batches of ``batch_size`` examples; each process
+computes its slice (see :mod:`.distributed`). The loss of a step is the mean over all its
+examples (causal LM: its label tokens), however they are split into micro-batches and
+processes, so one process and two give the same update. The method's hooks run at their points
+of the step (see :mod:`.hooks`).
+
+Data order is a permutation per epoch drawn from ``(seed, epoch)`` alone, so a resumed run
+needs only the step count to find its place, and restores the RNG states for dropout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from peftlab.model import PeftModel
+from peftlab.optim import make_optimizer, make_scheduler
+from peftlab.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
+from peftlab.train.distributed import Processes, start_processes, unwrap
+from peftlab.train.evaluate import batch_totals, evaluate, label_count, model_inputs
+from peftlab.train.hooks import HookRunner, TrainingProgress, discover_hooks
+from peftlab.train.options import OptionsError, TrainOptions
+from peftlab.train.build import build_model, load_datasets, make_collator, save_trained
+
+#: Options a resumed run must share with the saved one for its loss curve to continue exactly.
+MUST_MATCH_ON_RESUME = (
+    "model", "task", "dataset", "data_dir", "max_train_samples", "max_length", "method", "quantize", "r",
+    "lora_alpha", "lora_dropout", "target_modules", "method_options", "optimizer", "lr", "weight_decay",
+    "momentum", "scheduler", "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum",
+    "max_grad_norm", "bf16", "seed",
+)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient became NaN or infinite; the run stopped before applying the step."""
+
+
+def run_training(options: TrainOptions) -> dict[str, Any]:
+    """Train as ``options`` say and return the content of metrics.json.
+
+    Global state is left as found: the process group this call started is destroyed, and the
+    torch and python RNG states are restored, so callers can run several trainings in a row.
+    """
+    options = options.with_method_defaults()
+    with _preserved_rng():
+        processes = start_processes(options.device)
+        try:
+            return TrainingRun(options, processes).run()
+        finally:
+            processes.close()
+
+
+@contextlib.contextmanager
+def _preserved_rng() -> Iterator[None]:
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_writable(folder: Path) -> None:
+    """Fail now, not after an hour of training, when the output folder cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OptionsError(
+            f"cannot write to the output folder {folder}: {error.strerror or error}. Choose another --out."
+        ) from None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: allocated GPU memory on CUDA, else the resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class TrainingRun:
+    def __init__(self, options: TrainOptions, processes: Processes) -> None:
+        self.processes = processes
+        self.out = Path(options.out)
+        check_writable(self.out)
+        seed_everything(options.seed)
+        self.train_data, self.eval_data = load_datasets(options)
+        model, self.tokenizer, options = build_model(options, getattr(self.train_data, "num_labels", None))
+        self.options = options
+        if options.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.model = model.to(processes.device)
+        self.collate = make_collator(options, self.tokenizer)
+        self.ddp_model = processes.wrap(self.model)
+        self.hooks = HookRunner(discover_hooks(self.model))
+        self.optimizer = make_optimizer(self.model, options.optimizer, options.lr, options.weight_decay, options.momentum)
+        self.batches_per_epoch = self._count_batches()
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / options.grad_accum)
+        self.total_steps = options.max_steps or options.epochs * self.steps_per_epoch
+        warmup = int(options.warmup_ratio * self.total_steps)
+        self.scheduler = make_scheduler(self.optimizer, options.scheduler, self.total_steps, warmup)
+        # Dropout differs per process, as in any data-parallel run; initialisation above did not.
+        torch.manual_seed(options.seed + processes.rank)
+        self.state: dict[str, Any] = {
+            "step": 0, "epoch": 0, "batch_in_epoch": 0, "train_time_s": 0.0, "examples_seen": 0,
+            "train_loss_curve": [], "val_curve": [], "train_accuracy": [], "epoch_correct": 0, "epoch_count": 0,
+            "logged": [],
+        }
+        if options.resume:
+            self._resume(options.resume)
+
+    # -- data ----------------------------------------------------------------------------------------
+
+    def _count_batches(self) -> int:
+        # A trailing batch too small to give every process an example is dropped.
+        full, rest = divmod(len(self.train_data), self.options.batch_size)
+        count = full + (rest >= self.processes.world_size)
+        if count == 0:
+            raise OptionsError(
+                f"the training set has {len(self.train_data)} examples, too few for one batch on "
+                f"{self.processes.world_size} processes; add data or lower --batch-size."
+            )
+        return count
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The global batches of ``epoch``: example indices, shuffled by ``(seed, epoch)`` only."""
+        generator = torch.Generator().manual_seed(self.options.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.train_data), generator=generator).tolist()
+        size = self.options.batch_size
+        return [order[i * size : (i + 1) * size] for i in range(self.batches_per_epoch)]
+
+    def local_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self.collate([self.train_data[i] for i in self.processes.shard(indices)])
+
+    def eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        mine = self.processes.shard(range(len(self.eval_data)))
+        size = self.options.eval_batch_size
+        for start in range(0, len(mine), size):
+            yield self.collate([self.eval_data[i] for i in mine[start : start + size]])
+
+    # -- resume --------------------------------------------------------------------------------------
+
+    def _resume(self, path: str) -> None:
+        checkpoint = load_checkpoint(path)
+        saved = checkpoint.state["options"]
+        differing = [k for k in MUST_MATCH_ON_RESUME if saved.get(k) != getattr(self.options, k)]
+        if differing:
+            details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {getattr(self.options, k)!r}" for k in differing)
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} was written with other options ({details}); resume with the saved ones."
+            )
+        if len(checkpoint.rng) != self.processes.world_size:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} was written by {len(checkpoint.rng)} processes; "
+                f"resume with the same number (now {self.processes.world_size})."
+            )
+        params = dict(self.model.named_parameters())
+        trainable = {k for k, p in params.items() if p.requires_grad}
+        if set(checkpoint.trainable) != trainable:
+            raise CheckpointError(f"checkpoint {checkpoint.path} does not hold this model's trainable parameters.")
+        with torch.no_grad():
+            for name, tensor in checkpoint.trainable.items():
+                params[name].copy_(tensor)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.scheduler.load_state_dict(checkpoint.scheduler)
+        self.hooks.load_state_dict(checkpoint.hooks)
+        restore_rng_state(checkpoint.rng[self.processes.rank])
+        self.state = {k: v for k, v in checkpoint.state.items() if k != "options"}
+        self._log(f"resumed from {checkpoint.path} at step {self.state['step']}")
+
+    def _save_checkpoint(self) -> None:
+        rng = self.processes.gather(rng_state())  # every process takes part; only the first writes
+        if not self.processes.is_main:
+            return
+        path = save_checkpoint(
+            self.out,
+            self.state["step"],
+            trainable={k: p for k, p in self.model.named_parameters() if p.requires_grad},
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            hooks=self.hooks.state_dict(),
+            rng=rng,
+            state={**self.state, "options": self.options.to_dict()},
+        )
+        self._log(f"saved {path}")
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    def progress(self) -> TrainingProgress:
+        epoch = self.state["epoch"] + self.state["batch_in_epoch"] / self.batches_per_epoch
+        return TrainingProgress(self.state["step"], self.total_steps, epoch)
+
+    def train_step(self, global_batches: list[list[int]]) -> tuple[float, int]:
+        """One optimizer step; returns the step's mean loss and how many examples it used."""
+        task, device = self.options.task, self.processes.device
+        batches = [self.local_batch(indices) for indices in global_batches]
+        local_count = sum(label_count(task, b["labels"]) for b in batches)
+        global_count = float(self.processes.sum(torch.tensor(local_count)))
+        progress = self.progress()
+        self.hooks.on_step_begin(progress)
+        self.ddp_model.train()
+        totals = torch.zeros(3, dtype=torch.float64)
+        for i, batch in enumerate(batches):
+            with self.processes.no_sync(self.ddp_model, skip=i < len(batches) - 1):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.options.bf16):
+                    logits = self.ddp_model(**model_inputs(batch, device)).logits
+                result = batch_totals(task, logits, batch["labels"].to(device))
+                # DDP averages gradients over processes; this scaling turns that into the global mean.
+                loss = result.loss_sum * (self.processes.world_size / max(global_count, 1.0))
+                extra = self.hooks.extra_loss(progress)
+                if extra is not None:
+                    loss = loss + extra / len(batches)
+                loss.backward()
+            totals += torch.tensor([result.loss_sum.item(), result.count, result.correct], dtype=torch.float64)
+        loss_sum, count, correct = self.processes.sum(totals).tolist()
+        step_loss = loss_sum / max(count, 1.0)
+        self._stop_if_diverged("loss", step_loss)
+        if self.options.max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.options.max_grad_norm
+            )
+            self._stop_if_diverged("gradient norm", float(norm))
+        self.hooks.after_backward(progress)
+        self.optimizer.step()
+        self.hooks.after_optimizer_step(progress)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["epoch_correct"] += int(correct)
+        self.state["epoch_count"] += int(count)
+        examples = sum(len(indices) for indices in global_batches)
+        return step_loss, examples
+
+    def _stop_if_diverged(self, what: str, value: float) -> None:
+        if math.isfinite(value):
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        saved = sorted(self.out.glob("checkpoint-*"))
+        keep = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved (use --save-every)"
+        raise TrainingDiverged(
+            f"the training {what} became {value} at step {self.state['step'] + 1}; the step was not applied and "
+            f"{keep}. Lower --lr (now {self.options.lr:g}), keep --max-grad-norm on, or turn off --bf16."
+        )
+
+    # -- the run -------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        options, state = self.options, self.state
+        trainable, total = count_parameters(self.model)
+        self._log(
+            f"training {options.method} on {options.model}: {trainable:,} of {total:,} parameters trainable; "
+            f"{len(self.train_data)} examples, {self.total_steps} steps, "
+            f"{self.processes.world_size} process(es) on {self.processes.device}"
+        )
+        self._write_metrics_lines(state["logged"], mode="w")
+        bar = tqdm(
+            total=self.total_steps, initial=state["step"], desc="train", unit="step", file=sys.stderr,
+            disable=not (self.processes.is_main and sys.stderr.isatty()), dynamic_ncols=True,
+        )
+        window: list[tuple[float, float, int]] = []  # (loss, seconds, examples) since the last log line
+        last_eval: dict[str, Any] | None = None
+        with bar:
+            while state["step"] < self.total_steps:
+                batches = self.epoch_batches(state["epoch"])
+                while state["batch_in_epoch"] < len(batches) and state["step"] < self.total_steps:
+                    start = state["batch_in_epoch"]
+                    group = batches[start : start + options.grad_accum]
+                    lr = self.scheduler.get_last_lr()[0]
+                    began = time.perf_counter()
+                    loss, examples = self.train_step(group)
+                    seconds = time.perf_counter() - began
+                    state["step"] += 1
+                    state["batch_in_epoch"] += len(group)
+                    state["train_time_s"] += seconds
+                    state["examples_seen"] += examples
+                    state["train_loss_curve"].append(loss)
+                    window.append((loss, seconds, examples))
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    if state["step"] % options.log_every == 0 or state["step"] == self.total_steps:
+                        self._log_window(window, lr)
+                        window = []
+                    if options.eval_every and state["step"] % options.eval_every == 0:
+                        last_eval = self._evaluate()
+                    if options.save_every and state["step"] % options.save_every == 0:
+                        self._save_checkpoint()
+                if state["batch_in_epoch"] >= len(batches):
+                    self._close_epoch_accuracy()
+                    state["epoch"] += 1
+                    state["batch_in_epoch"] = 0
+        if state["epoch_count"]:  # a run that stopped inside an epoch reports that epoch's accuracy too
+            self._close_epoch_accuracy()
+        if last_eval is None or last_eval["step"] != state["step"]:
+            last_eval = self._evaluate()
+        return self._finish(last_eval, trainable, total)
+
+    def _close_epoch_accuracy(self) -> None:
+        state = self.state
+        state["train_accuracy"].append(state["epoch_correct"] / max(state["epoch_count"], 1))
+        state["epoch_correct"] = state["epoch_count"] = 0
+
+    def _evaluate(self) -> dict[str, Any]:
+        metrics = evaluate(self.model, self.eval_batches(), self.options.task, self.processes, self.options.bf16)
+        record = {"step": self.state["step"], **metrics}
+        self.state["val_curve"].append(record)
+        self._log("eval " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + f" at step {record['step']}")
+        return record
+
+    def _finish(self, last_eval: dict[str, Any], trainable: int, total: int) -> dict[str, Any]:
+        state = self.state
+        train_time = state["train_time_s"]
+        metrics = {
+            **{k: v for k, v in last_eval.items() if k != "step"},
+            "train_time_s": train_time,
+            "peak_memory_mb": peak_memory_mb(self.processes.device),
+            "trainable_params": trainable,
+            "total_params": total,
+            "steps": state["step"],
+            "epochs": self.progress().epoch,
+            "train_loss_curve": state["train_loss_curve"],
+            "val_curve": state["val_curve"],
+            "train_accuracy": state["train_accuracy"],
+            "time_per_step_s": train_time / max(state["step"], 1),
+            "examples_per_s": state["examples_seen"] / train_time if train_time else 0.0,
+            "world_size": self.processes.world_size,
+            "options": self.options.to_dict(),
+        }
+        if self.processes.is_main:
+            save_trained(self.model, self.tokenizer, self.out)
+            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+            self._log(f"wrote {self.out}")
+        self.processes.barrier()
+        return metrics
+
+    # -- logging -------------------------------------------------------------------------------------
+
+    def _log_window(self, window: list[tuple[float, float, int]], lr: float) -> None:
+        seconds = sum(s for _, s, _ in window)
+        row = {
+            "step": self.state["step"],
+            "epoch": round(self.progress().epoch, 4),
+            "loss": sum(loss for loss, _, _ in window) / len(window),
+            "lr": lr,
+            "step_time_s": seconds / len(window),
+            "examples_per_s": sum(n for _, _, n in window) / seconds if seconds else 0.0,
+        }
+        self.state["logged"].append(row)
+        self._write_metrics_lines([row], mode="a")
+        if not sys.stderr.isatty():  # no progress bar: a periodic line instead
+            left = (self.total_steps - row["step"]) * row["step_time_s"]
+            self._log(
+                f"step {row['step']}/{self.total_steps} epoch {row['epoch']:.2f} loss {row['loss']:.4f} "
+                f"lr {lr:.2e} {row['examples_per_s']:.1f} ex/s eta {left / 60:.1f} min"
+            )
+
+    def _write_metrics_lines(self, rows: list[dict[str, Any]], mode: str) -> None:
+        if self.processes.is_main:
+            with open(self.out / "metrics.jsonl", mode, encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    def _log(self, message: str) -> None:
+        if self.processes.is_main:
+            tqdm.write(f"peftlab: {message}", file=sys.stderr)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a tied tensor counts once, a 4-bit weight by its values."""
+    from peftlab.quant import Linear4bit
+
+    params = list(model.parameters())  # parameters() already yields a tied tensor once
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
+
+
+def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
+    """Recompute each block's activations in backward.
+
+    With a frozen embedding, the blocks' input needs no gradient, and reentrant checkpointing
+    would then give the adapters none; making the embedding output require grad fixes that.
+    Non-reentrant checkpointing (the default, and the one that works under DDP) has no such trap.
+    """
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise OptionsError(f"{type(base).__name__} does not support gradient checkpointing; drop --gradient-checkpointing.")
+    # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias).
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    enable({"use_reentrant": use_reentrant})
+    base.enable_input_require_grads()

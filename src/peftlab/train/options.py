@@ -1,0 +1,324 @@
+"""Every option of a training run, in one dataclass that the flags and the YAML file both come from.
+
+    peftlab train --method dora --epochs 2 --config run.yaml     # flags override the file
+    TrainOptions(method="dora", epochs=2)                        # the same run from Python
+
+Each field has a type, a default and its help text; :func:`add_train_arguments` makes the
+argparse flags from them (``lora_alpha`` -> ``--lora-alpha``) and :func:`read_config_file`
+checks a YAML file against them (keys may be written ``lora_alpha`` or ``lora-alpha``). A value
+of the wrong type and a misspelled key are errors that say what to write instead.
+
+Options left ``None`` take the method's default (:data:`METHOD_DEFAULTS`) and, for
+``target_modules``, the model family's (:data:`DEFAULT_TARGET_MODULES`); the run records the
+resolved values in metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS = ("seq-cls", "causal-lm")
+FULL_FINE_TUNING = "full"
+QLORA = "qlora"  # LoRA on an NF4-quantized base: "--method qlora" means "--method lora --quantize nf4"
+QUANTIZATIONS = ("nf4",)
+LORA_FAMILY = ("lora", "rslora", "dora", QLORA)
+
+#: Defaults by method, applied to options left unset. LoRA-family adapters start at zero and have
+#: few parameters, so they want a learning rate ~30x that of full fine-tuning (LoRA paper, and
+#: HF peft's examples: 1e-3 to 2e-4 vs 2e-5 to 5e-5). alpha = 2r keeps the scale s = alpha/r at 2,
+#: which tuning on SST-2 with MiniLM preferred over 1 (see docs in the CLI's --help).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    FULL_FINE_TUNING: {"lr": 5e-5},
+    **{name: {"lr": 1e-3, "r": 8, "lora_alpha": 16, "lora_dropout": 0.05} for name in LORA_FAMILY},
+}
+#: Any other registered method: its config's own defaults, and the LoRA-family learning rate.
+OTHER_METHOD_DEFAULTS: dict[str, Any] = {"lr": 1e-3}
+
+#: LoRA targets when --target-modules is not given, by ``config.model_type``. BERT-like encoders and
+#: Llama-like decoders: every linear layer of the blocks (attention and MLP), which the QLoRA paper
+#: found necessary to match full fine-tuning; GPT-2: the fused attention projection ``c_attn``, the
+#: LoRA paper's choice and the seed experiment's. Any other family: all linear layers.
+DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
+    **{t: ["query", "key", "value", "dense"] for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert")},
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    **{t: "all-linear" for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "smollm3")},
+    "gpt2": ["c_attn"],
+}
+FALLBACK_TARGET_MODULES = "all-linear"
+
+
+class OptionsError(ValueError):
+    """An option has a wrong name, type or value; the message says what to write instead."""
+
+
+def _option(default: Any, help: str, choices: tuple | None = None, flag: str | None = None) -> Any:
+    metadata = {"help": help, "choices": choices, "flag": flag}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainOptions:
+    # -- model and data ----------------------------------------------------------------------------
+    model: str = _option("minilm-l6", "offline alias (minilm-l6, smollm2-135m), local model folder, or hub id")
+    task: str = _option("seq-cls", "what the model learns", choices=TASKS)
+    dataset: str = _option("sst2", "sst2, rt-snippets, a .csv/.tsv/.jsonl file, or a folder with train.* and validation.*")
+    data_dir: str | None = _option(None, "folder with SST-2's GLUE files (train.tsv, validation.tsv)")
+    max_train_samples: int | None = _option(None, "train on this many examples, drawn with --seed (default: all)")
+    max_eval_samples: int | None = _option(None, "evaluate on this many validation examples (default: all)")
+    max_length: int = _option(64, "truncate inputs to this many tokens")
+    # -- method ------------------------------------------------------------------------------------
+    method: str = _option("lora", "full (full fine-tuning), qlora, or a registered method: lora, rslora, dora, ...")
+    quantize: str | None = _option(None, "quantize the frozen base before adding the adapter", choices=QUANTIZATIONS)
+    r: int | None = _option(None, "adapter rank (LoRA family default: 8)")
+    lora_alpha: float | None = _option(None, "LoRA scale numerator, s = alpha / r (LoRA family default: 16)")
+    lora_dropout: float | None = _option(None, "dropout on the adapter input (LoRA family default: 0.05)")
+    target_modules: list[str] | None = _option(
+        None, "comma-separated layer names, or all-linear (default by model family: BERT-like query,key,value,dense; Llama-like all-linear; GPT-2 c_attn)"
+    )
+    method_options: dict[str, Any] = _option(
+        {}, "any other option of the method's config, e.g. use_rslora=true (repeatable)", flag="--method-option"
+    )
+    # -- optimization ------------------------------------------------------------------------------
+    optimizer: str = _option("adamw", "optimizer", choices=("adamw", "sgd"))
+    lr: float | None = _option(None, "peak learning rate (default: 1e-3 for adapters, 5e-5 for full)")
+    weight_decay: float = _option(0.0, "decoupled weight decay on matrices (not biases, norms, vectors)")
+    momentum: float = _option(0.9, "SGD momentum")
+    scheduler: str = _option("linear", "learning-rate decay after warmup", choices=("constant", "linear", "cosine"))
+    warmup_ratio: float = _option(0.06, "fraction of the steps spent warming the learning rate up from 0")
+    epochs: int = _option(1, "passes over the training data (ignored when --max-steps is given)")
+    max_steps: int | None = _option(None, "stop after this many optimizer steps")
+    batch_size: int = _option(32, "examples per micro-batch, over all processes together")
+    grad_accum: int = _option(1, "micro-batches per optimizer step (effective batch = batch size x this)")
+    max_grad_norm: float | None = _option(1.0, "clip the gradient norm to this (0 or none: no clipping)")
+    bf16: bool = _option(False, "run forward and backward under bfloat16 autocast")
+    gradient_checkpointing: bool = _option(False, "recompute activations in backward to save memory")
+    device: str = _option("auto", "where to train (auto: cuda if available)", choices=("auto", "cpu", "cuda"))
+    # -- evaluation, logging, checkpoints -----------------------------------------------------------
+    eval_batch_size: int = _option(64, "examples per evaluation batch")
+    eval_every: int | None = _option(None, "evaluate every N optimizer steps (always at the end)")
+    log_every: int = _option(10, "write a metrics.jsonl line every N optimizer steps")
+    save_every: int | None = _option(None, "write a checkpoint every N optimizer steps")
+    resume: str | None = _option(None, "continue from a checkpoint folder, or the newest one in a run folder")
+    seed: int = _option(42, "seed for initialisation, data order, sampling and dropout")
+    out: str = _option("runs/train", "output folder: adapter (or model), metrics, checkpoints")
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for spec in dataclasses.fields(self):
+            setattr(self, spec.name, _checked(spec, hints[spec.name], getattr(self, spec.name)))
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        positive = ["max_length", "epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every", "r",
+                    "max_train_samples", "max_eval_samples", "max_steps", "eval_every", "save_every"]
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise OptionsError(f"{name} must be positive, got {value}.")
+        if self.lr is not None and self.lr <= 0:
+            raise OptionsError(f"lr must be positive, got {self.lr}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise OptionsError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.lora_dropout is not None and not 0 <= self.lora_dropout < 1:
+            raise OptionsError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+
+    # -- methods -----------------------------------------------------------------------------------
+
+    @property
+    def is_full_fine_tuning(self) -> bool:
+        return self.method == FULL_FINE_TUNING
+
+    @property
+    def adapter_method(self) -> str:
+        """The registered method that builds the adapter (qlora builds a LoRA adapter)."""
+        return "lora" if self.method == QLORA else self.method
+
+    @property
+    def quantization(self) -> str | None:
+        return "nf4" if self.method == QLORA else self.quantize
+
+    def with_method_defaults(self) -> "TrainOptions":
+        """A copy with unset options filled from the method's defaults; unknown methods are an error."""
+        from peftlab.methods import METHODS
+
+        known = sorted({*METHODS, FULL_FINE_TUNING, QLORA})
+        if self.method not in known:
+            close = difflib.get_close_matches(self.method, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise OptionsError(f"unknown method {self.method!r}; available methods: {', '.join(known)}.{hint}")
+        if self.is_full_fine_tuning and self.quantize:
+            raise OptionsError("--quantize needs an adapter method: a quantized base cannot be fine-tuned in full.")
+        defaults = METHOD_DEFAULTS.get(self.method, OTHER_METHOD_DEFAULTS)
+        unset = {name: value for name, value in defaults.items() if getattr(self, name) is None}
+        return dataclasses.replace(self, **unset)
+
+    def adapter_options(self) -> dict[str, Any]:
+        """The keyword options for the method's config: the LoRA-style fields that are set, then --method-option."""
+        named = {name: getattr(self, name) for name in ("r", "lora_alpha", "lora_dropout", "target_modules")}
+        return {**{k: v for k, v in named.items() if v is not None}, **self.method_options}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_target_modules(model_type: str) -> list[str] | str:
+    return DEFAULT_TARGET_MODULES.get(model_type, FALLBACK_TARGET_MODULES)
+
+
+# -- types -------------------------------------------------------------------------------------------
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """``int | None`` -> ``(int, True)``; ``list[str]`` -> ``(list, False)``."""
+    optional = False
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional, annotation = True, args[0]
+    return typing.get_origin(annotation) or annotation, optional
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               list: "a list of names (or one comma-separated string)", dict: "a mapping of option: value"}
+# PyYAML reads 1e-3 (no dot) as a string; accept such strings for number options.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _checked(spec: dataclasses.Field, annotation: Any, value: Any) -> Any:
+    kind, optional = _base_type(annotation)
+    if value is None and optional:
+        return None
+    if kind is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        value = float(value)
+    if kind is list and isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if kind is list and isinstance(value, list) and len(value) == 1 and value[0] == "all-linear":
+        value = "all-linear"
+    well_typed = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        list: value == "all-linear" or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
+        dict: isinstance(value, dict),
+    }[kind]
+    if not well_typed:
+        expected = _TYPE_NAMES[kind] + (" (or null)" if optional else "")
+        raise OptionsError(
+            f"option {spec.name!r} must be {expected}, got {value!r} ({type(value).__name__}); "
+            f"e.g. {spec.name}: {_example(kind)}"
+        )
+    if kind is float:
+        value = float(value)
+    choices = spec.metadata.get("choices")
+    if choices and value not in choices:
+        raise OptionsError(f"option {spec.name!r} must be one of {', '.join(choices)}, got {value!r}.")
+    return value
+
+
+def _example(kind: Any) -> str:
+    return {bool: "true", int: "8", float: "0.001", str: "text", list: "[query, value]", dict: "{use_rslora: true}"}[kind]
+
+
+# -- the YAML file ------------------------------------------------------------------------------------
+
+
+def _field_names() -> list[str]:
+    return [spec.name for spec in dataclasses.fields(TrainOptions)]
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The options in a YAML file, keys normalised to field names; unknown keys name the closest one."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise OptionsError(f"cannot read config file {path}: {error.strerror or error}.") from None
+    except yaml.YAMLError as error:
+        raise OptionsError(f"config file {path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise OptionsError(f"config file {path} must be a mapping of option: value, got {type(data).__name__}.")
+    names = _field_names()
+    options = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(names)}."
+            raise OptionsError(f"config file {path}: unknown key {key!r}.{hint}")
+        options[name] = value
+    return options
+
+
+# -- the flags ------------------------------------------------------------------------------------------
+
+
+def _comma_list(text: str) -> list[str] | str:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)  # YAML typing: 8 -> int, true -> bool, [a, b] -> list
+
+
+class _CollectKeyValues(argparse.Action):
+    def __call__(self, parser, namespace, value, option_string=None):
+        collected = dict(getattr(namespace, self.dest, None) or {})
+        collected[value[0]] = value[1]
+        setattr(namespace, self.dest, collected)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One flag per TrainOptions field (or per field in ``only``), plus --config for the full set.
+
+    Flags not given stay out of the namespace, so a config file's values are not overridden by defaults.
+    """
+    hints = typing.get_type_hints(TrainOptions)
+    if only is None:
+        parser.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file; flags given too win")
+    for spec in dataclasses.fields(TrainOptions):
+        if only is not None and spec.name not in only:
+            continue
+        kind, _ = _base_type(hints[spec.name])
+        flag = spec.metadata["flag"] or "--" + spec.name.replace("_", "-")
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS}
+        kwargs["help"] = spec.metadata["help"] + ("" if default in (None, {}) else f" (default: {default})")
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is dict:
+            kwargs.update(action=_CollectKeyValues, type=_key_value, metavar="KEY=VALUE")
+        elif kind is list:
+            kwargs.update(type=_comma_list, metavar="NAME,NAME")
+        else:
+            kwargs.update(type=kind, choices=spec.metadata["choices"])
+        parser.add_argument(flag, **kwargs)
+
+
+def options_from_args(args: argparse.Namespace) -> TrainOptions:
+    """Defaults, then the --config file, then the flags given."""
+    values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    given = {name: getattr(args, name) for name in _field_names() if hasattr(args, name)}
+    if "method_options" in given and "method_options" in values:
+        given["method_options"] = {**values["method_options"], **given["method_options"]}
+    try:
+        return TrainOptions(**{**values, **given})
+    except OptionsError as error:
+        source = f" (in {args.config} or the flags)" if getattr(args, "config", None) else ""
+        raise OptionsError(f"{error}{source}") from None
