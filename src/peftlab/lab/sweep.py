@@ -1,0 +1,279 @@
+"""The grid of a comparison: which runs, and each run's options.
+
+    peftlab compare --methods full,lora --set lora.lr=2e-4 --sweep r=4,8 --sweep lora_alpha=r,2r
+
+plans ``full`` once (rank options mean nothing to full fine-tuning) and four LoRA runs,
+``lora[r=4,lora_alpha=r]`` ... ``lora[r=8,lora_alpha=2r]``. A run's options come, weakest first,
+from the options shared by all runs, its method's ``--set`` overrides, and its sweep values.
+
+Grammar::
+
+    --methods NAME,NAME,...        full, qlora, any registered method; or all
+    --set METHOD.OPTION=VALUE      VALUE is read as YAML: 8, 1e-3, true, [query, value]
+    --sweep OPTION=V1,V2,...       several --sweep make their cartesian product
+
+Values of ``--sweep`` (and ``--set``):
+
+    lora_alpha       a number, or relative to the run's rank: r, 2r, 0.5r
+    target_modules   attn (the query and value projections of the model's family), all-linear,
+                     or layer names joined by "+": query+value
+    any other        a number, true/false, or a word, checked as `peftlab train` checks its flags
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import itertools
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import yaml
+
+from peftlab.train.options import (
+    FULL_FINE_TUNING,
+    METHOD_DEFAULTS,
+    QLORA,
+    OptionsError,
+    TrainOptions,
+)
+
+#: What `peftlab compare` runs when --methods is not given: the seed experiment's four.
+DEFAULT_METHODS = ("full", "lora", "dora", "qlora")
+#: Options that belong to the comparison, not to a run: each run gets its own method and folder.
+PER_RUN_OPTIONS = ("method", "out", "resume")
+#: Options not worth a sweep axis: where output goes and how often it is written.
+NOT_SWEEPABLE = (*PER_RUN_OPTIONS, "save_every", "log_every", "device", "method_options")
+#: Options of the adapter; full fine-tuning has none, so a sweep over them runs full once.
+ADAPTER_OPTIONS = ("r", "lora_alpha", "lora_dropout", "target_modules", "method_options", "quantize")
+
+ATTENTION_ALIAS = "attn"
+ALL_LINEAR = "all-linear"
+#: ``target_modules=attn``: the query and value projections, the LoRA paper's choice, by model family.
+ATTENTION_TARGETS: dict[str, list[str]] = {
+    **{family: ["query", "value"] for family in ("bert", "roberta", "xlm-roberta", "electra", "camembert")},
+    "distilbert": ["q_lin", "v_lin"],
+    **{family: ["q_proj", "v_proj"]
+       for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "smollm3", "opt", "gptj")},
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],  # GPT-2 fuses q, k and v into one layer
+}
+
+_RELATIVE_TO_RANK = re.compile(r"(\d+(?:\.\d*)?|\.\d+)?\s*r")
+# PyYAML reads 1e-3 (no dot) as a string; such values are numbers here.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+@dataclass(frozen=True)
+class RelativeToRank:
+    """A ``lora_alpha`` given as a multiple of the run's rank, e.g. ``2r``."""
+
+    factor: float
+
+    def __str__(self) -> str:
+        return "r" if self.factor == 1 else f"{self.factor:g}r"
+
+
+@dataclass(frozen=True)
+class SweepAxis:
+    """One ``--sweep OPTION=V1,V2``: the option and its values, as parsed."""
+
+    option: str
+    values: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of the comparison, its options fully resolved and JSON-ready."""
+
+    run_name: str
+    method: str
+    sweep: dict[str, Any]  # option -> the value as written, e.g. {"lora_alpha": "2r"}
+    options: dict[str, Any]  # TrainOptions keyword arguments, method included
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PlannedRun:
+        return cls(**{key: data[key] for key in ("run_name", "method", "sweep", "options")})
+
+
+def known_methods() -> list[str]:
+    """full, every registered adapter method, then qlora (LoRA on an NF4 base)."""
+    from peftlab.methods import METHODS
+
+    return [FULL_FINE_TUNING, *METHODS, QLORA]
+
+
+def expand_methods(text: str) -> list[str]:
+    """``"full,lora"`` -> ``["full", "lora"]``; ``"all"`` -> every known method. Unknown names are an error."""
+    known = known_methods()
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["all"]:
+        return known
+    if not names:
+        raise OptionsError(f"--methods is empty; name some of: {', '.join(known)} (or all).")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise OptionsError(
+            f"unknown method {unknown[0]!r} in --methods; available: {', '.join(known)}, or all.{hint}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def option_names() -> list[str]:
+    return [spec.name for spec in dataclasses.fields(TrainOptions)]
+
+
+def sweepable_options() -> list[str]:
+    return [name for name in option_names() if name not in NOT_SWEEPABLE]
+
+
+def _option_name(text: str, valid: list[str], what: str) -> str:
+    name = text.strip().replace("-", "_")
+    if name not in valid:
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise OptionsError(f"{what}: unknown option {text.strip()!r}.{hint} Valid options: {', '.join(valid)}.")
+    return name
+
+
+def _parse_value(option: str, text: str) -> Any:
+    """One value as written on the command line: relative alpha, a target alias, or a YAML scalar."""
+    text = text.strip()
+    relative = _RELATIVE_TO_RANK.fullmatch(text)
+    if option == "lora_alpha" and relative:
+        return RelativeToRank(float(relative.group(1) or 1))
+    if option == "target_modules":
+        return text  # resolved per model family when the run is planned
+    if _FLOAT_TEXT.fullmatch(text):
+        return float(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_sweep(text: str) -> SweepAxis:
+    """``"r=2,4,8"`` -> ``SweepAxis("r", (2, 4, 8))``."""
+    option, sep, values = text.partition("=")
+    if not sep or not option.strip():
+        raise OptionsError(f"--sweep {text!r}: expected OPTION=V1,V2,..., e.g. --sweep r=4,8,16.")
+    name = _option_name(option, sweepable_options(), f"--sweep {text}")
+    parsed = [_parse_value(name, value) for value in values.split(",") if value.strip()]
+    if not parsed:
+        raise OptionsError(f"--sweep {text!r}: no values; e.g. --sweep {name}=V1,V2.")
+    unique = list(dict.fromkeys(parsed))
+    return SweepAxis(name, tuple(unique))
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"lora.lr=1e-3"`` -> ``("lora", "lr", 0.001)``."""
+    target, sep, value = text.partition("=")
+    method, dot, option = target.partition(".")
+    if not sep or not dot or not method.strip() or not option.strip():
+        raise OptionsError(f"--set {text!r}: expected METHOD.OPTION=VALUE, e.g. --set lora.lr=1e-3.")
+    valid = [name for name in option_names() if name not in PER_RUN_OPTIONS]
+    name = _option_name(option, valid, f"--set {text}")
+    return method.strip(), name, _parse_value(name, value)
+
+
+def collect_overrides(texts: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """The ``--set`` flags by method; naming a method that is not compared is an error."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for text in texts:
+        method, option, value = parse_override(text)
+        if method not in methods:
+            raise OptionsError(f"--set {text!r}: {method!r} is not among the compared methods ({', '.join(methods)}).")
+        overrides.setdefault(method, {})[option] = value
+    return overrides
+
+
+@functools.lru_cache(maxsize=None)
+def model_family(model: str) -> str:
+    """The ``model_type`` of a model alias, folder or hub id (reads only its config)."""
+    from transformers import AutoConfig
+
+    from peftlab.assets import resolve_model
+
+    return AutoConfig.from_pretrained(resolve_model(model)).model_type
+
+
+def resolve_target_modules(value: Any, model: str, family_of: Callable[[str], str]) -> Any:
+    """``attn`` -> the family's query/value layers; ``a+b`` -> ``[a, b]``; lists and all-linear as given."""
+    if isinstance(value, str):
+        names = [name.strip() for name in re.split(r"[+,]", value) if name.strip()]
+    else:
+        names = value
+    if names == [ALL_LINEAR]:
+        return ALL_LINEAR
+    if names != [ATTENTION_ALIAS]:
+        return names
+    family = family_of(model)
+    if family not in ATTENTION_TARGETS:
+        raise OptionsError(
+            f"target_modules=attn: no attention layers known for model family {family!r} ({model}); "
+            f"name them instead, e.g. target_modules=q_proj+v_proj, or use all-linear."
+        )
+    return list(ATTENTION_TARGETS[family])
+
+
+def _resolve(method: str, options: dict[str, Any], family_of: Callable[[str], str]) -> dict[str, Any]:
+    resolved = dict(options)
+    alpha = resolved.get("lora_alpha")
+    if isinstance(alpha, RelativeToRank):
+        rank = resolved.get("r") or METHOD_DEFAULTS.get(method, {}).get("r")
+        if rank is None:
+            raise OptionsError(f"lora_alpha={alpha} needs a rank, and {method} has no default r; set r too.")
+        resolved["lora_alpha"] = alpha.factor * rank
+    if resolved.get("target_modules") is not None:
+        resolved["target_modules"] = resolve_target_modules(
+            resolved["target_modules"], resolved.get("model", TrainOptions.model), family_of
+        )
+    return resolved
+
+
+def _label(value: Any) -> Any:
+    """How a sweep value is recorded: numbers and words as they are, rank multiples as text ("2r")."""
+    return str(value) if isinstance(value, RelativeToRank) else value
+
+
+def run_name(method: str, sweep: dict[str, Any]) -> str:
+    if not sweep:
+        return method
+    return f"{method}[{','.join(f'{key}={value}' for key, value in sweep.items())}]"
+
+
+def plan_runs(
+    shared: dict[str, Any],
+    methods: list[str],
+    overrides: dict[str, dict[str, Any]] | None = None,
+    axes: list[SweepAxis] | None = None,
+    family_of: Callable[[str], str] = model_family,
+) -> list[PlannedRun]:
+    """Every run of the comparison, in method order, then sweep order; each checked as TrainOptions."""
+    overrides, axes = overrides or {}, axes or []
+    swept = [axis.option for axis in axes]
+    repeated = sorted({option for option in swept if swept.count(option) > 1})
+    if repeated:
+        raise OptionsError(f"--sweep {repeated[0]} is given twice; put all its values in one: --sweep {repeated[0]}=V1,V2.")
+    runs: list[PlannedRun] = []
+    for method in methods:
+        own_axes = [axis for axis in axes if not (method == FULL_FINE_TUNING and axis.option in ADAPTER_OPTIONS)]
+        for combination in itertools.product(*(axis.values for axis in own_axes)):
+            values = {axis.option: value for axis, value in zip(own_axes, combination)}
+            sweep = {option: _label(value) for option, value in values.items()}
+            name = run_name(method, sweep)
+            merged = {**shared, **overrides.get(method, {}), **values, "method": method}
+            try:
+                options = _resolve(method, merged, family_of)
+                TrainOptions(**options).with_method_defaults()
+            except OptionsError as error:
+                raise OptionsError(f"run {name}: {error}") from None
+            runs.append(PlannedRun(name, method, sweep, options))
+    return runs
