@@ -1,0 +1,316 @@
+"""A frozen linear layer stored as NF4, its base-layer view, and whole-model quantization.
+
+``Linear4bit`` always holds the weight in the Linear convention ``[out, in]``. A GPT-2
+``Conv1D`` (stored ``[in, out]``) is transposed before quantization, as transformers does
+when it loads GPT-2 in 4 bit (``source_cls`` records the original class) and as HF peft
+expects: its LoRA layers on a bitsandbytes ``Linear4bit`` force ``fan_in_fan_out=False``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftlab.base import BaseLayerView
+from peftlab.quant.nf4 import NF4State, dequantize_nf4, dynamic_code, quantize_nf4
+
+_PLAIN_STATS = ("absmax",)
+_DOUBLE_STATS = ("absmax_q", "absmax_scale", "absmax_offset")
+
+
+class _NF4Linear(torch.autograd.Function):
+    """``x Wᵀ + b`` with W dequantised in forward and again in backward.
+
+    Only the small quantized state is kept for backward, never the full-size dequantised
+    weight; no gradient is produced for the weight.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, state: NF4State) -> torch.Tensor:
+        ctx.state = state  # references to the packed buffers, not copies
+        return F.linear(x, dequantize_nf4(state, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(dequantize_nf4(ctx.state, grad_out.dtype))
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_bias, None
+
+
+class Linear4bit(nn.Module):
+    """A frozen ``y = x Wᵀ + b`` with W stored as NF4 (bitsandbytes layout) and b in full precision.
+
+    The quantized state lives in buffers (``packed`` and the block statistics), so ``.to(device)``
+    moves it and ``state_dict()`` saves it; dtype casts such as ``.bfloat16()`` change only the
+    bias and ``compute_dtype``, never the statistics. The dequantised weight exists only inside a
+    forward or backward call.
+    """
+
+    def __init__(self, state: NF4State, bias: torch.Tensor | None = None, *, compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        if len(state.shape) != 2:
+            raise ValueError(f"Linear4bit needs a 2-D [out, in] weight state, got shape {tuple(state.shape)}.")
+        self.out_features, self.in_features = state.shape
+        self.compute_dtype = compute_dtype or state.dtype
+        #: The class the layer was converted from (nn.Linear or Conv1D), as transformers records it.
+        self.source_cls: type[nn.Module] = nn.Linear
+        #: Bumped whenever the stored weight changes (re-quantization or loading).
+        self.quant_version = 0
+        if bias is not None and bias.shape != (self.out_features,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},).")
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.load_state(state)
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        *,
+        compute_dtype: torch.dtype | None = None,
+        blocksize: int = 64,
+        double_quant: bool = True,
+    ) -> Linear4bit:
+        """Quantize an ``nn.Linear`` or a GPT-2 ``Conv1D`` (whose ``[in, out]`` weight is transposed first)."""
+        if isinstance(module, Conv1D):
+            weight = module.weight.T
+        elif isinstance(module, nn.Linear):
+            weight = module.weight
+        else:
+            raise TypeError(
+                f"Linear4bit converts nn.Linear or transformers' Conv1D, got {type(module).__name__}; "
+                "leave other layers unquantized (add them to skip_modules)."
+            )
+        state = quantize_nf4(weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        layer = cls(state, module.bias, compute_dtype=compute_dtype or module.weight.dtype)
+        layer.source_cls = type(module)
+        return layer
+
+    # -- the quantized state -------------------------------------------------------------
+
+    @property
+    def state(self) -> NF4State:
+        """The current NF4State (sharing this layer's buffers)."""
+        stats = {name: getattr(self, name) for name in self._stat_names()}
+        code2 = dynamic_code(self.packed.device) if self.double_quant else None
+        return NF4State(packed=self.packed, shape=torch.Size((self.out_features, self.in_features)),
+                        dtype=self.weight_dtype, blocksize=self.blocksize, code2=code2, **stats)
+
+    def _stat_names(self) -> tuple[str, ...]:
+        return _DOUBLE_STATS if self.double_quant else _PLAIN_STATS
+
+    def load_state(self, state: NF4State) -> None:
+        """Replace the stored weight by ``state`` (same ``[out, in]`` shape; blocksize may differ)."""
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"cannot load a 4-bit state of shape {tuple(state.shape)} into a Linear4bit with "
+                f"[out, in] = [{self.out_features}, {self.in_features}]; quantize a weight of that shape "
+                "(Conv1D weights are [in, out]: transpose them first, or use Linear4bit.from_module)."
+            )
+        for name in _PLAIN_STATS + _DOUBLE_STATS:
+            self._buffers.pop(name, None)
+        self.blocksize = state.blocksize
+        self.double_quant = state.double_quant
+        self.weight_dtype = state.dtype  # of the weight before quantization
+        self.register_buffer("packed", state.packed)
+        for name in self._stat_names():
+            self.register_buffer(name, getattr(state, name))
+        self.quant_version += 1
+
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Quantize a new ``[out, in]`` weight with this layer's settings and store it (lossy)."""
+        state = quantize_nf4(weight.detach().to(self.packed.device), self.blocksize, self.double_quant)
+        state.dtype = self.weight_dtype
+        self.load_state(state)
+
+    def get_extra_state(self) -> torch.Tensor:
+        # The layout as JSON bytes in a uint8 tensor (bitsandbytes' trick): a state dict of tensors
+        # only, which safetensors can store.
+        meta = {"quant_type": "nf4", "shape": [self.out_features, self.in_features], "blocksize": self.blocksize,
+                "double_quant": self.double_quant, "dtype": str(self.weight_dtype).removeprefix("torch.")}
+        return torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, extra: torch.Tensor) -> None:
+        pass  # already checked and applied by _load_from_state_dict, before the buffers are copied
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        extra = state_dict.get(prefix + "_extra_state")
+        packed = state_dict.get(prefix + "packed")
+        if extra is not None:
+            meta = json.loads(bytes(extra.tolist()).decode())
+            if meta["shape"] != [self.out_features, self.in_features]:
+                raise ValueError(
+                    f"cannot load '{prefix}': the saved 4-bit weight has [out, in] = {meta['shape']} but this "
+                    f"Linear4bit is [{self.out_features}, {self.in_features}]; load it into a model of the same "
+                    "architecture (same config)."
+                )
+            if packed is not None:  # the saved layout (blocksize, double quantization) wins: reshape the buffers
+                device = self.packed.device
+                names = _DOUBLE_STATS if meta["double_quant"] else _PLAIN_STATS
+                stats = {n: torch.empty_like(state_dict[prefix + n], device=device)
+                         for n in names if prefix + n in state_dict}
+                self.load_state(NF4State(packed=torch.empty_like(packed, device=device),
+                                         shape=torch.Size(meta["shape"]), dtype=getattr(torch, meta["dtype"]),
+                                         blocksize=meta["blocksize"], **stats))
+        elif packed is not None and packed.shape != self.packed.shape:
+            raise ValueError(
+                f"cannot load '{prefix}': its packed weight holds {packed.numel()} bytes but this Linear4bit "
+                f"([out, in] = [{self.out_features}, {self.in_features}]) needs {self.packed.numel()}; "
+                "the state was saved from a layer of another shape."
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self.quant_version += 1
+
+    def _apply(self, fn, recurse=True):
+        # Casting the fp32 statistics would corrupt them: move them, and let a dtype cast
+        # (``.half()``, ``.to(torch.bfloat16)``) change only the compute dtype and the bias.
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.packed.device))
+        names = ("packed",) + self._stat_names()
+        kept = {name: self._buffers.pop(name) for name in names}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buf in kept.items():
+                self._buffers[name] = buf.to(probe.device)
+        if probe.is_floating_point():
+            self.compute_dtype = probe.dtype
+        return self
+
+    # -- computing ---------------------------------------------------------------------
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight as a fresh ``[out, in]`` tensor in ``dtype`` (default: ``compute_dtype``)."""
+        return dequantize_nf4(self.state, dtype or self.compute_dtype)
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """An ``nn.Linear`` holding exactly the dequantised weight (and the bias) in ``dtype``."""
+        dtype = dtype or self.compute_dtype
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.packed.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.dequantize(dtype))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return _NF4Linear.apply(x, bias, self.state)
+
+    def forward_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return _NF4Linear.apply(x, None, self.state)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type=nf4, blocksize={self.blocksize}, double_quant={self.double_quant}, "
+                f"compute_dtype={self.compute_dtype}")
+
+
+class Linear4bitView(BaseLayerView):
+    """The NF4 layer seen as ``[out, in]``: the weight is dequantised in the compute dtype on demand."""
+
+    @property
+    def in_features(self) -> int:
+        return self.module.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.module.out_features
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.compute_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.packed.device
+
+    def weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A fresh dequantised ``[out, in]`` copy (4-bit storage allows no view)."""
+        return self.module.dequantize(dtype)
+
+    def forward_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module.forward_no_bias(x)
+
+    def add_to_weight(self, delta: torch.Tensor) -> None:
+        """``W += delta`` by dequantising, adding and re-quantizing: lossy, so it warns with the error."""
+        module = self.module
+        if not bool(delta.any()):
+            return  # W += 0 is exact; re-quantizing would only add rounding error
+        with torch.no_grad():
+            target = module.dequantize(torch.float32) + delta.to(device=self.device, dtype=torch.float32)
+            module.requantize_(target)
+            error = (module.dequantize(torch.float32) - target).abs().max().item()
+        warnings.warn(
+            f"added to a 4-bit NF4 weight [{module.out_features}, {module.in_features}]: re-quantization is lossy "
+            f"(max abs error {error:.4g}, largest |delta| {delta.abs().max().item():.4g}). For an exact merge, "
+            "merge into a full-precision copy (Linear4bit.to_linear()).",
+            stacklevel=2,
+        )
+
+    def weight_version(self) -> int:
+        return self.module.quant_version
+
+
+def _name_matches(name: str, pattern: str) -> bool:
+    """True when ``pattern`` names this module or one of its parents, as whole dotted components."""
+    parts, want = name.split("."), pattern.split(".")
+    return any(parts[i:i + len(want)] == want for i in range(len(parts) - len(want) + 1))
+
+
+def quantize_model(
+    model: nn.Module,
+    *,
+    skip_modules: list[str] | None = None,
+    compute_dtype: torch.dtype | None = None,
+    blocksize: int = 64,
+    double_quant: bool = True,
+) -> nn.Module:
+    """Replace every ``nn.Linear`` and ``Conv1D`` of ``model`` by a frozen NF4 ``Linear4bit``, in place.
+
+    Left alone: embeddings, norms, the output head (``model.get_output_embeddings()``) and every
+    module whose dotted name contains one of ``skip_modules`` (default ``["score", "classifier"]``,
+    the classification heads; pass ``[]`` to quantize those too). Subclasses of ``nn.Linear``
+    are skipped too: some (``nn.MultiheadAttention``'s) are read as plain weights. Returns the model,
+    with ``model.peftlab_quantization`` describing what was done.
+    """
+    patterns = ["score", "classifier"] if skip_modules is None else list(skip_modules)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    head_names = [name for name, module in model.named_modules() if head is not None and module is head]
+
+    targets = [
+        (name, module) for name, module in model.named_modules()
+        if (type(module) is nn.Linear or isinstance(module, Conv1D))
+        and name not in head_names and not any(_name_matches(name, p) for p in patterns)
+    ]
+    for name, module in targets:
+        layer = Linear4bit.from_module(module, compute_dtype=compute_dtype, blocksize=blocksize,
+                                       double_quant=double_quant)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+    model.peftlab_quantization = {
+        "quant_type": "nf4",
+        "blocksize": blocksize,
+        "double_quant": double_quant,
+        "skip_modules": patterns + [n for n in head_names if n not in patterns],
+    }
+    return model
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (NF4 codes and statistics at their real size).
+
+    Tied parameters count once; the shared 256-entry double-quant code table is not counted.
+    """
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
