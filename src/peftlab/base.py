@@ -67,6 +67,10 @@ class BaseLayerView:
         """``x Aᵀ`` for ``A: [r, in]``: activations times A, or A's columns looked up by id."""
         return F.linear(x, a)
 
+    def input_grad(self, grad_out: torch.Tensor) -> torch.Tensor:
+        """``g W``: the gradient a frozen layer passes to its input (2-D ``grad_out``)."""
+        return grad_out @ self.weight(grad_out.dtype)
+
     def add_to_weight(self, delta: torch.Tensor) -> None:
         """``W += delta`` for an ``[out, in]`` delta, in place and without autograd."""
         raise NotImplementedError

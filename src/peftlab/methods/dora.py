@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from peftlab.base import BaseLayerView
+from peftlab.methods.fused import DoraLinearFunction, can_fuse
 from peftlab.methods.lora import LoraAdapter, add_low_rank
 
 
@@ -33,17 +34,18 @@ class DoraAdapter(LoraAdapter):
     def _weight_row_sq(self, base: BaseLayerView, weight: torch.Tensor) -> torch.Tensor:
         key = (base.weight_version(), weight.dtype, weight.device, weight.data_ptr())
         if self._row_sq_cache is None or self._row_sq_cache[0] != key:
-            self._row_sq_cache = (key, weight.float().pow(2).sum(1))
+            self._row_sq_cache = (key, weight.to(_accumulation_dtype(weight)).pow(2).sum(1))
         return self._row_sq_cache[1]
 
     @torch.no_grad()
     def weight_norm(self, base: BaseLayerView) -> torch.Tensor:
-        """``‖W + s·BA‖`` per output row, in fp32, outside autograd."""
+        """``‖W + s·BA‖`` per output row, in fp32 (fp64 for fp64 weights), outside autograd."""
         w = base.weight()
+        acc = _accumulation_dtype(w)
         a = self.lora_A.to(w.dtype)
         b = self.lora_B.to(w.dtype)
-        wa = (w @ a.T).float()  # [out, r]
-        a, b = a.float(), b.float()
+        wa = (w @ a.T).to(acc)  # [out, r]
+        a, b = a.to(acc), b.to(acc)
         cross = (b * wa).sum(1)
         lowrank_sq = ((b @ (a @ a.T)) * b).sum(1)
         s = self.scaling
@@ -64,6 +66,12 @@ class DoraAdapter(LoraAdapter):
         if self.dropout is not None and self.training:
             return base_out + (adapted - plain)
         return adapted if bias is None else adapted + bias
+
+    def fused_forward(self, x, base):
+        if (self.dropout is not None and self.training) or not can_fuse(x, base, self.lora_A, self.lora_B):
+            return None
+        m = self.lora_magnitude_vector
+        return DoraLinearFunction.apply(x, self.lora_A, self.lora_B, m, self.weight_norm(base).to(m.dtype), self.scaling, base)
 
     def delta_weight(self, base):
         """``W' − W``: the change merging makes (it builds ``[out, in]``, which merging must)."""
@@ -86,3 +94,7 @@ class DoraAdapter(LoraAdapter):
 
     def saved_tensors(self):
         return {**super().saved_tensors(), "lora_magnitude_vector": self.lora_magnitude_vector}
+
+
+def _accumulation_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32

@@ -23,6 +23,7 @@ from torch import nn
 from peftlab.base import BaseLayerView
 from peftlab.config import AdapterConfig, default_field
 from peftlab.methods.adapter import Adapter
+from peftlab.methods.fused import LoraLinearFunction, can_fuse
 
 INIT_CHOICES = (True, False, "gaussian")
 
@@ -127,6 +128,12 @@ class LoraAdapter(Adapter):
     def forward(self, x, base_out, base):
         u = base.project_input(self._adapter_input(x), self.lora_A)
         return add_low_rank(base_out, u, self.lora_B, self.scaling)
+
+    def fused_forward(self, x: torch.Tensor, base: BaseLayerView) -> torch.Tensor | None:
+        """Base plus adapter in one autograd node (see ``fused.py``); None where it does not apply."""
+        if (self.dropout is not None and self.training) or not can_fuse(x, base, self.lora_A, self.lora_B):
+            return None
+        return LoraLinearFunction.apply(x, self.lora_A, self.lora_B, self.scaling, base)
 
     def delta_weight(self, base):
         return self.scaling * (self.lora_B @ self.lora_A)

@@ -1,0 +1,183 @@
+"""Training-step time and peak memory: peftlab vs HF peft vs the floor, on a real model.
+
+The floor is what any adapter method must pay: the frozen backbone's forward plus the backward to
+its inputs (``inputs_embeds`` that require grad), with no weight gradients and no optimizer.
+Each variant is one full training step (forward, loss, backward, AdamW step, zero_grad).
+
+Time: every variant lives in this one process and the steps are interleaved round-robin, so
+machine noise hits all of them alike; the figure is the median over the timed steps.
+Memory: each variant runs alone in a fresh child process; the figure is the peak RSS during the
+training steps above the RSS after the model was built (Linux ``/proc``; the peak is reset with
+``clear_refs`` once the model is ready).
+
+    python benchmarks/train_step.py --model minilm-l6 --targets query,value --batch 32 --length 64
+    python benchmarks/train_step.py --model smollm2-135m --targets all-linear --batch 8 --length 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+VARIANTS = ("floor", "full", "peftlab-lora", "hf-lora", "peftlab-dora", "hf-dora")
+
+
+def load_base(model_name: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    try:
+        from peftlab.assets import resolve_model
+
+        path = resolve_model(model_name)
+    except (ImportError, ValueError, FileNotFoundError):
+        path = model_name
+    config = AutoConfig.from_pretrained(path)
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    cls = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    kwargs = {} if causal else {"num_labels": 2}
+    model = cls.from_pretrained(path, dtype=torch.float32, **kwargs)
+    return model, causal
+
+
+def make_batch(model, causal: bool, batch: int, length: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, model.config.vocab_size - 1, (batch, length), generator=g)
+    labels = ids.clone() if causal else torch.randint(0, 2, (batch,), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def build_variant(name: str, base, causal: bool, targets: str, r: int):
+    """A ready-to-step (model, optimizer) pair; the floor gets no optimizer."""
+    model = copy.deepcopy(base)
+    task = "CAUSAL_LM" if causal else "SEQ_CLS"
+    target_modules = targets if targets == "all-linear" else targets.split(",")
+    if name == "floor":
+        model.requires_grad_(False)
+        return model, None
+    if name == "full":
+        model.requires_grad_(True)
+    else:
+        lib, method = name.split("-")
+        options = dict(r=r, lora_alpha=2 * r, target_modules=target_modules, task_type=task, use_dora=method == "dora")
+        if lib == "peftlab":
+            import peftlab
+
+            model = peftlab.get_peft_model(model, peftlab.LoraConfig(**options))
+        else:
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(**options))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-4)
+
+
+def step(model, optimizer, batch: dict) -> None:
+    if optimizer is None:  # the floor: backward to the input embeddings only
+        embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+        out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out.loss.backward()
+        return
+    out = model(**batch)
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child_memory(args) -> None:
+    torch.set_num_threads(args.threads)
+    base, causal = load_base(args.model)
+    model, optimizer = build_variant(args.child, base, causal, args.targets, args.r)
+    del base
+    batch = make_batch(model, causal, args.batch, args.length)
+    step(model, optimizer, batch)  # first step allocates optimizer state: count it, as training does
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss_kb("VmRSS")
+    for _ in range(2):
+        step(model, optimizer, batch)
+    print(json.dumps({"variant": args.child, "peak_above_model_mb": (_rss_kb("VmHWM") - before) / 1024, "peak_rss_mb": _rss_kb("VmHWM") / 1024}))
+
+
+def measure_memory(args, variants) -> dict:
+    results = {}
+    for name in variants:
+        cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--targets", args.targets,
+               "--batch", str(args.batch), "--length", str(args.length), "--r", str(args.r), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        results[name] = json.loads(out.strip().splitlines()[-1])
+    return results
+
+
+def measure_time(args, variants) -> dict[str, list[float]]:
+    torch.set_num_threads(args.threads)
+    base, causal = load_base(args.model)
+    batch = make_batch(base, causal, args.batch, args.length)
+    built = {name: build_variant(name, base, causal, args.targets, args.r) for name in variants}
+    for name, (model, optimizer) in built.items():
+        model.train()
+        for _ in range(args.warmup):
+            step(model, optimizer, batch)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(args.steps):
+        # Rotate the order each round so no variant always runs right after the same neighbour.
+        order = variants[i % len(variants):] + variants[: i % len(variants)]
+        for name in order:
+            model, optimizer = built[name]
+            start = time.perf_counter()
+            step(model, optimizer, batch)
+            times[name].append(time.perf_counter() - start)
+        print(f"  round {i + 1}/{args.steps}", file=sys.stderr, end="\r")
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm-l6")
+    parser.add_argument("--targets", default="query,value")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.child:
+        child_memory(args)
+        return
+    variants = args.variants.split(",")
+    print(f"model {args.model}, targets {args.targets}, batch {args.batch} x {args.length}, r={args.r}, "
+          f"{args.threads} threads, {args.steps} interleaved steps (median)")
+    times = measure_time(args, variants)
+    memory = {} if args.no_memory else measure_memory(args, variants)
+    floor = statistics.median(times["floor"]) if "floor" in times else None
+    print(f"\n{'variant':<14}{'median s/step':>14}{'x floor':>9}{'vs HF peft':>11}{'peak MB above model':>21}")
+    for name in variants:
+        med = statistics.median(times[name])
+        ratio = f"{med / floor:.2f}" if floor else "-"
+        twin = name.replace("peftlab-", "hf-")
+        vs_hf = f"{med / statistics.median(times[twin]):.2f}" if name.startswith("peftlab-") and twin in times else ""
+        mem = f"{memory[name]['peak_above_model_mb']:.0f}" if name in memory else ""
+        print(f"{name:<14}{med:>14.3f}{ratio:>9}{vs_hf:>11}{mem:>21}")
+
+
+if __name__ == "__main__":
+    main()
