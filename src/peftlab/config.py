@@ -17,6 +17,9 @@ TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS
 # Classification heads that must train in full with any adapter (HF adds the same two names).
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
 
+# HF config fields peftlab lacks whose saved default means "feature off" though it is not None/False.
+HF_INERT_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16}
+
 
 @dataclass
 class AdapterConfig:
@@ -62,10 +65,18 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
-        """Build from a saved config; keys this class does not know are dropped with a warning."""
+        """Build from a saved config; keys this class does not know are dropped, with a warning
+        unless they hold a "feature off" value (HF writes all its fields, mostly unused)."""
         known = {f.name for f in dataclasses.fields(cls)}
         ignorable = {"peft_type", "peft_version", "auto_mapping"}
-        unknown = sorted(k for k in data if k not in known and k not in ignorable)
+
+        def is_off(key: str) -> bool:
+            value = data[key]
+            return value is None or value is False or value == {} or value == [] or (
+                key in HF_INERT_DEFAULTS and value == HF_INERT_DEFAULTS[key]
+            )
+
+        unknown = sorted(k for k in data if k not in known and k not in ignorable and not is_off(k))
         if unknown:
             warnings.warn(f"{cls.__name__}: ignoring config keys peftlab does not use: {', '.join(unknown)}", stacklevel=2)
         return cls(**{k: v for k, v in data.items() if k in known})

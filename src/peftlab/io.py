@@ -5,16 +5,19 @@
     DIR/NAME/...                     any adapter not called "default"
 
 Weights are read with safetensors only (no pickle). Every file is written to a temporary file in
-the same folder and renamed into place, so an interrupted save leaves the previous adapter whole.
+the same folder and renamed into place, so an interrupted save leaves the previous adapter whole;
+if renaming the config fails after the weights were renamed, the previous weights come back.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -29,7 +32,11 @@ def adapter_dir(directory: str | os.PathLike, adapter_name: str) -> Path:
     return Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
 
 
-def _atomic_write(path: Path, write) -> None:
+Writer = Callable[[str], None]
+
+
+def _stage(path: Path, write: Writer) -> str:
+    """Write a temporary file next to ``path``, flushed to disk; the caller renames it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -37,26 +44,75 @@ def _atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp
+
+
+def _keep_previous(path: Path) -> str:
+    """A second name for the current ``path`` (a hard link, or a copy), to restore it from."""
+    backup = str(path.with_name(f".{path.name}.{uuid.uuid4().hex}.previous"))
+    try:
+        os.link(path, backup)
+    except OSError:
+        shutil.copy2(path, backup)
+    return backup
+
+
+def _atomic_write_all(files: list[tuple[Path, Writer]]) -> None:
+    """Replace all ``files`` or none: each is staged first, then all are renamed into place in order;
+    if a rename fails, the files already replaced get their previous content back."""
+    staged: list[tuple[str, Path]] = []
+    previous: dict[Path, str] = {}
+    replaced: list[Path] = []
+    try:
+        for path, write in files:
+            staged.append((_stage(path, write), path))
+        for tmp, path in staged:
+            if path.exists():
+                previous[path] = _keep_previous(path)
+            os.replace(tmp, path)
+            replaced.append(path)
+    except BaseException:
+        for path in reversed(replaced):
+            if path in previous:
+                os.replace(previous.pop(path), path)
+            else:
+                path.unlink(missing_ok=True)
+        raise
+    finally:
+        for leftover in [tmp for tmp, _ in staged] + list(previous.values()):
+            Path(leftover).unlink(missing_ok=True)
+
+
+def _text_writer(text: str) -> Writer:
+    return lambda tmp: Path(tmp).write_text(text, encoding="utf-8")
+
+
+def _tensors_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Writer:
+    # safetensors wants contiguous tensors that share no storage.
+    plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    return lambda tmp: save_file(plain, tmp, metadata={"format": "pt", **(metadata or {})})
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    _atomic_write_all([(Path(path), _text_writer(text))])
 
 
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    # safetensors wants contiguous tensors that share no storage.
-    plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(plain, tmp, metadata={"format": "pt", **(metadata or {})}))
+    _atomic_write_all([(Path(path), _tensors_writer(tensors, metadata))])
 
 
 def write_adapter(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Weights first, then the config: a reader never sees a config that promises missing weights."""
-    atomic_save_tensors(directory / WEIGHTS_NAME, tensors)
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    """Weights and config replace the previous pair together or not at all. Weights are renamed
+    first: a reader never sees a config that promises missing weights."""
+    _atomic_write_all(
+        [
+            (directory / WEIGHTS_NAME, _tensors_writer(tensors)),
+            (directory / CONFIG_NAME, _text_writer(json.dumps(config, indent=2, sort_keys=True) + "\n")),
+        ]
+    )
 
 
 def read_adapter_config(directory: Path) -> dict[str, Any]:

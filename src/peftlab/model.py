@@ -25,7 +25,7 @@ from torch import nn
 
 from peftlab import io
 from peftlab.base import Conv1DView
-from peftlab.config import AdapterConfig
+from peftlab.config import SEQ_CLS_HEAD_NAMES, AdapterConfig
 from peftlab.layer import BASE_ROW, AdaptedLayer, rows_use_adapters
 from peftlab.methods import config_class_for
 from peftlab.modules_to_save import TrainedCopy
@@ -105,9 +105,13 @@ class PeftModel(nn.Module):
 
     def _add_trained_copies(self, adapter_name: str, config: AdapterConfig) -> None:
         wanted = config.with_classifier_heads() or []
-        explicit = set(config.modules_to_save or [])
+        # A saved SEQ_CLS config lists both head names ("classifier", "score"); a model has one.
+        optional_heads = set(SEQ_CLS_HEAD_NAMES) if config.task_type == "SEQ_CLS" else set()
+        explicit = set(config.modules_to_save or []) - optional_heads
         for name in wanted:
-            paths = [p for p, m in self.base_model.named_modules() if p == name or p.endswith("." + name)]
+            # HF's rule, so one adapter_config.json means the same modules in both libraries: a plain
+            # suffix match with no '.' boundary ("norm" takes "input_layernorm" too).
+            paths = [p for p, m in self.base_model.named_modules() if p.endswith(name)]
             paths = [p for p in paths if ".copies." not in p and not p.endswith(".original_module")]
             if not paths and name in explicit:
                 raise ValueError(f"modules_to_save {name!r} matches no module of the model.")
@@ -298,6 +302,8 @@ class PeftModel(nn.Module):
         expected = self.adapter_state_dict(adapter_name)
         # Older HF versions wrote DoRA's magnitude with a ".weight" suffix.
         saved = {re.sub(r"lora_magnitude_vector\.weight$", "lora_magnitude_vector", k): v for k, v in saved.items()}
+        # HF saves the full embedding weights along with an adapter on an embedding (save_embedding_layers): load them too.
+        expected.update({k: v for k, v in self._embedding_weights().items() if k in saved and k not in expected})
         missing = sorted(set(expected) - set(saved))
         unexpected = sorted(set(saved) - set(expected))
         if missing or unexpected:
@@ -315,6 +321,17 @@ class PeftModel(nn.Module):
         with torch.no_grad():
             for key, tensor in expected.items():
                 tensor.copy_(saved[key].to(tensor.dtype))
+
+    def _embedding_weights(self) -> dict[str, torch.Tensor]:
+        """The input and output embedding weights under the keys HF peft saves them with."""
+        weights = {}
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            layer = getattr(self.base_model, getter, lambda: None)()
+            path = next((p for p, m in self.base_model.named_modules() if m is layer), None) if layer is not None else None
+            if path is not None:
+                inner = f"{path}.base_layer" if isinstance(layer, AdaptedLayer) else path
+                weights[f"{io.KEY_PREFIX}{inner}.weight"] = self.base_model.get_submodule(inner).weight
+        return weights
 
 
 def load_config(model_id: str | os.PathLike, is_trainable: bool = False) -> AdapterConfig:

@@ -7,9 +7,12 @@ be saved with it. Each adapter gets its own copy, so switching adapters switches
 from __future__ import annotations
 
 import copy
+from typing import Sequence
 
 import torch
 from torch import nn
+
+from peftlab.layer import _row_adapters  # the per-row adapter names of the forward in flight
 
 
 class TrainedCopy(nn.Module):
@@ -36,7 +39,25 @@ class TrainedCopy(nn.Module):
         return self.copies[self.active]
 
     def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
+        rows = None if self.disabled else _row_adapters.get()
+        if rows is None:
+            return self.current()(*args, **kwargs)
+        return self._forward_mixed(rows, *args, **kwargs)
+
+    def _forward_mixed(self, rows: Sequence[str], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """One adapter per row of the batch: each row goes through its adapter's copy (the original
+        for "__base__" rows and for adapters without a copy here)."""
+        if len(rows) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(rows)} entries but the batch has {x.shape[0]} rows.")
+        out = None
+        for name in dict.fromkeys(rows):
+            module = self.copies[name] if name in self.copies else self.original_module
+            index = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
+            part = module(x[index], *args, **kwargs)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out[index] = part
+        return out
 
     def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return dict(self.copies[name].state_dict(keep_vars=True))
