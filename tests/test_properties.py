@@ -1,0 +1,301 @@
+"""The properties every method must have (HF peft checks the same), for LoRA, rsLoRA and DoRA on a
+GPT-2 Conv1D model and a Llama nn.Linear model, plus DoRA's own math checked against a direct
+reference computation.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from peftlab import LoraConfig, PeftModel, get_peft_model
+from tiny_models import tiny_batch, tiny_bert_seq_cls, tiny_gpt2, tiny_llama
+
+MODELS = {
+    # builder, targets, modules_to_save
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], ["ln_f"]),
+    "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], ["model.norm"]),
+}
+METHODS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
+CASES = [(model, method) for model in MODELS for method in METHODS]
+ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+
+@functools.cache
+def _base(model_name: str) -> nn.Module:
+    return MODELS[model_name][0]()
+
+
+def fresh_base(model_name: str) -> nn.Module:
+    return copy.deepcopy(_base(model_name))
+
+
+def make(model_name: str, method: str, perturbed: bool = True, **options) -> PeftModel:
+    _, targets, _ = MODELS[model_name]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, **METHODS[method], **options)
+    model = get_peft_model(fresh_base(model_name), config).eval()
+    if perturbed:
+        perturb(model)
+    return model
+
+
+def perturb(model: nn.Module, seed: int = 0) -> None:
+    """Move all trainable tensors away from init (B = 0 would make many properties trivial)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                noise = torch.randn(param.shape, generator=generator)
+                scale = param.abs().mean()
+                param.add_(noise * (0.1 if scale == 0 else 0.3 * scale))
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen base weights by the base model's own names (wrappers' extra path parts removed)."""
+    out = {}
+    for name, param in model.named_parameters():
+        if any(t in name for t in ADAPTER_TENSORS) or ".copies." in name:
+            continue
+        out[name.replace(".base_layer", "").replace(".original_module", "")] = param.detach().clone()
+    return out
+
+
+@pytest.mark.parametrize("model_name,method", CASES)
+def test_only_adapter_and_saved_modules_train(model_name, method):
+    """A few AdamW steps over ALL parameters change exactly the adapter tensors and modules_to_save copies."""
+    model = make(model_name, method, perturbed=False, modules_to_save=MODELS[model_name][2])
+    model.train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(any(t in n for t in ADAPTER_TENSORS) or ".copies.default." in n for n in trainable)
+    assert any(".copies.default." in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    batch = tiny_batch(model)
+    for _ in range(3):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+
+
+@pytest.mark.parametrize("model_name,method", CASES)
+def test_starts_equal_to_base(model_name, method):
+    """With default init the adapted model computes exactly what the base computes."""
+    model = make(model_name, method, perturbed=False)
+    batch = tiny_batch(model)
+    assert max_diff(logits(model, batch), logits(_base(model_name), batch)) <= 1e-6
+
+
+@pytest.mark.parametrize("model_name,method", CASES)
+def test_disable_adapter_gives_base_output(model_name, method):
+    """Inside disable_adapter() the output is the base's; outside it is the adapter's again."""
+    model = make(model_name, method, modules_to_save=MODELS[model_name][2])
+    batch = tiny_batch(model)
+    base_out = logits(_base(model_name), batch)
+    adapted = logits(model, batch)
+    assert max_diff(adapted, base_out) > 1e-3
+    with model.disable_adapter():
+        assert max_diff(logits(model, batch), base_out) <= 1e-6
+    assert max_diff(logits(model, batch), adapted) == 0
+
+
+@pytest.mark.parametrize("model_name,method", CASES)
+def test_merge_unmerge(model_name, method):
+    """Merged output equals unmerged output, and unmerge restores the base weights (within 1e-6)."""
+    model = make(model_name, method)
+    batch = tiny_batch(model)
+    unmerged = logits(model, batch)
+    original = base_weights(model)
+
+    model.merge_adapter()
+    merged_weights = base_weights(model)
+    assert max(max_diff(merged_weights[n], original[n]) for n in original) > 1e-3  # merging changed W
+    assert max_diff(logits(model, batch), unmerged) <= 1e-5
+
+    model.unmerge_adapter()
+    restored = base_weights(model)
+    assert max(max_diff(restored[n], original[n]) for n in original) <= 1e-6
+    assert max_diff(logits(model, batch), unmerged) <= 1e-5
+
+
+@pytest.mark.parametrize("model_name,method", CASES)
+def test_merge_and_unload_returns_plain_model(model_name, method):
+    """merge_and_unload() gives the base model class with no peftlab module inside and the same outputs."""
+    model = make(model_name, method, modules_to_save=MODELS[model_name][2])
+    batch = tiny_batch(model)
+    expected = logits(model, batch)
+    plain = model.merge_and_unload()
+    assert type(plain) is type(_base(model_name))
+    assert [type(m).__name__ for m in plain.modules() if type(m).__module__.startswith("peftlab")] == []
+    assert sorted(n for n, _ in plain.named_parameters()) == sorted(n for n, _ in _base(model_name).named_parameters())
+    assert max_diff(logits(plain, batch), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("model_name,method", CASES)
+def test_save_load_round_trip(model_name, method, tmp_path):
+    """save_pretrained -> from_pretrained on a fresh base reproduces the outputs exactly."""
+    model = make(model_name, method, modules_to_save=MODELS[model_name][2])
+    batch = tiny_batch(model)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(fresh_base(model_name), tmp_path).eval()
+    assert max_diff(logits(loaded, batch), logits(model, batch)) == 0
+    assert max_diff(logits(loaded, batch), logits(_base(model_name), batch)) > 1e-3
+    # Loaded for inference: nothing trains unless is_trainable=True.
+    assert loaded.get_nb_trainable_parameters()[0] == 0
+    trainable = PeftModel.from_pretrained(fresh_base(model_name), tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters()[0] == model.get_nb_trainable_parameters()[0]
+
+
+def test_seq_cls_round_trip_brings_back_the_classifier(tmp_path):
+    """A SEQ_CLS adapter (its config lists both "classifier" and "score") reloads with its trained head."""
+    model = get_peft_model(tiny_bert_seq_cls(), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    perturb(model.eval())
+    batch = tiny_batch(model)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_bert_seq_cls(), tmp_path).eval()
+    assert sorted(loaded.adapter_state_dict("default")) == sorted(model.adapter_state_dict("default"))
+    assert any(k.endswith("classifier.weight") for k in loaded.adapter_state_dict("default"))
+    assert max_diff(logits(loaded, batch), logits(model, batch)) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model_name,method", CASES)
+def test_outputs_and_gradients_finite(model_name, method, dtype):
+    """Forward and backward stay finite in fp32 and after model.to(bfloat16), and bf16 is close to fp32."""
+    model = make(model_name, method)
+    batch = tiny_batch(model)
+    reference = logits(model, batch)
+    model.to(dtype).train()
+    out = model(**batch, labels=batch["input_ids"])
+    assert out.logits.dtype == dtype
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == dtype and torch.isfinite(g).all() for g in grads)
+    tolerance = 1e-6 if dtype == torch.float32 else 0.1 * reference.abs().max().item()
+    assert max_diff(out.logits.float(), reference) <= tolerance
+
+
+def _layer_shapes(model_name: str) -> dict[str, tuple[int, int]]:
+    """(in, out) of every targeted layer, read from the base model's own modules."""
+    _, targets, _ = MODELS[model_name]
+    shapes = {}
+    for path, module in _base(model_name).named_modules():
+        if path.rsplit(".", 1)[-1] in targets:
+            if type(module).__name__ == "Conv1D":
+                shapes[path] = tuple(module.weight.shape)  # stored [in, out]
+            else:
+                shapes[path] = (module.in_features, module.out_features)
+    return shapes
+
+
+RANK_PATTERNS = {"gpt2": {"c_fc": 2, "h.1.attn.c_attn": 7}, "llama": {"q_proj": 2, "layers.1.mlp.down_proj": 7}}
+
+
+@pytest.mark.parametrize("with_rank_pattern", [False, True])
+@pytest.mark.parametrize("model_name,method", CASES)
+def test_trainable_parameter_count(model_name, method, with_rank_pattern):
+    """LoRA: r·(in+out) per layer; DoRA: + out; rank_pattern overrides r where its regex matches."""
+    pattern = RANK_PATTERNS[model_name] if with_rank_pattern else {}
+    model = make(model_name, method, perturbed=False, rank_pattern=pattern)
+    expected = 0
+    for path, (fan_in, fan_out) in _layer_shapes(model_name).items():
+        r = next((rank for key, rank in pattern.items() if path == key or path.endswith("." + key)), 4)
+        expected += r * (fan_in + fan_out) + (fan_out if method == "dora" else 0)
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == expected
+    assert total == expected + sum(p.numel() for p in _base(model_name).parameters())
+
+
+def _dora_layers(model_name: str):
+    model = make(model_name, "dora")
+    return [(path, layer, layer.adapters["default"]) for path, layer in model.adapted_layers()]
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_dora_row_norm_matches_direct_formula(model_name):
+    """DoRA's norm without the [out, in] temporary equals torch.linalg.norm(W + s·B@A, dim=1)."""
+    for path, layer, adapter in _dora_layers(model_name):
+        w = layer.view.weight()
+        direct = torch.linalg.norm(w + adapter.scaling * adapter.lora_B @ adapter.lora_A, dim=1)
+        torch.testing.assert_close(adapter.weight_norm(layer.view), direct.detach(), rtol=1e-5, atol=1e-6, msg=path)
+
+
+def _dora_reference(layer, adapter, x: torch.Tensor, detach_norm: bool) -> torch.Tensor:
+    """The paper's DoRA forward written out: m ⊙ (W + s·BA) / ‖W + s·BA‖ applied to x, plus the bias."""
+    w = layer.view.weight()
+    adapted = w + adapter.scaling * adapter.lora_B @ adapter.lora_A
+    norm = torch.linalg.norm(adapted, dim=1)
+    if detach_norm:
+        norm = norm.detach()
+    out = x @ (adapter.lora_magnitude_vector / norm)[:, None].mul(adapted).T
+    return out if layer.view.bias is None else out + layer.view.bias
+
+
+@pytest.mark.parametrize("entry", ["layer", "adapter"])
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_dora_forward_and_gradient_treat_norm_as_constant(model_name, entry):
+    """DoRA's output and its gradients (A, B, m, x) equal a reference with the norm detached (paper §4.3),
+    and differ from the reference that backpropagates through the norm. Checked through the wrapped
+    layer (its fastest path) and through the adapter's own forward (the path mixed batches take)."""
+    generator = torch.Generator().manual_seed(3)
+    for path, layer, adapter in _dora_layers(model_name):
+        run = layer if entry == "layer" else lambda x: adapter(x, layer.base_layer(x), layer.view)
+        x = torch.randn(2, 3, layer.view.in_features, generator=generator, requires_grad=True)
+        upstream = torch.randn(2, 3, layer.view.out_features, generator=generator)
+        params = [adapter.lora_A, adapter.lora_B, adapter.lora_magnitude_vector, x]
+
+        def grads(forward):
+            out = forward()
+            return out.detach(), torch.autograd.grad((out * upstream).sum(), params)
+
+        ours, our_grads = grads(lambda: run(x))
+        ref, ref_grads = grads(lambda: _dora_reference(layer, adapter, x, detach_norm=True))
+        _, through_norm = grads(lambda: _dora_reference(layer, adapter, x, detach_norm=False))
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6, msg=path)
+        for name, g, g_ref, g_through in zip(["A", "B", "m", "x"], our_grads, ref_grads, through_norm):
+            torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6, msg=f"{path} grad {name}")
+        # The detached and non-detached gradients differ for A and B, so the comparison above can fail.
+        assert max_diff(our_grads[0], through_norm[0]) > 1e-4 and max_diff(our_grads[1], through_norm[1]) > 1e-4
+
+
+@pytest.mark.parametrize("entry", ["layer", "adapter"])
+@pytest.mark.parametrize("method,scale", [("lora", 8 / 4), ("rslora", 8 / math.sqrt(4))])
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_lora_forward_and_gradients_match_formula(model_name, method, scale, entry):
+    """Output and gradients (A, B, x) equal autograd on h = x Wᵀ + b + s·(x Aᵀ) Bᵀ with s = alpha/r
+    (LoRA) or alpha/√r (rsLoRA), through the wrapped layer and through the adapter's own forward."""
+    generator = torch.Generator().manual_seed(4)
+    model = make(model_name, method)
+    for path, layer in model.adapted_layers():
+        adapter = layer.adapters["default"]
+        run = layer if entry == "layer" else lambda x: adapter(x, layer.base_layer(x), layer.view)
+        x = torch.randn(2, 3, layer.view.in_features, generator=generator, requires_grad=True)
+        upstream = torch.randn(2, 3, layer.view.out_features, generator=generator)
+        params = [adapter.lora_A, adapter.lora_B, x]
+        ours = run(x)
+        our_grads = torch.autograd.grad((ours * upstream).sum(), params)
+        reference = layer.base_layer(x) + scale * (x @ adapter.lora_A.T) @ adapter.lora_B.T
+        ref_grads = torch.autograd.grad((reference * upstream).sum(), params)
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6, msg=path)
+        for name, g, g_ref in zip(["A", "B", "x"], our_grads, ref_grads):
+            torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6, msg=f"{path} grad {name}")
