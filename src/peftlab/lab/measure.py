@@ -1,0 +1,134 @@
+"""What the lab measures beside training: where it ran, sizes on disk and in memory, inference latency.
+
+Latency is the median time of one forward pass over an evaluation batch, after a warm-up pass,
+for three models built from a finished run's saved files:
+
+    base      the pretrained base (NF4-quantized for qlora)
+    adapter   the base with the trained adapter, unmerged (null for full fine-tuning: no adapter)
+    merged    the adapter folded into the base (for full fine-tuning: the fine-tuned model);
+              null when the method cannot merge
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from peftlab.lab.results import Latency
+
+if TYPE_CHECKING:
+    from peftlab.train.options import TrainOptions
+
+#: Timed forward passes per model; the median is reported.
+LATENCY_REPEATS = 5
+#: What save_pretrained writes for the model itself (not the tokenizer, not the metrics).
+MODEL_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "adapter_config.json", "config.json")
+
+
+def environment() -> dict[str, Any]:
+    """Versions, CPU, GPU and thread counts of this machine, for the report."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "peftlab": _version("peftlab"),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "gpu_count": torch.cuda.device_count() if gpu else 0,
+        "cuda": torch.version.cuda if gpu else None,
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux: /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def saved_model_bytes(folder: str | os.PathLike[str]) -> int:
+    """Bytes on disk of the model files save_pretrained wrote in ``folder``: weights and configs."""
+    folder = Path(folder)
+    files = {path for pattern in MODEL_FILE_PATTERNS for path in folder.glob(pattern) if path.is_file()}
+    if not any(path.suffix in (".safetensors", ".bin", ".gguf") for path in files):
+        raise FileNotFoundError(f"{folder} holds no saved weights (*.safetensors, *.bin); did training finish?")
+    return sum(path.stat().st_size for path in files)
+
+
+@torch.no_grad()
+def forward_latency_ms(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int = LATENCY_REPEATS) -> float:
+    """Median milliseconds of one forward pass over ``batch`` (already on the model's device)."""
+    model.eval()
+    cuda = any(tensor.is_cuda for tensor in batch.values())
+    times = []
+    for attempt in range(repeats + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        model(**batch)
+        if cuda:
+            torch.cuda.synchronize()
+        if attempt:  # the first pass warms caches and kernels up
+            times.append((time.perf_counter() - began) * 1000)
+    return statistics.median(times)
+
+
+def measure_inference(options: TrainOptions, num_labels: int | None, examples: list[dict[str, Any]],
+                      device: torch.device) -> tuple[Latency, int]:
+    """The three latencies of a finished run over ``examples`` (one batch), and its base's size in memory.
+
+    ``options`` are the run's resolved options; its saved adapter (or model) is in ``options.out``.
+    The size is the base's parameters and buffers: fp32/bf16, or NF4 codes and statistics for qlora.
+    """
+    from peftlab.assets import load_model_and_tokenizer
+    from peftlab.model import PeftModel
+    from peftlab.quant import model_size_bytes, quantize_model
+    from peftlab.train.build import make_collator
+
+    labels = num_labels or 2
+    base, tokenizer = load_model_and_tokenizer(options.model, options.task, num_labels=labels)
+    if options.quantization:
+        quantize_model(base)
+    base_bytes = model_size_bytes(base)
+    batch = {key: value.to(device) for key, value in make_collator(options, tokenizer)(examples).items()
+             if key != "labels"}
+    base_ms = forward_latency_ms(base.to(device), batch)
+    if options.is_full_fine_tuning:
+        del base
+        tuned, _ = load_model_and_tokenizer(options.out, options.task, num_labels=labels)
+        return Latency(base=base_ms, adapter=None, merged=forward_latency_ms(tuned.to(device), batch)), base_bytes
+    adapted = PeftModel.from_pretrained(base, options.out).to(device)
+    adapter_ms = forward_latency_ms(adapted, batch)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # merging into NF4 warns that re-quantization is lossy
+            adapted.merge_adapter()
+    except (NotImplementedError, ValueError, TypeError) as error:
+        print(f"peftlab: cannot merge this adapter, so no merged latency: {error}", file=sys.stderr)
+        return Latency(base=base_ms, adapter=adapter_ms, merged=None), base_bytes
+    return Latency(base=base_ms, adapter=adapter_ms, merged=forward_latency_ms(adapted, batch)), base_bytes

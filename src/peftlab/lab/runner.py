@@ -1,0 +1,295 @@
+"""Run a comparison: each planned run in a fresh process, its record collected, the report kept current.
+
+    parent (peftlab compare)                       child (python -m peftlab.lab.runner --run-spec)
+    for each planned run:
+      write OUT/runs/NAME/spec.json   ---------->  run_training(options)   -> OUT/runs/NAME/train/
+      echo the child's output                      measure sizes and latency from the saved files
+      read OUT/runs/NAME/record.json  <----------  write record.json (a RunRecord)
+      save results.json, results.csv, report
+
+A fresh process per run makes ``peak_memory_mb`` that run's alone. Every run gets the same seed,
+hence the same data order. A run that fails -- an exception, NaN loss, a non-zero exit, a kill by
+the OOM killer -- is recorded as failed with the last lines of its output, and the rest go on.
+After each run the results and the report are rewritten atomically, so Ctrl-C leaves a
+consistent partial comparison, and ``--resume OUT`` reruns only what did not finish.
+
+Files in OUT: compare.json (the plan), results.json, results.csv, report.md, report.html, plots/,
+runs/NAME/{spec.json, output.log, record.json, train/}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from peftlab.io import atomic_write_text
+from peftlab.lab.results import (
+    Results,
+    RunRecord,
+    ResultsFormatError,
+    load_results,
+    results_to_csv,
+    save_results,
+)
+from peftlab.lab.sweep import PlannedRun
+from peftlab.train.options import OptionsError
+
+PLAN_FILE = "compare.json"
+RESULTS_FILE = "results.json"
+CSV_FILE = "results.csv"
+RUNS_FOLDER = "runs"
+#: Lines of a failed run's output kept as its error.
+ERROR_TAIL_LINES = 20
+
+Log = Callable[[str], None]
+
+
+def log_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- the output folder ------------------------------------------------------------------------------
+
+
+def prepare_out_dir(out: Path, resuming: bool) -> None:
+    """Fail before any run when ``out`` cannot be written, or would mix a new comparison into an old one."""
+    if not resuming and (out / RESULTS_FILE).exists():
+        raise OptionsError(f"{out} already holds a comparison; continue it with --resume {out}, or choose another --out.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise OptionsError(f"cannot write to the output folder {out}: {error.strerror or error}. Choose another --out.") from None
+
+
+def save_plan(out: Path, runs: list[PlannedRun], config: dict) -> None:
+    text = json.dumps({"config": config, "runs": [run.to_dict() for run in runs]}, indent=1) + "\n"
+    atomic_write_text(out / PLAN_FILE, text)
+
+
+def load_plan(out: Path) -> tuple[list[PlannedRun], dict]:
+    """The runs and config a comparison in ``out`` was started with."""
+    path = out / PLAN_FILE
+    if not path.is_file():
+        raise OptionsError(f"{out} holds no {PLAN_FILE}: it is not a folder written by `peftlab compare`.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return [PlannedRun.from_dict(run) for run in data["runs"]], data["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ResultsFormatError(f"{path} is damaged ({error}); start a new comparison with another --out.") from None
+
+
+def run_folder(out: Path, run_name: str) -> Path:
+    return out / RUNS_FOLDER / (re.sub(r"[^A-Za-z0-9._+=-]+", "_", run_name).strip("_") or "run")
+
+
+# -- the parent ---------------------------------------------------------------------------------------
+
+
+def finished_runs(out: Path, runs: list[PlannedRun]) -> dict[str, RunRecord]:
+    """Records in ``out`` that count as done for ``runs``: status ok, and planned with the same options.
+
+    Raises ResultsVersionError for a results file from an incompatible version.
+    """
+    if not (out / RESULTS_FILE).exists():
+        return {}
+    previous = load_results(out / RESULTS_FILE)
+    saved_plan = {run.run_name: run.options for run in load_plan(out)[0]} if (out / PLAN_FILE).exists() else {}
+    wanted = {run.run_name: run.options for run in runs}
+    return {
+        record.run_name: record for record in previous.runs
+        if record.ok and record.run_name in wanted and saved_plan.get(record.run_name) == wanted[record.run_name]
+    }
+
+
+def run_comparison(
+    runs: list[PlannedRun],
+    config: dict,
+    out: Path,
+    environment: dict,
+    resuming: bool = False,
+    log: Log = log_to_stderr,
+) -> Results:
+    """Run every planned run not already done in ``out``; return the results, also written to ``out``."""
+    prepare_out_dir(out, resuming)
+    done = finished_runs(out, runs) if resuming else {}
+    earlier = load_results(out / RESULTS_FILE).runs if resuming and (out / RESULTS_FILE).exists() else []
+    planned_names = {run.run_name for run in runs}
+    kept = [record for record in earlier if record.run_name not in planned_names]  # runs the new plan left out
+    save_plan(out, runs, config)
+    records: dict[str, RunRecord] = dict(done)
+    todo = [run for run in runs if run.run_name not in done]
+    if done:
+        log(f"peftlab compare: {len(done)} run(s) already done in {out}, skipped: {', '.join(done)}")
+    durations: list[float] = []
+    for index, run in enumerate(todo, start=1):
+        eta = _eta(durations, len(todo) - index + 1)
+        log(f"[{index}/{len(todo)}] {run.run_name}: starting{eta}")
+        began = time.monotonic()
+        record = launch(run, run_folder(out, run.run_name), log)
+        durations.append(time.monotonic() - began)
+        records[run.run_name] = record
+        outcome = (f"ok, val accuracy {record.val_accuracy:.3f}" if record.ok and record.val_accuracy is not None
+                   else "ok" if record.ok else f"FAILED: {record.error.splitlines()[0] if record.error else ''}")
+        log(f"[{index}/{len(todo)}] {run.run_name}: {outcome} ({durations[-1]:.0f} s)")
+        publish(_results(runs, records, kept, environment, config), out)
+    results = _results(runs, records, kept, environment, config)
+    publish(results, out)
+    return results
+
+
+def _eta(durations: list[float], runs_left: int) -> str:
+    if not durations:
+        return ""
+    seconds = sum(durations) / len(durations) * runs_left
+    return f" (about {seconds / 60:.1f} min left for {runs_left} run{'s' if runs_left > 1 else ''})"
+
+
+def _results(runs: list[PlannedRun], records: dict[str, RunRecord], kept: list[RunRecord],
+             environment: dict, config: dict) -> Results:
+    ordered = [records[run.run_name] for run in runs if run.run_name in records]
+    return Results(runs=ordered + kept, environment=environment, config=config)
+
+
+def publish(results: Results, out: Path) -> None:
+    """Write results.json, results.csv and the report, each file replaced whole so none is ever half-written."""
+    from peftlab.lab.report import write_report  # here: the child processes need no matplotlib
+
+    save_results(out / RESULTS_FILE, results)
+    results_to_csv(results, out / CSV_FILE)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".report-") as staging:
+        staging = Path(staging)
+        write_report(results, staging)
+        plots = out / "plots"
+        plots.mkdir(exist_ok=True)
+        fresh = {path.name for path in (staging / "plots").glob("*")}
+        for stale in plots.glob("*"):
+            if stale.name not in fresh:
+                stale.unlink()
+        for name in fresh:
+            os.replace(staging / "plots" / name, plots / name)
+        for name in ("report.md", "report.html"):
+            os.replace(staging / name, out / name)
+
+
+def launch(run: PlannedRun, folder: Path, log: Log) -> RunRecord:
+    """Run one planned run in a child process, echoing its output; its record, or a failed one."""
+    shutil.rmtree(folder, ignore_errors=True)  # a rerun starts clean: no stale record or checkpoint
+    folder.mkdir(parents=True)
+    spec = {**run.to_dict(), "options": {**run.options, "out": str(folder / "train"), "resume": None}}
+    (folder / "spec.json").write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
+    command = [sys.executable, "-m", "peftlab.lab.runner", "--run-spec", str(folder / "spec.json")]
+    tail: collections.deque[str] = collections.deque(maxlen=ERROR_TAIL_LINES)
+    with open(folder / "output.log", "w", encoding="utf-8") as transcript:
+        child = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            for line in child.stdout:
+                transcript.write(line)
+                tail.append(line.rstrip("\n"))
+                log(f"    {run.run_name} | {line.rstrip()}")
+            returncode = child.wait()
+        finally:
+            if child.poll() is None:  # interrupted: take the child down with us
+                child.terminate()
+                try:
+                    child.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+    record_path = folder / "record.json"
+    if returncode == 0 and record_path.is_file():
+        return RunRecord.from_dict(json.loads(record_path.read_text(encoding="utf-8")), str(record_path))
+    return failed_record(run, _failure_summary(returncode, list(tail)))
+
+
+def _failure_summary(returncode: int, tail: list[str]) -> str:
+    """The error's first line says what went wrong (the exception, or the signal); the output tail follows."""
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        headline = f"the run's process was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    elif returncode == 0:
+        headline = "the run's process exited without writing its record"
+    else:
+        headline = next((line.strip() for line in reversed(tail) if line.strip()), f"exit status {returncode}")
+    return f"{headline}\n\nexit status {returncode}; last lines of its output:\n" + "\n".join(tail)
+
+
+def failed_record(run: PlannedRun, error: str) -> RunRecord:
+    return RunRecord(method=run.method, run_name=run.run_name, status="failed", error=error, sweep=run.sweep,
+                     options=run.options)
+
+
+# -- the child ------------------------------------------------------------------------------------------
+
+
+def execute(spec_path: Path) -> RunRecord:
+    """Train the run described by ``spec_path``, measure it, and write record.json beside the spec."""
+    import transformers
+
+    from peftlab.lab.measure import measure_inference, saved_model_bytes
+    from peftlab.train.build import load_datasets
+    from peftlab.train.distributed import pick_device
+    from peftlab.train.loop import run_training
+    from peftlab.train.options import TrainOptions
+
+    transformers.utils.logging.disable_progress_bar()  # bars meant for a terminal, not the parent's log
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    metrics = run_training(TrainOptions(**spec["options"]))
+    options = TrainOptions(**metrics["options"])
+    train_data, eval_data = load_datasets(options)
+    num_labels = getattr(train_data, "num_labels", None)
+    batch = [eval_data[i] for i in range(min(options.eval_batch_size, len(eval_data)))]
+    latency, model_bytes = measure_inference(options, num_labels, batch, pick_device(options.device))
+    accuracy_key = "eval_accuracy" if options.task == "seq-cls" else "eval_token_accuracy"
+    record = RunRecord(
+        method=spec["method"],
+        run_name=spec["run_name"],
+        status="ok",
+        sweep=spec["sweep"],
+        val_accuracy=metrics[accuracy_key],
+        val_curve=[{"step": point["step"], "accuracy": point[accuracy_key]} for point in metrics["val_curve"]],
+        train_loss_curve=[{"step": step, "loss": loss} for step, loss in enumerate(metrics["train_loss_curve"], 1)],
+        train_accuracy=[{"epoch": epoch, "accuracy": accuracy}
+                        for epoch, accuracy in enumerate(metrics["train_accuracy"], 1)],
+        train_time_s=metrics["train_time_s"],
+        time_per_step_s=metrics["time_per_step_s"],
+        examples_per_s=metrics["examples_per_s"],
+        peak_memory_mb=metrics["peak_memory_mb"],
+        trainable_params=metrics["trainable_params"],
+        total_params=metrics["total_params"],
+        adapter_size_bytes=saved_model_bytes(options.out),
+        model_size_bytes=model_bytes,
+        latency_ms=latency,
+        steps=metrics["steps"],
+        options=metrics["options"],
+    )
+    atomic_write_text(spec_path.parent / "record.json", json.dumps(record.to_dict(), indent=1) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peftlab.lab.runner",
+                                     description="Run one planned run of `peftlab compare` (its child process).")
+    parser.add_argument("--run-spec", type=Path, required=True, metavar="SPEC.json",
+                        help="the run's spec.json, written by `peftlab compare`")
+    execute(parser.parse_args(argv).run_spec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
