@@ -98,20 +98,14 @@ def run_folder(out: Path, run_name: str) -> Path:
 # -- the parent ---------------------------------------------------------------------------------------
 
 
-def finished_runs(out: Path, runs: list[PlannedRun]) -> dict[str, RunRecord]:
-    """Records in ``out`` that count as done for ``runs``: status ok, and planned with the same options.
+def earlier_work(out: Path) -> tuple[list[RunRecord], dict[str, dict]]:
+    """The records already in ``out``, and the options each of their runs was planned with.
 
     Raises ResultsVersionError for a results file from an incompatible version.
     """
-    if not (out / RESULTS_FILE).exists():
-        return {}
-    previous = load_results(out / RESULTS_FILE)
-    saved_plan = {run.run_name: run.options for run in load_plan(out)[0]} if (out / PLAN_FILE).exists() else {}
-    wanted = {run.run_name: run.options for run in runs}
-    return {
-        record.run_name: record for record in previous.runs
-        if record.ok and record.run_name in wanted and saved_plan.get(record.run_name) == wanted[record.run_name]
-    }
+    records = load_results(out / RESULTS_FILE).runs if (out / RESULTS_FILE).exists() else []
+    planned = {run.run_name: run.options for run in load_plan(out)[0]} if (out / PLAN_FILE).exists() else {}
+    return records, planned
 
 
 def run_comparison(
@@ -122,17 +116,22 @@ def run_comparison(
     resuming: bool = False,
     log: Log = log_to_stderr,
 ) -> Results:
-    """Run every planned run not already done in ``out``; return the results, also written to ``out``."""
+    """Run every planned run not already done in ``out``; return the results, also written to ``out``.
+
+    Resuming, a run is done when ``out`` holds an ok record of it, planned with the same options.
+    """
     prepare_out_dir(out, resuming)
-    done = finished_runs(out, runs) if resuming else {}
-    earlier = load_results(out / RESULTS_FILE).runs if resuming and (out / RESULTS_FILE).exists() else []
-    planned_names = {run.run_name for run in runs}
-    kept = [record for record in earlier if record.run_name not in planned_names]  # runs the new plan left out
+    earlier, earlier_options = earlier_work(out) if resuming else ([], {})
+    planned = {run.run_name: run for run in runs}
+    done = [record.run_name for record in earlier if record.ok and record.run_name in planned
+            and earlier_options.get(record.run_name) == planned[record.run_name].options]
+    # Earlier records stay until their run is redone, and those of runs no longer planned stay for good.
+    records = {record.run_name: record for record in earlier if record.run_name in planned}
+    left_out = [record for record in earlier if record.run_name not in planned]
     save_plan(out, runs, config)
-    records: dict[str, RunRecord] = dict(done)
-    todo = [run for run in runs if run.run_name not in done]
     if done:
         log(f"peftlab compare: {len(done)} run(s) already done in {out}, skipped: {', '.join(done)}")
+    todo = [run for run in runs if run.run_name not in done]
     durations: list[float] = []
     for index, run in enumerate(todo, start=1):
         eta = _eta(durations, len(todo) - index + 1)
@@ -141,13 +140,18 @@ def run_comparison(
         record = launch(run, run_folder(out, run.run_name), log)
         durations.append(time.monotonic() - began)
         records[run.run_name] = record
-        outcome = (f"ok, val accuracy {record.val_accuracy:.3f}" if record.ok and record.val_accuracy is not None
-                   else "ok" if record.ok else f"FAILED: {record.error.splitlines()[0] if record.error else ''}")
-        log(f"[{index}/{len(todo)}] {run.run_name}: {outcome} ({durations[-1]:.0f} s)")
-        publish(_results(runs, records, kept, environment, config), out)
-    results = _results(runs, records, kept, environment, config)
-    publish(results, out)
+        log(f"[{index}/{len(todo)}] {run.run_name}: {_outcome(record)} ({durations[-1]:.0f} s)")
+        publish(_results(runs, records, left_out, environment, config), out)
+    results = _results(runs, records, left_out, environment, config)
+    if not todo:
+        publish(results, out)
     return results
+
+
+def _outcome(record: RunRecord) -> str:
+    if not record.ok:
+        return f"FAILED: {record.error.splitlines()[0] if record.error else 'no error recorded'}"
+    return "ok" if record.val_accuracy is None else f"ok, val accuracy {record.val_accuracy:.3f}"
 
 
 def _eta(durations: list[float], runs_left: int) -> str:

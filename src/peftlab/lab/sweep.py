@@ -149,8 +149,8 @@ def _parse_value(option: str, text: str) -> Any:
     relative = _RELATIVE_TO_RANK.fullmatch(text)
     if option == "lora_alpha" and relative:
         return RelativeToRank(float(relative.group(1) or 1))
-    if option == "target_modules":
-        return text  # resolved per model family when the run is planned
+    if option == "target_modules" and not text.startswith("["):
+        return text  # an alias or names joined by "+", resolved per model family when the run is planned
     if _FLOAT_TEXT.fullmatch(text):
         return float(text)
     try:
