@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ class TrainCommand:
         from peftlab.train.loop import run_training
 
         metrics = run_training(options_from_args(args))
-        _print_json({k: metrics[k] for k in SUMMARY_KEYS if k in metrics})
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
+            _print_json({k: metrics[k] for k in SUMMARY_KEYS if k in metrics})
         return 0
 
 
