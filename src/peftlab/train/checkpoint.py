@@ -103,13 +103,13 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for older in _checkpoints(out_dir):
+    for older in checkpoints_in(out_dir):
         if older != final:
             shutil.rmtree(older, ignore_errors=True)
     return final
 
 
-def _checkpoints(folder: Path) -> list[Path]:
+def checkpoints_in(folder: Path) -> list[Path]:
     """Complete checkpoint folders in ``folder``, oldest first (temporary ones start with '.')."""
     found = [p for p in folder.glob(f"{PREFIX}*") if p.is_dir() and re.fullmatch(rf"{PREFIX}\d+", p.name)]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
@@ -122,7 +122,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         return path
     if not path.is_dir():
         raise CheckpointError(f"cannot resume from {path}: no such folder. Pass a run's --out folder or one of its checkpoint-N folders.")
-    found = _checkpoints(path)
+    found = checkpoints_in(path)
     if not found:
         raise CheckpointError(
             f"cannot resume from {path}: it holds no {PREFIX}N folder. Checkpoints are written with --save-every N."

@@ -33,6 +33,7 @@ from peftlab.model import PeftModel
 from peftlab.optim import make_optimizer, make_scheduler
 from peftlab.train.checkpoint import (
     CheckpointError,
+    checkpoints_in,
     load_checkpoint,
     restore_rng_state,
     rng_state,
@@ -262,7 +263,7 @@ class TrainingRun:
         if math.isfinite(value):
             return
         self.optimizer.zero_grad(set_to_none=True)
-        saved = sorted(self.out.glob("checkpoint-*"))
+        saved = checkpoints_in(self.out)
         keep = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved (use --save-every)"
         raise TrainingDiverged(
             f"the training {what} became {value} at step {self.state['step'] + 1}; the step was not applied and "
