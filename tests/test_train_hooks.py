@@ -119,3 +119,9 @@ def test_hf_trainer_gets_the_same_hooks(hooked_method, bert_dir, sentiment_dir, 
     kinds = [kind for kind, _ in EVENTS]
     assert kinds == ["begin", "loss", "loss", "backward", "optimizer"] * 2
     assert [step for kind, step in EVENTS if kind == "optimizer"] == [0, 1]
+
+    # Without the mixin the loss term is missing, and the callback says so.
+    plain = Trainer(model=model, args=args, train_dataset=load_dataset_spec(sentiment_dir, "train"),
+                    data_collator=ClassificationCollator(tiny_tokenizer, max_length=16), callbacks=[TrainingHooksCallback()])
+    with pytest.warns(UserWarning, match="HookLossMixin"):
+        plain.train()

@@ -8,16 +8,17 @@ The callback runs ``on_step_begin``, ``after_backward`` and ``after_optimizer_st
 matching Trainer events (``on_step_begin``, ``on_pre_optimizer_step`` after clipping,
 ``on_optimizer_step``), the same points as peftlab's own loop. A callback cannot change the
 loss, so a method's regulariser (``extra_loss``) comes in through :class:`HookLossMixin`,
-which adds it in ``compute_loss``; without the mixin regularisers are silently absent.
+which adds it in ``compute_loss``; without the mixin the callback warns that it is missing.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from transformers import TrainerCallback
 
-from peftlab.train.hooks import HookRunner, TrainingProgress, discover_hooks
+from peftlab.train.hooks import HookRunner, TrainingHook, TrainingProgress, discover_hooks
 
 
 def _progress(state) -> TrainingProgress:
@@ -32,9 +33,19 @@ def _unwrap(model):
 class TrainingHooksCallback(TrainerCallback):
     def __init__(self) -> None:
         self.runner = HookRunner([])
+        self.loss_mixin_seen = False  # set by HookLossMixin when it asks for the loss terms
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.runner = HookRunner(discover_hooks(_unwrap(model)))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        adds_loss = any(type(hook).extra_loss is not TrainingHook.extra_loss for hook in self.runner.hooks)
+        if state.global_step == 1 and adds_loss and not self.loss_mixin_seen:
+            warnings.warn(
+                "the method's training hooks add a loss term that this Trainer leaves out; "
+                "subclass it with peftlab.train.callback.HookLossMixin to include it.",
+                stacklevel=2,
+            )
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.runner.on_step_begin(_progress(state))
@@ -47,13 +58,24 @@ class TrainingHooksCallback(TrainerCallback):
 
 
 class HookLossMixin:
-    """A ``Trainer`` mixin that adds the hooks' ``extra_loss`` to the training loss, once per step."""
+    """A ``Trainer`` mixin that adds the hooks' ``extra_loss`` to the training loss, once per step.
+
+    It asks the hooks of the Trainer's :class:`TrainingHooksCallback`, so a hook's state (a
+    regulariser switched off after pruning, say) is the same for the loss and the step events.
+    """
+
+    def _hook_runner(self) -> HookRunner:
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TrainingHooksCallback):
+                callback.loss_mixin_seen = True
+                return callback.runner
+        raise ValueError("HookLossMixin needs the hooks' callback: pass callbacks=[TrainingHooksCallback()] to the Trainer.")
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None) -> Any:
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if not model.training:
             return result
-        extra = HookRunner(discover_hooks(_unwrap(model))).extra_loss(_progress(self.state))
+        extra = self._hook_runner().extra_loss(_progress(self.state))
         if extra is None:
             return result
         # Trainer divides a per-batch loss by the accumulation steps itself, unless the loss was
