@@ -129,3 +129,13 @@ def test_python_dash_m_and_the_subcommand_table():
     assert {"train", "eval", "merge"} <= set(SUBCOMMANDS)
     result = subprocess.run([sys.executable, "-m", "peftlab", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "train" in result.stdout and "merge" in result.stdout
+
+
+def test_eval_of_a_qlora_adapter_on_the_4bit_base(bert_dir, sentiment_dir, tmp_path, capsys):
+    adapter = tmp_path / "qlora"
+    code, out, _ = run_cli(capsys, "train", *tiny_flags(bert_dir, sentiment_dir, adapter), "--method", "qlora", "--max-steps", "2")
+    assert code == 0
+    trained = json.loads(out)
+    code, out, _ = run_cli(capsys, "eval", "--adapter", str(adapter), "--dataset", str(sentiment_dir), "--max-length", "16",
+                           "--quantize", "nf4")
+    assert code == 0 and json.loads(out)["eval_loss"] == pytest.approx(trained["eval_loss"], abs=1e-6)

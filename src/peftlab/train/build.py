@@ -44,14 +44,19 @@ def make_collator(options: TrainOptions, tokenizer) -> Any:
     return collator(tokenizer, max_length=options.max_length)
 
 
+def quantize(model: nn.Module) -> None:
+    """NF4 for every linear layer but the heads, in place (the QLoRA base)."""
+    from peftlab.quant import quantize_model
+
+    quantize_model(model)
+
+
 def build_model(options: TrainOptions, num_labels: int | None) -> tuple[nn.Module, Any, TrainOptions]:
     """The model ready to train: quantized if asked, with the method's adapter (or all trainable for
     full fine-tuning). Returns the options with ``target_modules`` resolved for this model."""
     model, tokenizer = load_model_and_tokenizer(options.model, options.task, num_labels=num_labels or 2)
     if options.quantization:
-        from peftlab.quant import quantize_model
-
-        quantize_model(model)
+        quantize(model)
     if options.is_full_fine_tuning:
         model.requires_grad_(True)
         return model, tokenizer, options
@@ -98,14 +103,19 @@ def saved_num_labels(adapter: str) -> int | None:
     return heads[0] if len(heads) == 1 else None
 
 
-def load_trained(model: str, adapter: str | None, task: str, num_labels: int | None = None) -> tuple[nn.Module, Any]:
+def load_trained(
+    model: str, adapter: str | None, task: str, num_labels: int | None = None, quantization: str | None = None
+) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` for inference: a base or fully fine-tuned model, plus an adapter if given.
 
     A classifier gets ``num_labels`` classes, else as many as the adapter's saved head has, else 2.
+    ``quantization="nf4"`` quantizes the base first, as a QLoRA adapter was trained.
     """
     if adapter is not None and task == "seq-cls":
         num_labels = num_labels or saved_num_labels(adapter)
     loaded, tokenizer = load_model_and_tokenizer(model, task, num_labels=num_labels or 2)
+    if quantization:
+        quantize(loaded)
     if adapter is None:
         return loaded, tokenizer
     return PeftModel.from_pretrained(loaded, adapter), tokenizer

@@ -18,7 +18,7 @@ from peftlab.train.options import OptionsError, TrainOptions, add_train_argument
 SUMMARY_KEYS = ("eval_accuracy", "eval_loss", "eval_perplexity", "train_time_s", "peak_memory_mb",
                 "trainable_params", "total_params", "steps")
 EVAL_OPTIONS = ("model", "task", "dataset", "data_dir", "max_eval_samples", "max_length", "eval_batch_size",
-                "bf16", "device", "seed")
+                "quantize", "bf16", "device", "seed")
 
 
 def _print_json(data: dict[str, Any]) -> None:
@@ -59,7 +59,7 @@ class EvalCommand:
         data = load_eval_dataset(options, num_labels)
         processes = start_processes(options.device)
         try:
-            model, tokenizer = load_trained(model_name, args.adapter, task, getattr(data, "num_labels", None))
+            model, tokenizer = load_trained(model_name, args.adapter, task, getattr(data, "num_labels", None), options.quantize)
             collate = make_collator(options, tokenizer)
             mine = processes.shard(range(len(data)))
             size = options.eval_batch_size
