@@ -39,7 +39,7 @@ from peftlab.train.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from peftlab.train.distributed import Processes, start_processes, unwrap
+from peftlab.train.distributed import Processes, start_processes
 from peftlab.train.evaluate import batch_totals, evaluate, label_count, model_inputs
 from peftlab.train.hooks import HookRunner, TrainingProgress, discover_hooks
 from peftlab.train.options import OptionsError, TrainOptions
