@@ -251,7 +251,10 @@ def execute(spec_path: Path) -> RunRecord:
     from peftlab.train.loop import run_training
     from peftlab.train.options import TrainOptions
 
-    transformers.utils.logging.disable_progress_bar()  # bars meant for a terminal, not the parent's log
+    # Loading bars and load reports (e.g. "classifier: newly initialized", expected for a new head),
+    # once per model and run, would bury the progress lines in the parent's log.
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     metrics = run_training(TrainOptions(**spec["options"]))
     options = TrainOptions(**metrics["options"])
