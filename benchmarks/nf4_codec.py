@@ -15,7 +15,7 @@ backward). Reported: the bytes autograd saved for backward (exact, via saved-ten
 the peak RSS above the post-build RSS, each variant alone in a fresh child process (Linux /proc).
 
     python benchmarks/nf4_codec.py
-    python benchmarks/nf4_codec.py --shapes 4096x4096 --repeats 9 --rounds 3
+    python benchmarks/nf4_codec.py --shapes 4096x4096 --repeats 9 --rounds 3 --threads 1
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import copy
 import importlib.metadata
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -75,19 +76,21 @@ def _codec_child(library: str, shape: tuple[int, int], repeats: int) -> dict:
     return result
 
 
-def _child(call: str) -> dict:
+def _child(call: str, threads: int | None = None) -> dict:
     code = (f"import json, sys; sys.path.insert(0, {sys.path[0]!r}); import nf4_codec as b; "
             f"print(json.dumps(b.{call}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # OMP_NUM_THREADS sizes both OpenMP pools: torch's and bitsandbytes' C kernels'.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_codec(shape: tuple[int, int], repeats: int, rounds: int, with_bnb: bool) -> None:
+def bench_codec(shape: tuple[int, int], repeats: int, rounds: int, with_bnb: bool, threads: int | None) -> None:
     libraries = ("ours", "bnb") if with_bnb else ("ours",)
     runs = {lib: [] for lib in libraries}
     for _ in range(rounds):
         for lib in libraries:
-            runs[lib].append(_child(f"_codec_child({lib!r}, {shape!r}, {repeats})"))
+            runs[lib].append(_child(f"_codec_child({lib!r}, {shape!r}, {repeats})", threads))
 
     def median(lib: str, key: str) -> float:
         return statistics.median(t for run in runs[lib] for t in run[key])
@@ -156,14 +159,15 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, help="threads per library (default: torch's default)")
     args = parser.parse_args()
     with_bnb = importlib.util.find_spec("bitsandbytes") is not None
     versions = f", bitsandbytes {importlib.metadata.version('bitsandbytes')}" if with_bnb else \
         " (bitsandbytes not installed: ours only)"
-    print(f"torch {torch.__version__}{versions}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}{versions}, {args.threads or torch.get_num_threads()} threads")
     for spec in args.shapes.split(","):
         rows, cols = (int(v) for v in spec.lower().split("x"))
-        bench_codec((rows, cols), args.repeats, args.rounds, with_bnb)
+        bench_codec((rows, cols), args.repeats, args.rounds, with_bnb, args.threads)
     bench_memory(args.layers, args.width, args.batch)
 
 
