@@ -300,7 +300,7 @@ def _decode(pairs: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blo
     return out
 
 
-# Values decoded at a time for 16-bit output on CPU: a reused 4 MiB fp32 buffer instead of a fresh
+# Values decoded at a time for non-fp32 output on CPU: a reused 4 MiB fp32 buffer instead of a fresh
 # whole-weight fp32 copy (3x faster on a 4096x4096 weight: no new pages to fault in); not smaller,
 # since every op of a chunk is a thread-pool barrier.
 _CPU_CHUNK = 1 << 20
@@ -318,8 +318,8 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None) -> torch.T
     packed = state.packed.view(-1)
     if dtype == torch.float32 or state.device.type != "cpu":
         return _decode(pairs, packed, absmax, bs, n).view(state.shape).to(dtype)
-    # 16-bit output on CPU: decode chunk by chunk through a small fp32 buffer, so no fp32 copy of
-    # the whole weight is ever made.
+    # Any other dtype on CPU (bf16, fp16): decode chunk by chunk through a small fp32 buffer, so no
+    # fp32 copy of the whole weight is ever made.
     out = torch.empty(n, dtype=dtype)
     step = _CPU_CHUNK // bs * bs or bs  # whole blocks, so an even count: whole bytes
     buffer = torch.empty((min(step, n) + 1) // 2, dtype=torch.int64)
