@@ -13,7 +13,7 @@ A new storage kind registers a view class with :func:`register_base_view`.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +75,10 @@ class BaseLayerView:
         """``W += delta`` for an ``[out, in]`` delta, in place and without autograd."""
         raise NotImplementedError
 
-    def weight_version(self) -> int:
+    def weight_version(self) -> Hashable:
         """Changes whenever the stored weight changes; lets adapters cache functions of W."""
-        return self.module.weight._version
+        weight = self.module.weight
+        return id(weight), weight._version
 
 
 class LinearView(BaseLayerView):

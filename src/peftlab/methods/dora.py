@@ -32,7 +32,7 @@ class DoraAdapter(LoraAdapter):
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm(base).to(self.lora_A.dtype))
 
     def _weight_row_sq(self, base: BaseLayerView, weight: torch.Tensor) -> torch.Tensor:
-        key = (base.weight_version(), weight.dtype, weight.device, weight.data_ptr())
+        key = (base.weight_version(), weight.dtype, weight.device)
         if self._row_sq_cache is None or self._row_sq_cache[0] != key:
             self._row_sq_cache = (key, weight.to(_accumulation_dtype(weight)).pow(2).sum(1))
         return self._row_sq_cache[1]
