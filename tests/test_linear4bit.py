@@ -8,7 +8,16 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab import base
-from peftlab.quant import Linear4bit, Linear4bitView, dequantize_nf4, model_size_bytes, quantize_model, quantize_nf4
+from peftlab.base import LossyMergeWarning
+from peftlab.quant import (
+    Linear4bit,
+    Linear4bitView,
+    dequantize_model,
+    dequantize_nf4,
+    model_size_bytes,
+    quantize_model,
+    quantize_nf4,
+)
 
 
 def _linear(in_features=96, out_features=40, bias=True, seed=0):
@@ -132,9 +141,10 @@ def test_view_add_to_weight_requantizes_and_warns_with_the_error():
     view = base.base_view(layer)
     before, version = view.weight(), view.weight_version()
     delta = torch.randn(40, 96) * 0.01
-    with pytest.warns(UserWarning, match=r"lossy \(max abs error ([0-9.e-]+)") as record:
+    with pytest.warns(LossyMergeWarning, match=r"lossy \(max abs error ([0-9.e-]+)") as record:
         view.add_to_weight(delta)
     reported = float(str(record[0].message).split("max abs error ")[1].split(",")[0])
+    assert record[0].message.max_abs_error == pytest.approx(reported, rel=1e-3)
     assert view.weight_version() > version
     assert 0 < reported < 0.1
     assert (view.weight() - (before + delta)).abs().max().item() == pytest.approx(reported, rel=1e-3)
@@ -195,3 +205,21 @@ def test_state_dict_is_all_tensors_and_survives_safetensors(tmp_path):
     other.load_state_dict(safetensors_torch.load_file(tmp_path / "layer.safetensors"))
     x = torch.randn(2, 96)
     assert torch.equal(other(x), layer(x))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=str)
+def test_dequantize_model_restores_dense_layers_with_the_exact_weights(dtype):
+    model = quantize_model(_gpt2(), compute_dtype=torch.float32)
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
+    ids = torch.randint(0, 100, (2, 8))
+    before = model(ids).logits
+    assert dequantize_model(model, dtype) is model
+    assert not hasattr(model, "peftlab_quantization")
+    for name, layer in quantized.items():
+        dense = model.get_submodule(name)
+        assert type(dense) is Conv1D  # GPT-2's own class again, weight [in, out]
+        assert torch.equal(dense.weight, layer.dequantize(dtype).T) and torch.equal(dense.bias, layer.bias.to(dense.bias.dtype))
+    if dtype is None:
+        assert torch.equal(model(ids).logits, before)
+    linear = Linear4bit.from_module(_linear()).to_dense(torch.bfloat16)
+    assert type(linear) is nn.Linear and linear.weight.dtype == torch.bfloat16

@@ -21,6 +21,17 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 
+class LossyMergeWarning(UserWarning):
+    """An ``add_to_weight`` that the storage could not hold exactly (a 4-bit weight is re-quantized).
+
+    ``max_abs_error`` is the largest difference between the weight stored and the one asked for.
+    """
+
+    def __init__(self, message: str, max_abs_error: float):
+        super().__init__(message)
+        self.max_abs_error = max_abs_error
+
+
 class BaseLayerView:
     """A frozen layer seen as ``[out, in]``; subclasses say how it is stored."""
 
@@ -72,7 +83,10 @@ class BaseLayerView:
         return grad_out @ self.weight(grad_out.dtype)
 
     def add_to_weight(self, delta: torch.Tensor) -> None:
-        """``W += delta`` for an ``[out, in]`` delta, in place and without autograd."""
+        """``W += delta`` for an ``[out, in]`` delta, in place and without autograd.
+
+        Storage that cannot hold the sum exactly warns with a :class:`LossyMergeWarning`.
+        """
         raise NotImplementedError
 
     def weight_version(self) -> Hashable:

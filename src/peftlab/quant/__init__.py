@@ -1,7 +1,7 @@
 """4-bit NF4 quantization of frozen base layers (QLoRA), byte-compatible with bitsandbytes."""
 
 from peftlab.base import register_base_view, supported_types
-from peftlab.quant.linear4bit import Linear4bit, Linear4bitView, model_size_bytes, quantize_model
+from peftlab.quant.linear4bit import Linear4bit, Linear4bitView, dequantize_model, model_size_bytes, quantize_model
 from peftlab.quant.nf4 import SUPPORTED_BLOCKSIZES, NF4State, dequantize_nf4, quantize_nf4
 
 # Importing peftlab.quant is what makes adapters (and "all-linear") see 4-bit layers.
@@ -13,6 +13,7 @@ __all__ = [
     "Linear4bit",
     "Linear4bitView",
     "NF4State",
+    "dequantize_model",
     "dequantize_nf4",
     "model_size_bytes",
     "quantize_model",

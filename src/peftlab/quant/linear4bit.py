@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.base import BaseLayerView
+from peftlab.base import BaseLayerView, LossyMergeWarning
 from peftlab.quant.nf4 import NF4State, dequantize_nf4, dynamic_code, quantize_nf4
 
 _PLAIN_STATS = ("absmax",)
@@ -202,6 +202,20 @@ class Linear4bit(nn.Module):
                 linear.bias.copy_(self.bias)
         return linear
 
+    def to_dense(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The kind of layer this one was made from, holding exactly the dequantised weight in ``dtype``.
+
+        An ``nn.Linear``, or a ``Conv1D`` with its ``[in, out]`` weight transposed back, so a model
+        made dense again loads and saves as its transformers class expects.
+        """
+        linear = self.to_linear(dtype)
+        if not issubclass(self.source_cls, Conv1D):
+            return linear
+        conv = Conv1D(self.out_features, self.in_features)
+        conv.weight = nn.Parameter(linear.weight.detach().T.contiguous())
+        conv.bias = linear.bias
+        return conv
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return _NF4Linear.apply(x, bias, self.state)
@@ -251,9 +265,13 @@ class Linear4bitView(BaseLayerView):
             module.requantize_(target)
             error = (module.dequantize(torch.float32) - target).abs().max().item()
         warnings.warn(
-            f"added to a 4-bit NF4 weight [{module.out_features}, {module.in_features}]: re-quantization is lossy "
-            f"(max abs error {error:.4g}, largest |delta| {delta.abs().max().item():.4g}). For an exact merge, "
-            "merge into a full-precision copy (Linear4bit.to_linear()).",
+            LossyMergeWarning(
+                f"added to a 4-bit NF4 weight [{module.out_features}, {module.in_features}]: re-quantization is lossy "
+                f"(max abs error {error:.4g}, largest |delta| {delta.abs().max().item():.4g}). For an exact merge, "
+                "merge into a dequantised copy: PeftModel.merge_and_unload(dequantize=True), or "
+                "peftlab.quant.dequantize_model(model) first.",
+                max_abs_error=error,
+            ),
             stacklevel=2,
         )
 
@@ -304,6 +322,23 @@ def quantize_model(
         "double_quant": double_quant,
         "skip_modules": patterns + [n for n in head_names if n not in patterns],
     }
+    return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every ``Linear4bit`` of ``model`` by the dense layer it stands for, in place.
+
+    The new weights are exactly the dequantised NF4 values (what the 4-bit layer computes with), in
+    ``dtype`` (default: each layer's compute dtype), so the model's outputs do not change; merging an
+    adapter into them is then exact. Layers made from ``Conv1D`` become ``Conv1D`` again. Works on a
+    ``PeftModel`` too (the adapters stay). Returns the model.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Linear4bit):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.to_dense(dtype))
+    for module in model.modules():
+        vars(module).pop("peftlab_quantization", None)  # set by quantize_model: no longer true
     return model
 
 
