@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from peftlab import io
-from peftlab.base import Conv1DView
+from peftlab.base import Conv1DView, LossyMergeWarning
 from peftlab.config import SEQ_CLS_HEAD_NAMES, AdapterConfig
 from peftlab.layer import BASE_ROW, AdaptedLayer, rows_use_adapters
 from peftlab.methods import config_class_for
@@ -173,18 +173,31 @@ class PeftModel(nn.Module):
     # -- merging and disabling -------------------------------------------------------------------
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold the adapters into the frozen weights; into a 4-bit weight this re-quantizes (lossy, warned)."""
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         for name in names:
             self._check_known(name)
-        for _, layer in self.adapted_layers():
-            layer.merge(names)
+        with _one_warning_for_lossy_layers("merging"):
+            for _, layer in self.adapted_layers():
+                layer.merge(names)
 
     def unmerge_adapter(self) -> None:
-        for _, layer in self.adapted_layers():
-            layer.unmerge()
+        with _one_warning_for_lossy_layers("unmerging"):
+            for _, layer in self.adapted_layers():
+                layer.unmerge()
 
-    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
-        """Merge, then hand back the plain model: no peftlab modules left, zero overhead."""
+    def merge_and_unload(self, adapter_names: Sequence[str] | None = None, *, dequantize: bool = False) -> nn.Module:
+        """Merge, then hand back the plain model: no peftlab modules left, zero overhead.
+
+        On a 4-bit base the merge re-quantizes every weight (lossy; one warning gives the largest
+        error). ``dequantize=True`` first replaces the 4-bit layers by dense ones holding exactly the
+        dequantised weights (``peftlab.quant.dequantize_model``), so the merge is exact and the
+        merged model computes what the QLoRA model did.
+        """
+        if dequantize:
+            from peftlab.quant import dequantize_model
+
+            dequantize_model(self.base_model)
         self.merge_adapter(adapter_names)
         return self.unload()
 
@@ -238,8 +251,12 @@ class PeftModel(nn.Module):
     # -- parameters ------------------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total); a 4-bit weight (held in buffers) counts by its values, as in HF peft."""
+        from peftlab.quant import Linear4bit
+
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
+        quantized = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, Linear4bit))
+        return trainable, sum(p.numel() for p in self.parameters()) + quantized
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -332,6 +349,29 @@ class PeftModel(nn.Module):
                 inner = f"{path}.base_layer" if isinstance(layer, AdaptedLayer) else path
                 weights[f"{io.KEY_PREFIX}{inner}.weight"] = self.base_model.get_submodule(inner).weight
         return weights
+
+
+@contextlib.contextmanager
+def _one_warning_for_lossy_layers(action: str) -> Iterator[None]:
+    """Gather the per-layer LossyMergeWarnings of a whole-model merge into one, with the largest error."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    lossy = [w.message for w in caught if issubclass(w.category, LossyMergeWarning)]
+    for w in caught:
+        if not issubclass(w.category, LossyMergeWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if lossy:
+        error = max(m.max_abs_error for m in lossy)
+        warnings.warn(
+            LossyMergeWarning(
+                f"{action} the adapter re-quantized {len(lossy)} 4-bit layer(s): lossy, max abs weight error "
+                f"{error:.4g}. For an exact merge use merge_and_unload(dequantize=True), which merges into "
+                "dense layers holding exactly the dequantised weights.",
+                max_abs_error=error,
+            ),
+            stacklevel=4,
+        )
 
 
 def load_config(model_id: str | os.PathLike, is_trainable: bool = False) -> AdapterConfig:

@@ -78,7 +78,9 @@ class MergeCommand:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--adapter", metavar="DIR", required=True, help="adapter folder written by `peftlab train`")
         parser.add_argument("--out", metavar="DIR", required=True, help="folder for the merged model and its tokenizer")
-        add_train_arguments(parser, only=("model", "task"))
+        # --quantize nf4: the adapter was trained on the 4-bit base (QLoRA); merge it exactly into that
+        # base's dequantised weights, not into the original ones the quantization rounded.
+        add_train_arguments(parser, only=("model", "task", "quantize"))
 
     def run(self, args: argparse.Namespace) -> int:
         from peftlab.train.build import base_of, load_trained
@@ -87,8 +89,9 @@ class MergeCommand:
         if out.exists() and not out.is_dir():
             raise OptionsError(f"--out {out} is a file; give a folder for the merged model.")
         model_name, task = base_of(getattr(args, "model", None), args.adapter, getattr(args, "task", None))
-        model, tokenizer = load_trained(model_name, args.adapter, task)
-        merged = model.merge_and_unload()
+        quantization = getattr(args, "quantize", None)
+        model, tokenizer = load_trained(model_name, args.adapter, task, quantization=quantization)
+        merged = model.merge_and_unload(dequantize=quantization is not None)
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
         print(f"peftlab: merged {args.adapter} into {merged.name_or_path or 'the base model'}: wrote {out}", file=sys.stderr)
