@@ -6,7 +6,8 @@
     batch = tiny_batch(model)      # {"input_ids", "attention_mask"} for that model's vocabulary
 
 Each builder takes ``seed`` so two calls give identical weights; for two libraries to start from
-the same base, build once and ``copy.deepcopy`` it.
+the same base, build once and ``copy.deepcopy`` it. GPT-2 and Llama also take ``hidden`` (the
+4-bit interop tests need widths that are multiples of bitsandbytes' blocksize, 64).
 """
 
 from __future__ import annotations
@@ -35,17 +36,17 @@ def _build(model_class, config, seed: int):
     return model.eval()
 
 
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+def tiny_gpt2(seed: int = 0, hidden: int = HIDDEN) -> GPT2LMHeadModel:
     config = GPT2Config(
-        vocab_size=VOCAB, n_positions=32, n_embd=HIDDEN, n_layer=2, n_head=2,
+        vocab_size=VOCAB, n_positions=32, n_embd=hidden, n_layer=2, n_head=2,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
     return _build(GPT2LMHeadModel, config, seed)
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, hidden: int = HIDDEN) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2,
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
