@@ -45,3 +45,16 @@ def test_scheduler_drives_the_optimizer():
         optimizer.step()
         scheduler.step()
     assert rates == pytest.approx([1.0, 0.75, 0.5, 0.25])
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit"])
+def test_8bit_optimizers_need_cuda(name):
+    """bitsandbytes' 8-bit AdamW on a GPU; on CPU an error that says so and names the alternative."""
+    model = nn.Linear(4, 2)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=rf"'{name}' is bitsandbytes' 8-bit AdamW, which needs a CUDA GPU.*cpu.*Use 'adamw'"):
+            make_optimizer(model, name, lr=0.1)
+        return
+    bnb_optim = pytest.importorskip("bitsandbytes.optim")
+    expected = bnb_optim.PagedAdamW8bit if name.startswith("paged") else bnb_optim.AdamW8bit
+    assert isinstance(make_optimizer(model.cuda(), name, lr=0.1), expected)

@@ -16,7 +16,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adamw", "sgd")
+#: bitsandbytes' 8-bit AdamW (optimizer state in 8 bits; "paged" moves it to CPU memory under GPU
+#: memory pressure), by our name -> its class in ``bitsandbytes.optim``. Their kernels are CUDA only.
+CUDA_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
+OPTIMIZERS = ("adamw", "sgd", *CUDA_OPTIMIZERS)
 SCHEDULERS = ("constant", "linear", "cosine")
 
 
@@ -40,7 +43,24 @@ def make_optimizer(
         return torch.optim.AdamW(groups, lr=lr)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name in CUDA_OPTIMIZERS:
+        return _bitsandbytes_optimizer(name, groups, lr)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
+
+
+def _bitsandbytes_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    devices = sorted({p.device.type for group in groups for p in group["params"]})
+    if devices != ["cuda"]:
+        raise ValueError(
+            f"optimizer {name!r} is bitsandbytes' 8-bit AdamW, which needs a CUDA GPU, but the parameters are on "
+            f"{', '.join(devices)}. Use 'adamw' instead (an adapter's optimizer state is small, so 8 bits saves "
+            "little), or train on a machine with a GPU (--device cuda)."
+        )
+    try:
+        import bitsandbytes.optim
+    except ImportError:
+        raise ValueError(f"optimizer {name!r} needs bitsandbytes: pip install bitsandbytes, or use 'adamw'.") from None
+    return getattr(bitsandbytes.optim, CUDA_OPTIMIZERS[name])(groups, lr=lr)
 
 
 def lr_multiplier(name: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:

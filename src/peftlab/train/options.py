@@ -93,7 +93,10 @@ class TrainOptions:
         {}, "any other option of the method's config, e.g. use_rslora=true (repeatable)", flag="--method-option"
     )
     # -- optimization ------------------------------------------------------------------------------
-    optimizer: str = _option("adamw", "optimizer", choices=("adamw", "sgd"))
+    optimizer: str = _option(
+        "adamw", "optimizer (adamw_8bit, paged_adamw_8bit: bitsandbytes, CUDA only)",
+        choices=("adamw", "sgd", "adamw_8bit", "paged_adamw_8bit"),
+    )
     lr: float | None = _option(None, "peak learning rate (default: 1e-3 for adapters, 5e-5 for full)")
     weight_decay: float = _option(0.0, "decoupled weight decay on matrices (not biases, norms, vectors)")
     momentum: float = _option(0.9, "SGD momentum")
