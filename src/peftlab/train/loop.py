@@ -286,7 +286,6 @@ class TrainingRun:
             disable=not (self.processes.is_main and sys.stderr.isatty()), dynamic_ncols=True,
         )
         window: list[tuple[float, float, int]] = []  # (loss, seconds, examples) since the last log line
-        last_eval: dict[str, Any] | None = None
         with bar:
             while state["step"] < self.total_steps:
                 batches = self.epoch_batches(state["epoch"])
@@ -309,7 +308,7 @@ class TrainingRun:
                         self._log_window(window, lr)
                         window = []
                     if options.eval_every and state["step"] % options.eval_every == 0:
-                        last_eval = self._evaluate()
+                        self._evaluate()
                     if options.save_every and state["step"] % options.save_every == 0:
                         self._save_checkpoint()
                 if state["batch_in_epoch"] >= len(batches):
@@ -318,21 +317,19 @@ class TrainingRun:
                     state["batch_in_epoch"] = 0
         if state["epoch_count"]:  # a run that stopped inside an epoch reports that epoch's accuracy too
             self._close_epoch_accuracy()
-        if last_eval is None or last_eval["step"] != state["step"]:
-            last_eval = self._evaluate()
-        return self._finish(last_eval, trainable, total)
+        if not state["val_curve"] or state["val_curve"][-1]["step"] != state["step"]:
+            self._evaluate()
+        return self._finish(state["val_curve"][-1], trainable, total)
 
     def _close_epoch_accuracy(self) -> None:
         state = self.state
         state["train_accuracy"].append(state["epoch_correct"] / max(state["epoch_count"], 1))
         state["epoch_correct"] = state["epoch_count"] = 0
 
-    def _evaluate(self) -> dict[str, Any]:
+    def _evaluate(self) -> None:
         metrics = evaluate(self.model, self.eval_batches(), self.options.task, self.processes, self.options.bf16)
-        record = {"step": self.state["step"], **metrics}
-        self.state["val_curve"].append(record)
-        self._log("eval " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + f" at step {record['step']}")
-        return record
+        self.state["val_curve"].append({"step": self.state["step"], **metrics})
+        self._log("eval " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + f" at step {self.state['step']}")
 
     def _finish(self, last_eval: dict[str, Any], trainable: int, total: int) -> dict[str, Any]:
         state = self.state
