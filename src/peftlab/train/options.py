@@ -271,10 +271,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 # -- the flags ------------------------------------------------------------------------------------------
 
 
-def _comma_list(text: str) -> list[str] | str:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def _key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -310,7 +306,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] |
         elif kind is dict:
             kwargs.update(action=_CollectKeyValues, type=_key_value, metavar="KEY=VALUE")
         elif kind is list:
-            kwargs.update(type=_comma_list, metavar="NAME,NAME")
+            kwargs["metavar"] = "NAME,NAME"  # split into a list by TrainOptions
         else:
             kwargs.update(type=kind, choices=spec.metadata["choices"])
         parser.add_argument(flag, **kwargs)
