@@ -94,7 +94,7 @@ class MergeCommand:
         merged = model.merge_and_unload(dequantize=quantization is not None)
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        print(f"peftlab: merged {args.adapter} into {merged.name_or_path or 'the base model'}: wrote {out}", file=sys.stderr)
+        print(f"peftlab: merged {args.adapter} into {model_name}: wrote {out}", file=sys.stderr)
         return 0
 
 
