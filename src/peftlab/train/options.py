@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from peftlab.optim import OPTIMIZERS, SCHEDULERS
+
 TASKS = ("seq-cls", "causal-lm")
 FULL_FINE_TUNING = "full"
 QLORA = "qlora"  # LoRA on an NF4-quantized base: "--method qlora" means "--method lora --quantize nf4"
@@ -94,13 +96,12 @@ class TrainOptions:
     )
     # -- optimization ------------------------------------------------------------------------------
     optimizer: str = _option(
-        "adamw", "optimizer (adamw_8bit, paged_adamw_8bit: bitsandbytes, CUDA only)",
-        choices=("adamw", "sgd", "adamw_8bit", "paged_adamw_8bit"),
+        "adamw", "optimizer (adamw_8bit, paged_adamw_8bit: bitsandbytes, CUDA only)", choices=OPTIMIZERS
     )
     lr: float | None = _option(None, "peak learning rate (default: 1e-3 for adapters, 5e-5 for full)")
     weight_decay: float = _option(0.0, "decoupled weight decay on matrices (not biases, norms, vectors)")
     momentum: float = _option(0.9, "SGD momentum")
-    scheduler: str = _option("linear", "learning-rate decay after warmup", choices=("constant", "linear", "cosine"))
+    scheduler: str = _option("linear", "learning-rate decay after warmup", choices=SCHEDULERS)
     warmup_ratio: float = _option(0.06, "fraction of the steps spent warming the learning rate up from 0")
     epochs: int = _option(1, "passes over the training data (ignored when --max-steps is given)")
     max_steps: int | None = _option(None, "stop after this many optimizer steps")
