@@ -223,3 +223,14 @@ def test_dequantize_model_restores_dense_layers_with_the_exact_weights(dtype):
         assert torch.equal(model(ids).logits, before)
     linear = Linear4bit.from_module(_linear()).to_dense(torch.bfloat16)
     assert type(linear) is nn.Linear and linear.weight.dtype == torch.bfloat16
+
+
+def test_quantize_model_copies_the_tensors_it_keeps_and_their_ties():
+    """The full-precision tensors left are copied (releasing a memory-mapped checkpoint), ties kept."""
+    model = _gpt2()
+    wte = model.transformer.wte.weight
+    before = {name: t.data_ptr() for name, t in list(model.named_parameters()) + list(model.named_buffers())}
+    quantize_model(model)
+    after = {name: t.data_ptr() for name, t in list(model.named_parameters()) + list(model.named_buffers())}
+    assert set(before) & set(after) and all(after[n] != before[n] for n in set(before) & set(after))
+    assert model.transformer.wte.weight is wte and model.lm_head.weight is wte
