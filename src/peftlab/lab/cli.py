@@ -122,7 +122,7 @@ def plan_from_args(args: argparse.Namespace) -> tuple[list, dict[str, Any]]:
     overrides = collect_overrides(args.overrides, methods)
     axes = [parse_sweep(text) for text in args.sweeps]
     runs = plan_runs(shared, methods, overrides, axes)
-    config = {**shared, "methods": methods, "set": args.overrides, "sweep": args.sweeps}
+    config = {**shared, "methods": methods, "set": args.overrides or None, "sweep": args.sweeps or None}
     return runs, config
 
 
