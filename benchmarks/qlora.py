@@ -50,6 +50,9 @@ from peftlab.quant import Linear4bit, model_size_bytes, quantize_model
 VARIANTS = ("peftlab-lora", "peftlab-qlora", "hf-lora", "hf-qlora")
 SECTIONS = ("storage", "memory", "time", "codec")
 SIZE_MODELS = ("minilm-l6", "smollm2-135m")
+#: wall: elapsed time; cpu: this process's CPU time, which other load on a shared machine disturbs far
+#: less (with --threads 1; spin-waiting threads still count, so a pool conflict still shows).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 # -- building ------------------------------------------------------------------------------------
@@ -192,18 +195,18 @@ def child_time(args) -> dict:
     batch = make_batch(model, args)
     for _ in range(args.warmup):
         train_step.step(model, optimizer, batch)
-    times = []
+    clock, times = CLOCKS[args.clock], []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start = clock()
         train_step.step(model, optimizer, batch)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return {"times": times}
 
 
 def run_child(args, variant: str, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--child-mode", mode, "--model", args.model,
            "--batch", str(args.batch), "--length", str(args.length), "--r", str(args.r), "--threads", str(args.threads),
-           "--steps", str(args.child_steps), "--warmup", str(args.warmup)]
+           "--steps", str(args.child_steps), "--warmup", str(args.warmup), "--clock", args.clock]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # sizes torch's and bitsandbytes' pools alike
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -217,12 +220,12 @@ def in_process_times(args, variants: list[str]) -> dict[str, list[float]]:
     for model, optimizer in built.values():
         for _ in range(args.warmup):
             train_step.step(model, optimizer, batch)
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    clock, times = CLOCKS[args.clock], {name: [] for name in variants}
     for i in range(args.steps):
         for name in variants[i % len(variants):] + variants[: i % len(variants)]:  # rotate the order
-            start = time.perf_counter()
+            start = clock()
             train_step.step(*built[name], batch)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
         print(f"  in-process round {i + 1}/{args.steps}", file=sys.stderr, end="\r")
     return times
 
@@ -238,7 +241,7 @@ def separate_process_times(args, variants: list[str]) -> dict[str, list[float]]:
 
 def bench_steps(args, variants: list[str], sections: list[str]) -> None:
     print(f"\nSteps on {args.model}: LoRA r={args.r} on all linear layers, batch {args.batch} x {args.length} tokens, "
-          f"{args.threads} threads")
+          f"{args.threads} threads, median {args.clock} time")
     memory = {name: run_child(args, name, "memory") for name in variants} if "memory" in sections else {}
     together = in_process_times(args, variants) if "time" in sections else {}
     apart = separate_process_times(args, variants) if "time" in sections else {}
@@ -292,6 +295,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--codec-repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall", help="step timer (cpu: use with --threads 1)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-mode", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -152,8 +152,9 @@ def test_qlora_adapter_is_an_ordinary_adapter_for_the_dense_base(dense, tmp_path
 
     Its outputs there differ from the 4-bit ones only by the quantization error: for LoRA each layer's
     output differs by exactly x (W - Q(W))ᵀ, the error that alone moves the base's logits by
-    ``shift``; through the adapted network it grows or shrinks a little (0.7x to 1.8x of ``shift``
-    over 3 seeds of both models and methods), so the bound is 3x ``shift``.
+    ``shift``; through the adapted network it grows or shrinks a little (0.5x to 2.0x of ``shift``
+    over 10 seeds of each model and method), so the bound is 3x ``shift``. And it stays small next
+    to what the adapter does (at most 0.17 of it over those seeds; bound 0.3).
     """
     model, _ = dense[model_name]
     batch = tiny_batch(model)
@@ -169,4 +170,4 @@ def test_qlora_adapter_is_an_ordinary_adapter_for_the_dense_base(dense, tmp_path
     assert max_diff(logits(ours, batch), logits(theirs, batch)) <= 1e-5
     difference = max_diff(logits(ours, batch), on_4bit)
     assert 0 < difference <= 3 * shift
-    assert difference < max_diff(on_4bit, logits(quantized, batch))  # smaller than what the adapter does
+    assert difference < 0.3 * max_diff(on_4bit, logits(quantized, batch))
