@@ -29,8 +29,9 @@ from peftlab.lab.results import Latency
 if TYPE_CHECKING:
     from peftlab.train.options import TrainOptions
 
-#: Timed forward passes per model; the median is reported.
-LATENCY_REPEATS = 5
+#: Timed forward passes per model, after one warm-up; the median is reported. Few, because on a CPU a
+#: pass over an eval batch of a 100M+ model takes seconds, and three models are timed per run.
+LATENCY_REPEATS = 3
 #: What save_pretrained writes for the model itself (not the tokenizer, not the metrics).
 MODEL_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "adapter_config.json", "config.json")
 
