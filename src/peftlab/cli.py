@@ -1,8 +1,8 @@
 """The ``peftlab`` command: ``peftlab train | eval | merge | compare | report``.
 
-Each subcommand is an object with ``help``, ``add_arguments(parser)`` and ``run(args) -> exit
-code``, named in :data:`SUBCOMMANDS` as ``"module:attribute"``. Only the chosen one is imported,
-so ``peftlab --help`` stays quick. A new subcommand is one entry here.
+Each subcommand is an object with ``help`` (its description), ``add_arguments(parser)`` and
+``run(args) -> exit code``, named in :data:`SUBCOMMANDS` as ``"module:attribute"``. Only the
+chosen one is imported, so ``peftlab --help`` stays quick. A new subcommand is one entry here.
 
 Errors a user can fix (bad options, data, paths, checkpoints) print one line and exit with 2; a
 diverged training exits with 1. ``PEFTLAB_TRACEBACK=1`` shows the full traceback instead.
@@ -38,7 +38,9 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
-            load_command(name).add_arguments(sub)
+            command = load_command(name)
+            sub.description = command.help  # the longer line, once the command is imported anyway
+            command.add_arguments(sub)
     return parser
 
 
