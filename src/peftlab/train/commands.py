@@ -50,7 +50,7 @@ class EvalCommand:
     def run(self, args: argparse.Namespace) -> int:
         from peftlab.train.build import base_of, load_eval_dataset, load_trained, make_collator, saved_num_labels
         from peftlab.train.distributed import start_processes
-        from peftlab.train.evaluate import evaluate
+        from peftlab.train.evaluate import evaluate, shard_batches
 
         given = {name: getattr(args, name) for name in EVAL_OPTIONS if hasattr(args, name)}
         model_name, task = base_of(given.get("model"), args.adapter, given.get("task"))
@@ -60,10 +60,7 @@ class EvalCommand:
         processes = start_processes(options.device)
         try:
             model, tokenizer = load_trained(model_name, args.adapter, task, getattr(data, "num_labels", None), options.quantize)
-            collate = make_collator(options, tokenizer)
-            mine = processes.shard(range(len(data)))
-            size = options.eval_batch_size
-            batches = (collate([data[i] for i in mine[s : s + size]]) for s in range(0, len(mine), size))
+            batches = shard_batches(data, make_collator(options, tokenizer), processes, options.eval_batch_size)
             metrics = evaluate(model.to(processes.device), batches, task, processes, options.bf16)
         finally:
             processes.close()

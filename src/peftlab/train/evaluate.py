@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,15 @@ def batch_totals(task: str, logits: torch.Tensor, labels: torch.Tensor) -> Batch
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The batch without its labels (the loss is ours), on ``device``."""
     return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+
+def shard_batches(
+    data: Sequence[Any], collate: Callable, processes: Processes, batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This process's contiguous share of ``data``, collated in batches of ``batch_size``."""
+    mine = processes.shard(range(len(data)))
+    for start in range(0, len(mine), batch_size):
+        yield collate([data[i] for i in mine[start : start + batch_size]])
 
 
 @torch.no_grad()

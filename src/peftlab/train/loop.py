@@ -40,7 +40,7 @@ from peftlab.train.checkpoint import (
     save_checkpoint,
 )
 from peftlab.train.distributed import Processes, start_processes
-from peftlab.train.evaluate import batch_totals, evaluate, label_count, model_inputs
+from peftlab.train.evaluate import batch_totals, evaluate, label_count, model_inputs, shard_batches
 from peftlab.train.hooks import HookRunner, TrainingProgress, discover_hooks
 from peftlab.train.options import OptionsError, TrainOptions
 from peftlab.train.build import build_model, load_datasets, make_collator, save_trained
@@ -160,12 +160,6 @@ class TrainingRun:
 
     def local_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return self.collate([self.train_data[i] for i in self.processes.shard(indices)])
-
-    def eval_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        mine = self.processes.shard(range(len(self.eval_data)))
-        size = self.options.eval_batch_size
-        for start in range(0, len(mine), size):
-            yield self.collate([self.eval_data[i] for i in mine[start : start + size]])
 
     # -- resume --------------------------------------------------------------------------------------
 
@@ -327,7 +321,8 @@ class TrainingRun:
         state["epoch_correct"] = state["epoch_count"] = 0
 
     def _evaluate(self) -> None:
-        metrics = evaluate(self.model, self.eval_batches(), self.options.task, self.processes, self.options.bf16)
+        batches = shard_batches(self.eval_data, self.collate, self.processes, self.options.eval_batch_size)
+        metrics = evaluate(self.model, batches, self.options.task, self.processes, self.options.bf16)
         self.state["val_curve"].append({"step": self.state["step"], **metrics})
         self._log("eval " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + f" at step {self.state['step']}")
 
