@@ -164,3 +164,26 @@ def test_state_moves_between_devices():
     moved = st.to("cpu")
     assert moved.shape == st.shape and moved.dtype == torch.bfloat16 and moved.code2 is not None
     assert torch.equal(dequantize_nf4(moved), dequantize_nf4(st))
+
+
+def test_small_weights_decode_on_one_thread_and_the_thread_count_comes_back(monkeypatch):
+    """Below nf4._PARALLEL_MIN_NUMEL a dequantisation runs on the calling thread (no fork/join per pass,
+    which a busy machine makes cost a time slice each); the caller's thread count is restored, even on error."""
+    state = quantize_nf4(_weight((64, 128), torch.float32))
+    seen = []
+    decode = nf4._decode
+    monkeypatch.setattr(nf4, "_decode", lambda *a, **k: seen.append(torch.get_num_threads()) or decode(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = dequantize_nf4(state)
+        monkeypatch.setattr(nf4, "_PARALLEL_MIN_NUMEL", state.numel)
+        assert torch.equal(dequantize_nf4(state), expected)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+        monkeypatch.setattr(nf4, "_PARALLEL_MIN_NUMEL", state.numel + 1)
+        monkeypatch.setattr(nf4, "_decode", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            dequantize_nf4(state)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
