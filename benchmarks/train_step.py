@@ -6,6 +6,8 @@ Each variant is one full training step (forward, loss, backward, AdamW step, zer
 
 Time: every variant lives in this one process and the steps are interleaved round-robin, so
 machine noise hits all of them alike; the figure is the median over the timed steps.
+With ``--clock cpu --threads 1`` the figure is process CPU time, which other load on a shared
+machine disturbs far less than wall time.
 Memory: each variant runs alone in a fresh child process; the figure is the peak RSS during the
 training steps above the RSS after the model was built (Linux ``/proc``; the peak is reset with
 ``clear_refs`` once the model is ready).
@@ -125,6 +127,7 @@ def measure_memory(args, variants) -> dict:
 
 def measure_time(args, variants) -> dict[str, list[float]]:
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     base, causal = load_base(args.model)
     batch = make_batch(base, causal, args.batch, args.length)
     built = {name: build_variant(name, base, causal, args.targets, args.r) for name in variants}
@@ -138,9 +141,9 @@ def measure_time(args, variants) -> dict[str, list[float]]:
         order = variants[i % len(variants):] + variants[: i % len(variants)]
         for name in order:
             model, optimizer = built[name]
-            start = time.perf_counter()
+            start = clock()
             step(model, optimizer, batch)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
         print(f"  round {i + 1}/{args.steps}", file=sys.stderr, end="\r")
     return times
 
@@ -156,6 +159,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: process CPU time, robust to other load on a shared machine (use with --threads 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,7 +170,7 @@ def main() -> None:
         return
     variants = args.variants.split(",")
     print(f"model {args.model}, targets {args.targets}, batch {args.batch} x {args.length}, r={args.r}, "
-          f"{args.threads} threads, {args.steps} interleaved steps (median)")
+          f"{args.threads} threads, {args.steps} interleaved steps (median {args.clock} time)")
     times = measure_time(args, variants)
     memory = {} if args.no_memory else measure_memory(args, variants)
     floor = statistics.median(times["floor"]) if "floor" in times else None

@@ -241,10 +241,18 @@ class PeftModel(nn.Module):
         with self._row_adapter_context(adapter_names):
             return self.base_model.generate(*args, **kwargs)
 
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        # Checkpointed blocks recompute only when their input needs grad; with a frozen embedding
-        # it does not, and the adapters would get no gradient. Make the input need one.
-        self.base_model.gradient_checkpointing_enable(**kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """As the base model's, plus inputs that require grad so adapters get gradients.
+
+        Reentrant checkpointed blocks recompute only when their input needs grad; with a frozen
+        embedding it does not, and the adapters would silently get no gradient.
+        """
+        # transformers 5 renamed it; the old name is a deprecated alias there.
+        renamed = getattr(self.base_model, "activation_checkpointing_enable", None)
+        if renamed is not None:
+            renamed(gradient_checkpointing_kwargs, **kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
         if hasattr(self.base_model, "enable_input_require_grads"):
             self.base_model.enable_input_require_grads()
 
