@@ -14,10 +14,11 @@ steps. Reported: the RSS then ("ready": model, adapter, optimizer state), and th
 
 Step time (forward, loss, backward, AdamW step): medians over interleaved steps, two ways.
 In one process, all variants built side by side and stepped round-robin (machine noise hits all
-alike). Torch and bitsandbytes each bring an OpenMP runtime whose threads spin-wait after a
-parallel region, so in one process each library's pool can steal the cores the other needs; the
-separate-process figures (each variant alone in a child, the children alternating for
-``--rounds`` rounds) show whether that distorts the in-process comparison.
+alike). bitsandbytes' CPU kernels are OpenMP code next to torch's: were they two runtimes, each
+pool's spin-waiting threads could steal the cores the other needs (here bitsandbytes' libgomp.so.1
+resolves to the copy torch bundles, one runtime). The separate-process figures (each variant alone
+in a child, the children alternating for ``--rounds`` rounds) show whether sharing a process
+distorts the comparison.
 
 Dequantisation throughput: ``nf4_codec.bench_codec`` on the model's own weight shapes.
 
