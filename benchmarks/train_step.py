@@ -162,6 +162,7 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: process CPU time, robust to other load on a shared machine (use with --threads 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
+    parser.add_argument("--no-time", action="store_true", help="skip the interleaved timing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -171,17 +172,17 @@ def main() -> None:
     variants = args.variants.split(",")
     print(f"model {args.model}, targets {args.targets}, batch {args.batch} x {args.length}, r={args.r}, "
           f"{args.threads} threads, {args.steps} interleaved steps (median {args.clock} time)")
-    times = measure_time(args, variants)
+    times = {} if args.no_time else measure_time(args, variants)
     memory = {} if args.no_memory else measure_memory(args, variants)
     floor = statistics.median(times["floor"]) if "floor" in times else None
     print(f"\n{'variant':<14}{'median s/step':>14}{'x floor':>9}{'vs HF peft':>11}{'peak MB above model':>21}")
     for name in variants:
-        med = statistics.median(times[name])
-        ratio = f"{med / floor:.2f}" if floor else "-"
+        med = statistics.median(times[name]) if name in times else None
+        ratio = f"{med / floor:.2f}" if med and floor else "-"
         twin = name.replace("peftlab-", "hf-")
-        vs_hf = f"{med / statistics.median(times[twin]):.2f}" if name.startswith("peftlab-") and twin in times else ""
+        vs_hf = f"{med / statistics.median(times[twin]):.2f}" if med and name.startswith("peftlab-") and twin in times else ""
         mem = f"{memory[name]['peak_above_model_mb']:.0f}" if name in memory else ""
-        print(f"{name:<14}{med:>14.3f}{ratio:>9}{vs_hf:>11}{mem:>21}")
+        print(f"{name:<14}{med or float('nan'):>14.3f}{ratio:>9}{vs_hf:>11}{mem:>21}")
 
 
 if __name__ == "__main__":
