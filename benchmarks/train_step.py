@@ -8,9 +8,9 @@ Time: every variant lives in this one process and the steps are interleaved roun
 machine noise hits all of them alike; the figure is the median over the timed steps.
 With ``--clock cpu --threads 1`` the figure is process CPU time, which other load on a shared
 machine disturbs far less than wall time.
-Memory: each variant runs alone in a fresh child process; the figure is the peak RSS during the
-training steps above the RSS after the model was built (Linux ``/proc``; the peak is reset with
-``clear_refs`` once the model is ready).
+Memory: each variant runs alone in a fresh child process; the figure is the peak RSS during three
+training steps above the RSS once the model was built (Linux ``/proc``; the peak is reset with
+``clear_refs`` then), with glibc's mmap threshold fixed so that freed memory leaves the process.
 
     python benchmarks/train_step.py --model minilm-l6 --targets query,value --batch 32 --length 64
     python benchmarks/train_step.py --model smollm2-135m --targets all-linear --batch 8 --length 128
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -107,10 +108,9 @@ def child_memory(args) -> None:
     model, optimizer = build_variant(args.child, base, causal, args.targets, args.r)
     del base
     batch = make_batch(model, causal, args.batch, args.length)
-    step(model, optimizer, batch)  # first step allocates optimizer state: count it, as training does
     Path("/proc/self/clear_refs").write_text("5")
     before = _rss_kb("VmRSS")
-    for _ in range(2):
+    for _ in range(3):  # the first step allocates the optimizer state: counted, as in training
         step(model, optimizer, batch)
     print(json.dumps({"variant": args.child, "peak_above_model_mb": (_rss_kb("VmHWM") - before) / 1024, "peak_rss_mb": _rss_kb("VmHWM") / 1024}))
 
@@ -120,7 +120,10 @@ def measure_memory(args, variants) -> dict:
     for name in variants:
         cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--targets", args.targets,
                "--batch", str(args.batch), "--length", str(args.length), "--r", str(args.r), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        # A fixed mmap threshold makes glibc hand freed blocks back to the OS, so RSS follows the
+        # live tensors instead of the allocator's history (which otherwise differs run to run by GBs).
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
         results[name] = json.loads(out.strip().splitlines()[-1])
     return results
 
