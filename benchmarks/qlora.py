@@ -8,9 +8,9 @@ Size: the whole model in memory (parameters, buffers, quant states; tied tensors
 disk (safetensors files: ``save_pretrained`` for fp32 and bitsandbytes, ``save_model`` of the
 state dict for peftlab's 4-bit model), against the fp32 model.
 
-Step memory: each variant alone in a fresh child process; after the first step (which allocates
-the optimizer state) the RSS high-water mark is reset (``/proc/self/clear_refs``), then two more
-steps. Reported: the RSS then ("ready": model, adapter, optimizer state), and the peak during the steps.
+Step memory: each variant alone in a fresh child process (glibc's mmap threshold fixed, as in
+``train_step.py``); after the first step (which allocates the optimizer state) the RSS high-water
+mark is reset (``/proc/self/clear_refs``), then two more steps. Reported: the RSS then ("ready": model, adapter, optimizer state), and the peak during the steps.
 
 Step time (forward, loss, backward, AdamW step): medians over interleaved steps, two ways.
 In one process, all variants built side by side and stepped round-robin (machine noise hits all
@@ -209,6 +209,10 @@ def run_child(args, variant: str, mode: str) -> dict:
            "--batch", str(args.batch), "--length", str(args.length), "--r", str(args.r), "--threads", str(args.threads),
            "--steps", str(args.child_steps), "--warmup", str(args.warmup), "--clock", args.clock]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # sizes torch's and bitsandbytes' pools alike
+    if mode == "memory":
+        # As train_step.py: a fixed mmap threshold makes glibc give freed blocks back, so RSS follows the
+        # live tensors rather than the allocator's history.
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
