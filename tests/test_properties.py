@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from peftlab import LoraConfig, PeftModel, get_peft_model
-from tiny_models import tiny_batch, tiny_bert_seq_cls, tiny_gpt2, tiny_llama
+from tiny_models import logits, max_diff, perturb, tiny_batch, tiny_bert_seq_cls, tiny_gpt2, tiny_llama
 
 MODELS = {
     # builder, targets, modules_to_save
@@ -44,24 +44,10 @@ def make(model_name: str, method: str, perturbed: bool = True, **options) -> Pef
     return model
 
 
-def perturb(model: nn.Module, seed: int = 0) -> None:
-    """Move all trainable tensors away from init (B = 0 would make many properties trivial)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                noise = torch.randn(param.shape, generator=generator)
-                scale = param.abs().mean()
-                param.add_(noise * (0.1 if scale == 0 else 0.3 * scale))
 
 
-def logits(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits.float()
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
 
 
 def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from peftlab import LoraConfig, PeftModel, get_peft_model
 from peftlab.base import LossyMergeWarning
 from peftlab.cli import main
 from peftlab.quant import Linear4bit, dequantize_model, quantize_model
-from tiny_models import tiny_batch, tiny_gpt2, tiny_llama
+from tiny_models import logits, max_diff, perturb, tiny_batch, tiny_gpt2, tiny_llama
 
 MODELS = {
     "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"]),
@@ -59,23 +59,10 @@ def make(model_name: str, method: str, perturbed: bool = True, **options) -> Pef
     return model
 
 
-def perturb(model: nn.Module, seed: int = 0) -> None:
-    """Move the adapter away from init (B = 0 would make most properties trivial)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                scale = param.abs().mean()
-                param.add_(torch.randn(param.shape, generator=generator) * (0.1 if scale == 0 else 0.3 * scale))
 
 
-def logits(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits.float()
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
 
 
 def test_the_dequantised_base_is_the_4bit_base():

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 import peftlab
 from peftlab import PeftModel, get_peft_model
 from peftlab.quant import Linear4bit, quantize_model
-from tiny_models import tiny_batch, tiny_gpt2, tiny_llama
+from tiny_models import logits, max_diff, perturb, tiny_batch, tiny_gpt2, tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -66,24 +66,10 @@ def adapter_config(model_name: str, method: str, library):
                               task_type="CAUSAL_LM", **METHODS[method])
 
 
-def perturb(model: torch.nn.Module, seed: int = 0) -> None:
-    """Move every trainable tensor away from init: B = 0 would make any adapter look loaded."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        params = [(n, p) for n, p in sorted(model.named_parameters()) if p.requires_grad]
-        assert params, "nothing to perturb"
-        for _, param in params:
-            scale = param.abs().mean()
-            param.add_(torch.randn(param.shape, generator=generator) * (0.1 if scale == 0 else 0.3 * scale))
 
 
-def logits(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
 
 
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
 
 
 def loaded_quietly(load):

@@ -4,6 +4,7 @@
     model = tiny_llama()           # LlamaForCausalLM, nn.Linear projections
     model = tiny_bert_seq_cls()    # BertForSequenceClassification, 2 labels, head "classifier"
     batch = tiny_batch(model)      # {"input_ids", "attention_mask"} for that model's vocabulary
+    perturb(model); logits(model, batch); max_diff(a, b)   # shared by the adapter property tests
 
 Each builder takes ``seed`` so two calls give identical weights; for two libraries to start from
 the same base, build once and ``copy.deepcopy`` it. GPT-2 and Llama also take ``hidden`` (the
@@ -70,3 +71,23 @@ def tiny_batch(model, batch_size: int = 4, seq_len: int = 8, seed: int = 1) -> d
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (batch_size, seq_len), generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    """Move every trainable tensor away from init (B = 0 would make most adapter properties trivial)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        params = [p for _, p in sorted(model.named_parameters()) if p.requires_grad]
+        assert params, "nothing to perturb"
+        for param in params:
+            scale = param.abs().mean()
+            param.add_(torch.randn(param.shape, generator=generator) * (0.1 if scale == 0 else 0.3 * scale))
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
