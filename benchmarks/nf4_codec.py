@@ -2,9 +2,9 @@
 
 Codec: for each shape, quantize time (fp32 input, blocksize 64, double quantization) and
 dequantisation throughput in GB/s of output written (fp32 and bf16 output). Each library runs
-in its own child process: torch and bitsandbytes each bring an OpenMP runtime, and two thread
-pools spin-waiting on the same cores slow each other down by up to 10x, which no single-library
-user sees. The children alternate for ``--rounds`` rounds of ``--repeats`` timed calls, so
+in its own child process, as a user of either library alone would run it (in this install
+bitsandbytes' libgomp resolves to the copy torch ships, one OpenMP runtime; a build with a second
+runtime would have two pools spin-waiting on the same cores, up to 10x slower). The children alternate for ``--rounds`` rounds of ``--repeats`` timed calls, so
 machine noise hits both alike; figures are medians over all timed calls. The bitsandbytes child
 also checks that the packed bytes and statistics are identical to ours.
 
