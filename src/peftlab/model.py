@@ -259,12 +259,7 @@ class PeftModel(nn.Module):
     # -- parameters ------------------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total); a 4-bit weight (held in buffers) counts by its values, as in HF peft."""
-        from peftlab.quant import Linear4bit
-
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        quantized = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, Linear4bit))
-        return trainable, sum(p.numel() for p in self.parameters()) + quantized
+        return count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -380,6 +375,16 @@ def _one_warning_for_lossy_layers(action: str) -> Iterator[None]:
             ),
             stacklevel=4,
         )
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) of any module; a tied tensor counts once, a 4-bit weight (held in
+    buffers) by its values, as in HF peft."""
+    from peftlab.quant import Linear4bit
+
+    params = list(model.parameters())  # parameters() already yields a tied tensor once
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 
 def load_config(model_id: str | os.PathLike, is_trainable: bool = False) -> AdapterConfig:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from peftlab.model import PeftModel
+from peftlab.model import PeftModel, count_parameters
 from peftlab.optim import make_optimizer, make_scheduler
 from peftlab.train.checkpoint import (
     CheckpointError,
@@ -381,15 +381,6 @@ class TrainingRun:
     def _log(self, message: str) -> None:
         if self.processes.is_main:
             tqdm.write(f"peftlab: {message}", file=sys.stderr)
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a tied tensor counts once, a 4-bit weight by its values."""
-    from peftlab.quant import Linear4bit
-
-    params = list(model.parameters())  # parameters() already yields a tied tensor once
-    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 
 def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
