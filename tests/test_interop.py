@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from method_table import METHOD_CASES, WITH_HF_TWIN, MethodCase
 from peftlab import LoraConfig, PeftModel, get_peft_model
 from tiny_models import tiny_batch, tiny_bert_seq_cls, tiny_gpt2, tiny_llama
 
@@ -46,21 +47,30 @@ MODELS = {
         modules_to_save=["LayerNorm"],
     ),
 }
-VARIANTS = ["lora", "rslora", "dora", "rank_pattern", "modules_to_save"]
+# Every method of the table with an HF twin, then LoRA with the fields that change the file's layout.
+VARIANTS = [case.name for case in WITH_HF_TWIN] + ["rank_pattern", "modules_to_save"]
 
 
 def config_options(model_name: str, variant: str) -> dict:
     spec = MODELS[model_name]
-    options = dict(r=4, lora_alpha=8, **spec["config"])
-    if variant == "rslora":
-        options["use_rslora"] = True
-    elif variant == "dora":
-        options["use_dora"] = True
-    elif variant == "rank_pattern":
+    options = dict(spec["config"])
+    if variant == "rank_pattern":
         options.update(rank_pattern=dict(spec["rank_pattern"]), alpha_pattern=dict(spec["alpha_pattern"]))
     elif variant == "modules_to_save":
         options["modules_to_save"] = list(spec["modules_to_save"])
     return copy.deepcopy(options)  # HF rewrites its config's fields in place
+
+
+def case_of(variant: str) -> MethodCase:
+    return METHOD_CASES.get(variant, METHOD_CASES["lora"])
+
+
+def ours_config(model_name: str, variant: str):
+    return case_of(variant).config(**config_options(model_name, variant))
+
+
+def hf_config(model_name: str, variant: str):
+    return case_of(variant).hf_config(**config_options(model_name, variant))
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +137,7 @@ def test_peftlab_adapter_loads_in_hf_peft(bases, tmp_path, model_name, variant):
     """A perturbed peftlab adapter loads in HF peft with every key used and the same logits."""
     base = bases[model_name]
     batch = tiny_batch(base)
-    ours = get_peft_model(copy.deepcopy(base), LoraConfig(**config_options(model_name, variant))).eval()
+    ours = get_peft_model(copy.deepcopy(base), ours_config(model_name, variant)).eval()
     perturb(ours)
     ours.save_pretrained(tmp_path)
 
@@ -147,7 +157,7 @@ def test_hf_peft_adapter_loads_in_peftlab(bases, tmp_path, model_name, variant):
     """A perturbed HF peft adapter loads in peftlab with every key used and the same logits."""
     base = bases[model_name]
     batch = tiny_batch(base)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config_options(model_name, variant))).eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), hf_config(model_name, variant)).eval()
     perturb(theirs)
     theirs.save_pretrained(tmp_path)
 
@@ -170,15 +180,14 @@ def test_adapter_config_matches_hf(bases, tmp_path, model_name, variant):
     """peftlab writes only HF's keys, all of those it shares with HF, with HF's values ("all-linear" expanded alike)."""
     base = bases[model_name]
     options = config_options(model_name, variant)
-    get_peft_model(copy.deepcopy(base), LoraConfig(**options)).save_pretrained(tmp_path / "ours")
-    peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config_options(model_name, variant))).save_pretrained(
-        tmp_path / "theirs"
-    )
+    ours_model = get_peft_model(copy.deepcopy(base), ours_config(model_name, variant))
+    ours_model.save_pretrained(tmp_path / "ours")
+    peft.get_peft_model(copy.deepcopy(base), hf_config(model_name, variant)).save_pretrained(tmp_path / "theirs")
     ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     theirs = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
 
-    hf_fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
-    shared = hf_fields & {f.name for f in dataclasses.fields(LoraConfig)}
+    hf_fields = {f.name for f in dataclasses.fields(getattr(peft, case_of(variant).hf))}
+    shared = hf_fields & {f.name for f in dataclasses.fields(ours_model.peft_config["default"])}
     assert set(ours) <= hf_fields
     assert set(ours) >= shared | {"peft_type"}
     differing = {k: (ours[k], theirs.get(k)) for k in ours if _normalised(k, ours[k]) != _normalised(k, theirs.get(k))}

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from peftlab import LoraConfig, PeftModel, get_peft_model
+from method_table import METHOD_CASES, METHOD_TABLE
+from peftlab import AdapterConfig, LoraConfig, PeftModel, get_peft_model
 from peftlab.layer import AdaptedLayer
 from tiny_models import tiny_batch, tiny_bert_seq_cls, tiny_gpt2, tiny_llama
 
@@ -29,7 +30,6 @@ EXTRA = {
     "llama": ({}, {}),
     "bert": ({"task_type": "SEQ_CLS"}, {"task_type": "SEQ_CLS"}),
 }
-METHODS = {"lora": {}, "dora": {"use_dora": True}}
 
 
 @functools.cache
@@ -51,13 +51,11 @@ def perturb(model: nn.Module, adapter_name: str, seed: int) -> None:
                 param.add_(torch.randn(param.shape, generator=generator) * (0.3 if scale == 0 else 0.5 * scale))
 
 
-def configs(model_name: str, method: str = "lora") -> tuple[LoraConfig, LoraConfig]:
+def configs(model_name: str, method: str = "lora") -> tuple[AdapterConfig, AdapterConfig]:
     a_targets, b_targets = TARGETS[model_name]
     a_extra, b_extra = EXTRA[model_name]
-    return (
-        LoraConfig(r=4, lora_alpha=8, target_modules=a_targets, **METHODS[method], **a_extra),
-        LoraConfig(r=2, lora_alpha=4, target_modules=b_targets, **METHODS[method], **b_extra),
-    )
+    case = METHOD_CASES[method]
+    return case.config(4, target_modules=a_targets, **a_extra), case.config(2, target_modules=b_targets, **b_extra)
 
 
 def two_adapters(model_name: str, method: str = "lora") -> PeftModel:
@@ -86,7 +84,7 @@ def alone(model: PeftModel, name: str, batch) -> torch.Tensor:
 ROWS = ["a", "__base__", "b", "a"]
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [case.name for case in METHOD_TABLE])
 @pytest.mark.parametrize("model_name", list(BUILDERS))
 def test_mixed_batch_rows_match_their_adapter_alone(model_name, method):
     """adapter_names=[a, __base__, b, a]: each row equals that row's output with its adapter alone,

@@ -1,6 +1,6 @@
-"""The properties every method must have (HF peft checks the same), for LoRA, rsLoRA and DoRA on a
-GPT-2 Conv1D model and a Llama nn.Linear model, plus DoRA's own math checked against a direct
-reference computation.
+"""The properties every method must have (HF peft checks the same), for every method of the table
+(``method_table.py``) on a GPT-2 Conv1D model and a Llama nn.Linear model, plus LoRA's and DoRA's own
+math checked against a direct reference computation.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from method_table import METHOD_CASES, METHOD_TABLE
 from peftlab import LoraConfig, PeftModel, get_peft_model
 from tiny_models import logits, max_diff, perturb, tiny_batch, tiny_bert_seq_cls, tiny_gpt2, tiny_llama
 
@@ -21,9 +22,7 @@ MODELS = {
     "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], ["ln_f"]),
     "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], ["model.norm"]),
 }
-METHODS = {"lora": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True}}
-CASES = [(model, method) for model in MODELS for method in METHODS]
-ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_magnitude_vector")
+CASES = [(model, case.name) for model in MODELS for case in METHOD_TABLE]
 
 
 @functools.cache
@@ -37,24 +36,22 @@ def fresh_base(model_name: str) -> nn.Module:
 
 def make(model_name: str, method: str, perturbed: bool = True, **options) -> PeftModel:
     _, targets, _ = MODELS[model_name]
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, **METHODS[method], **options)
+    config = METHOD_CASES[method].config(target_modules=targets, **options)
     model = get_peft_model(fresh_base(model_name), config).eval()
     if perturbed:
         perturb(model)
     return model
 
 
-
-
-
-
+def is_adapter_tensor(name: str) -> bool:
+    return ".adapters." in name or name.startswith("method_state.")
 
 
 def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The frozen base weights by the base model's own names (wrappers' extra path parts removed)."""
     out = {}
     for name, param in model.named_parameters():
-        if any(t in name for t in ADAPTER_TENSORS) or ".copies." in name:
+        if is_adapter_tensor(name) or ".copies." in name:
             continue
         out[name.replace(".base_layer", "").replace(".original_module", "")] = param.detach().clone()
     return out
@@ -62,12 +59,16 @@ def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("model_name,method", CASES)
 def test_only_adapter_and_saved_modules_train(model_name, method):
-    """A few AdamW steps over ALL parameters change exactly the adapter tensors and modules_to_save copies."""
+    """A few AdamW steps over ALL parameters change exactly the adapter tensors the method trains and
+    the modules_to_save copies; the tensors it declares frozen never train, not even after set_adapter."""
     model = make(model_name, method, perturbed=False, modules_to_save=MODELS[model_name][2])
+    model.set_adapter("default")
     model.train()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(any(t in n for t in ADAPTER_TENSORS) or ".copies.default." in n for n in trainable)
-    assert any(".copies.default." in n for n in trainable)
+    frozen = METHOD_CASES[method].frozen
+    expected = {n for n, _ in model.named_parameters() if ".adapters." in n and not any(f".{t}" in n for t in frozen)}
+    assert trainable - expected == {n for n in trainable if ".copies.default." in n} != set()
+    assert expected <= trainable
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -200,13 +201,16 @@ RANK_PATTERNS = {"gpt2": {"c_fc": 2, "h.1.attn.c_attn": 7}, "llama": {"q_proj": 
 @pytest.mark.parametrize("with_rank_pattern", [False, True])
 @pytest.mark.parametrize("model_name,method", CASES)
 def test_trainable_parameter_count(model_name, method, with_rank_pattern):
-    """LoRA: r·(in+out) per layer; DoRA: + out; rank_pattern overrides r where its regex matches."""
+    """The method's per-layer formula (LoRA: r·(in+out); DoRA: + out); rank_pattern overrides r where its regex matches."""
+    case = METHOD_CASES[method]
+    if with_rank_pattern and not case.has_field("rank_pattern"):
+        pytest.skip(f"{method} has no rank_pattern")
     pattern = RANK_PATTERNS[model_name] if with_rank_pattern else {}
-    model = make(model_name, method, perturbed=False, rank_pattern=pattern)
+    model = make(model_name, method, perturbed=False, **({"rank_pattern": pattern} if pattern else {}))
     expected = 0
     for path, (fan_in, fan_out) in _layer_shapes(model_name).items():
         r = next((rank for key, rank in pattern.items() if path == key or path.endswith("." + key)), 4)
-        expected += r * (fan_in + fan_out) + (fan_out if method == "dora" else 0)
+        expected += case.per_layer(fan_in, fan_out, r)
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable == expected
     assert total == expected + sum(p.numel() for p in _base(model_name).parameters())

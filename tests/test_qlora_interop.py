@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import peftlab
+from method_table import METHOD_CASES, ON_4BIT
 from peftlab import PeftModel, get_peft_model
 from peftlab.quant import Linear4bit, quantize_model
 from tiny_models import logits, max_diff, perturb, tiny_batch, tiny_gpt2, tiny_llama
@@ -35,8 +36,7 @@ MODELS = {
     "llama": (tiny_llama, "all-linear"),
     "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"]),  # Conv1D: transposed to [out, in] by both libraries
 }
-METHODS = {"qlora": {}, "qdora": {"use_dora": True}}
-CASES = [(model, method) for model in MODELS for method in METHODS]
+CASES = [(model, case.name) for model in MODELS for case in ON_4BIT if case.hf is not None]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,9 @@ def hf_4bit_base(folder):
 
 
 def adapter_config(model_name: str, method: str, library):
-    return library.LoraConfig(r=4, lora_alpha=8, target_modules=copy.deepcopy(MODELS[model_name][1]),
-                              task_type="CAUSAL_LM", **METHODS[method])
+    case = METHOD_CASES[method]
+    make = case.hf_config if library is peft else case.config
+    return make(target_modules=copy.deepcopy(MODELS[model_name][1]), task_type="CAUSAL_LM")
 
 
 
@@ -138,9 +139,10 @@ def test_qlora_adapter_is_an_ordinary_adapter_for_the_dense_base(dense, tmp_path
 
     Its outputs there differ from the 4-bit ones only by the quantization error: for LoRA each layer's
     output differs by exactly x (W - Q(W))ᵀ, the error that alone moves the base's logits by
-    ``shift``; through the adapted network it grows or shrinks a little (0.5x to 2.0x of ``shift``
-    over 10 seeds of each model and method), so the bound is 3x ``shift``. And it stays small next
-    to what the adapter does (at most 0.17 of it over those seeds; bound 0.3).
+    ``shift``; through the adapted network it grows or shrinks (0.5x to 2.1x of ``shift`` over 10
+    seeds of each model for LoRA and DoRA, up to 4.7x for rsLoRA, whose larger scale makes the
+    adapter's part larger), so the bound is 6x ``shift``. And it stays small next to what the adapter
+    does (at most 0.34 of it over those seeds; bound 0.5).
     """
     model, _ = dense[model_name]
     batch = tiny_batch(model)
@@ -155,5 +157,5 @@ def test_qlora_adapter_is_an_ordinary_adapter_for_the_dense_base(dense, tmp_path
     theirs = loaded_quietly(lambda: peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path)))
     assert max_diff(logits(ours, batch), logits(theirs, batch)) <= 1e-5
     difference = max_diff(logits(ours, batch), on_4bit)
-    assert 0 < difference <= 3 * shift
-    assert difference < 0.3 * max_diff(on_4bit, logits(quantized, batch))
+    assert 0 < difference <= 6 * shift
+    assert difference < 0.5 * max_diff(on_4bit, logits(quantized, batch))

@@ -1,4 +1,4 @@
-"""Training hooks: found on a method's config and adapters, called at their points by the loop and
+"""Training hooks: found on a method and its adapters, called at their points by the loop and
 by the HF Trainer callback; a hook's state survives a checkpoint."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from transformers import Trainer, TrainingArguments
 
 from peftlab import LoraConfig, get_peft_model
 from peftlab.data import ClassificationCollator, load_dataset_spec
-from peftlab.methods import METHODS, PEFT_TYPES
-from peftlab.methods.lora import LoraAdapter
+from peftlab.methods import register_method, unregister_method
+from peftlab.methods.lora import LoraAdapter, LoraMethod
 from peftlab.train import TrainingHook, run_training
 from peftlab.train.callback import HookLossMixin, TrainingHooksCallback
 from peftlab.train.checkpoint import load_checkpoint
@@ -63,22 +63,28 @@ class HookedLoraConfig(LoraConfig):
     peft_type = "HOOKED_LORA"
     peftlab_only_fields = ("penalty",)
 
-    def training_hooks(self, model):
-        return [RecordingHook(model, self.penalty)]
+
+class HookedLoraMethod(LoraMethod):
+    config_class = HookedLoraConfig
+
+    def training_hooks(self, model, adapter_name):
+        penalty = model.peft_config[adapter_name].penalty
+        return [RecordingHook(model, penalty), *super().training_hooks(model, adapter_name)]
 
 
 @pytest.fixture
-def hooked_method(monkeypatch):
+def hooked_method():
     EVENTS.clear()
-    monkeypatch.setitem(METHODS, "hooked", lambda **o: HookedLoraConfig(**o))
-    monkeypatch.setitem(PEFT_TYPES, HookedLoraConfig.peft_type, HookedLoraConfig)
+    register_method(HookedLoraMethod("hooked"))
+    yield
+    unregister_method("hooked")
 
 
-def test_hooks_are_found_on_configs_and_adapters(monkeypatch):
+def test_hooks_are_found_on_the_method_and_adapters(hooked_method, monkeypatch):
     model = get_peft_model(tiny_bert_seq_cls(), HookedLoraConfig(r=2, target_modules=["query", "value"]))
     assert [type(h) for h in discover_hooks(model)] == [RecordingHook]
-    monkeypatch.setattr(LoraAdapter, "training_hooks", lambda self: [TrainingHook()], raising=False)
-    assert len(discover_hooks(model)) == 1 + 4  # the config's, and one per adapted layer (2 layers x 2)
+    monkeypatch.setattr(LoraAdapter, "training_hooks", lambda self: [TrainingHook()])
+    assert len(discover_hooks(model)) == 1 + 4  # the method's, and one per adapted layer (2 layers x 2)
     assert discover_hooks(tiny_bert_seq_cls()) == []  # full fine-tuning: none
 
 

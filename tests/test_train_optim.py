@@ -12,14 +12,14 @@ from peftlab.optim import lr_multiplier, make_optimizer, make_scheduler, param_g
 def test_weight_decay_goes_to_trainable_matrices_only():
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     model[0].requires_grad_(False)
-    decayed, undecayed = param_groups(model, weight_decay=0.1)
+    decayed, undecayed = param_groups(model, lr=0.1, weight_decay=0.1)
     assert decayed["weight_decay"] == 0.1 and [p.shape for p in decayed["params"]] == [torch.Size([2, 4])]
     assert undecayed["weight_decay"] == 0.0 and len(undecayed["params"]) == 3  # norm weight and bias, head bias
     assert isinstance(make_optimizer(model, "sgd", lr=0.1), torch.optim.SGD)
     with pytest.raises(ValueError, match="unknown optimizer 'adam'; choose one of adamw, sgd"):
         make_optimizer(model, "adam", lr=0.1)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        param_groups(model.requires_grad_(False), 0.0)
+        param_groups(model.requires_grad_(False), 0.1, 0.0)
 
 
 @pytest.mark.parametrize("name", ["constant", "linear", "cosine"])

@@ -7,11 +7,11 @@ import argparse
 import pytest
 
 from peftlab.train.options import (
-    METHOD_DEFAULTS,
     OptionsError,
     TrainOptions,
     add_train_arguments,
     default_target_modules,
+    method_defaults,
     options_from_args,
 )
 
@@ -97,11 +97,11 @@ def test_ranges_are_checked():
 def test_method_defaults():
     lora = TrainOptions(method="lora").with_method_defaults()
     full = TrainOptions(method="full").with_method_defaults()
-    assert lora.lr == METHOD_DEFAULTS["lora"]["lr"] == 1e-3 and lora.r == 8
-    assert full.lr == METHOD_DEFAULTS["full"]["lr"] and full.r is None and full.lr < lora.lr / 10
+    assert lora.lr == method_defaults("lora")["lr"] == 1e-3 and lora.r == 8
+    assert full.lr == method_defaults("full")["lr"] and full.r is None and full.lr < lora.lr / 10
     assert TrainOptions(method="dora", lr=5e-4).with_method_defaults().lr == 5e-4  # given values win
     qlora = TrainOptions(method="qlora").with_method_defaults()
-    assert (qlora.adapter_method, qlora.quantization) == ("lora", "nf4")
+    assert (qlora.method, qlora.quantization, qlora.r) == ("qlora", "nf4", 8)
     assert TrainOptions(method="dora", quantize="nf4").quantization == "nf4"
 
 

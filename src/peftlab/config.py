@@ -67,6 +67,12 @@ class AdapterConfig:
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
         """Build from a saved config; keys this class does not know are dropped, with a warning
         unless they hold a "feature off" value (HF writes all its fields, mostly unused)."""
+        saved_type = data.get("peft_type", cls.peft_type)
+        if saved_type != cls.peft_type:
+            raise ValueError(
+                f"this adapter config is of a {saved_type} adapter, not {cls.peft_type} ({cls.__name__}); "
+                "load it with PeftModel.from_pretrained, which picks the method the file names."
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         ignorable = {"peft_type", "peft_version", "auto_mapping"}
 

@@ -16,7 +16,6 @@ import contextlib
 import functools
 import inspect
 import os
-import re
 import warnings
 from typing import Any, Iterator, Sequence
 
@@ -24,10 +23,11 @@ import torch
 from torch import nn
 
 from peftlab import io
-from peftlab.base import Conv1DView, LossyMergeWarning
+from peftlab.base import BaseLayerView, Conv1DView, LossyMergeWarning, base_view
 from peftlab.config import SEQ_CLS_HEAD_NAMES, AdapterConfig
 from peftlab.layer import BASE_ROW, AdaptedLayer, rows_use_adapters
-from peftlab.methods import config_class_for
+from peftlab.methods import Method, config_class_for, method_for
+from peftlab.methods.adapter import Adapter
 from peftlab.modules_to_save import TrainedCopy
 from peftlab.targets import ALL_LINEAR, expand_all_linear, select_targets
 
@@ -42,6 +42,8 @@ class PeftModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.peft_config: dict[str, AdapterConfig] = {}
+        # Model-level state of methods that have some (Method.inject), by adapter name.
+        self.method_state = nn.ModuleDict()
         self.active_adapters: list[str] = []
         model.requires_grad_(False)
         self.add_adapter(adapter_name, config)
@@ -59,6 +61,22 @@ class PeftModel(nn.Module):
         for path, module in self.base_model.named_modules():
             if isinstance(module, AdaptedLayer):
                 yield path, module
+
+    def adapters_of(self, adapter_name: str) -> Iterator[tuple[str, Adapter]]:
+        """``(module path, adapter)`` of every layer that ``adapter_name`` adapts."""
+        for path, layer in self.adapted_layers():
+            if adapter_name in layer.adapters:
+                yield path, layer.adapters[adapter_name]
+
+    def adapter_parameters(self, adapter_name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """The per-layer parameters of one adapter, named by module path (trainable or not)."""
+        for path, adapter in self.adapters_of(adapter_name):
+            for name, param in adapter.named_parameters():
+                yield f"{path}.{name}", param
+
+    def method_of(self, adapter_name: str) -> Method:
+        self._check_known(adapter_name)
+        return method_for(self.peft_config[adapter_name])
 
     def trained_copies(self) -> Iterator[tuple[str, TrainedCopy]]:
         for path, module in self.base_model.named_modules():
@@ -88,20 +106,31 @@ class PeftModel(nn.Module):
             raise ValueError(f"invalid adapter name {adapter_name!r}: use a non-empty name without '.', not {BASE_ROW!r}.")
         if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
             config = config.replace(target_modules=expand_all_linear(self.base_model, config))
+        method = method_for(config)
+        targets = {path: self._base_view(path) for path in select_targets(self.base_model, config)}
+        for path, view in targets.items():
+            method.check_base(config, view, path)
         self.peft_config[adapter_name] = config
         try:
-            for path in select_targets(self.base_model, config):
+            state = method.inject(self, adapter_name, config, targets)
+            if state is not None:
+                self.method_state[adapter_name] = state.requires_grad_(False)
+            for path, view in targets.items():
                 layer = self.base_model.get_submodule(path)
                 if not isinstance(layer, AdaptedLayer):
                     layer = AdaptedLayer(layer)
                     _set_module(self.base_model, path, layer)
-                layer.add(adapter_name, config.make_adapter(layer.view, path))
+                layer.add(adapter_name, method.make_adapter(config, view, path, state))
             self._add_trained_copies(adapter_name, config)
         except Exception:
             self._remove_adapter_modules(adapter_name)
             del self.peft_config[adapter_name]
             raise
         self._update_trainable()
+
+    def _base_view(self, path: str) -> BaseLayerView:
+        module = self.base_model.get_submodule(path)
+        return module.view if isinstance(module, AdaptedLayer) else base_view(module)
 
     def _add_trained_copies(self, adapter_name: str, config: AdapterConfig) -> None:
         wanted = config.with_classifier_heads() or []
@@ -123,6 +152,11 @@ class PeftModel(nn.Module):
                 module.add(adapter_name)
 
     def _remove_adapter_modules(self, adapter_name: str) -> None:
+        if adapter_name in self.peft_config:
+            state = self.method_state[adapter_name] if adapter_name in self.method_state else None
+            self.method_of(adapter_name).remove(self, adapter_name, state)
+            if state is not None:
+                del self.method_state[adapter_name]
         for path, layer in list(self.adapted_layers()):
             if adapter_name in layer.adapters:
                 layer.remove(adapter_name)
@@ -162,10 +196,14 @@ class PeftModel(nn.Module):
             raise ValueError(f"no adapter named {name!r}; the adapters are: {known}. Add it with add_adapter or load_adapter.")
 
     def _update_trainable(self) -> None:
-        """Only the active adapters (and their trained copies) train, unless loaded for inference."""
+        """Only the active adapters (and their trained copies) train, unless loaded for inference;
+        within an adapter, only what ``Adapter.trainable_parameters()`` declares."""
         for _, layer in self.adapted_layers():
             for name, adapter in layer.adapters.items():
-                adapter.requires_grad_(name in self.active_adapters and not self.peft_config[name].inference_mode)
+                adapter.requires_grad_(False)
+                if name in self.active_adapters and not self.peft_config[name].inference_mode:
+                    for param in adapter.trainable_parameters():
+                        param.requires_grad_(True)
         for _, copy in self.trained_copies():
             for name, module in copy.copies.items():
                 module.requires_grad_(name in self.active_adapters and not self.peft_config[name].inference_mode)
@@ -268,12 +306,8 @@ class PeftModel(nn.Module):
     # -- saving and loading ----------------------------------------------------------------------
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under the HF PEFT file keys."""
-        tensors = {}
-        for path, layer in self.adapted_layers():
-            if adapter_name in layer.adapters:
-                for suffix, tensor in layer.adapters[adapter_name].saved_tensors().items():
-                    tensors[f"{io.KEY_PREFIX}{path}.{suffix}"] = tensor
+        """The adapter's tensors under the HF PEFT file keys: the method's, then the trained copies."""
+        tensors = self.method_of(adapter_name).export_tensors(self, adapter_name)
         for path, copy in self.trained_copies():
             if adapter_name in copy.copies:
                 for suffix, tensor in copy.saved_tensors(adapter_name).items():
@@ -282,7 +316,7 @@ class PeftModel(nn.Module):
 
     def _config_to_save(self, adapter_name: str) -> dict[str, Any]:
         config = self.peft_config[adapter_name]
-        data = config.to_hf_dict()
+        data = self.method_of(adapter_name).export_config(self, adapter_name, config)
         data["inference_mode"] = True
         data["modules_to_save"] = config.with_classifier_heads()
         if data.get("base_model_name_or_path") is None:
@@ -302,9 +336,12 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False, **_: Any
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
+        config: AdapterConfig | None = None, **_: Any,
     ) -> "PeftModel":
-        config = load_config(model_id, is_trainable)
+        """Load a saved adapter onto ``model``; ``config`` (as HF) replaces the saved config, and must be
+        of the saved adapter's method."""
+        config = load_config(model_id, is_trainable, config)
         peft_model = cls(model, config, adapter_name)
         peft_model._load_weights(model_id, adapter_name)
         return peft_model
@@ -318,10 +355,9 @@ class PeftModel(nn.Module):
             raise
 
     def _load_weights(self, model_id: str | os.PathLike, adapter_name: str) -> None:
-        saved = io.read_adapter_weights(io.Path(model_id))
+        method = self.method_of(adapter_name)
+        saved = method.rename_saved_keys(io.read_adapter_weights(io.Path(model_id)))
         expected = self.adapter_state_dict(adapter_name)
-        # Older HF versions wrote DoRA's magnitude with a ".weight" suffix.
-        saved = {re.sub(r"lora_magnitude_vector\.weight$", "lora_magnitude_vector", k): v for k, v in saved.items()}
         # HF saves the full embedding weights along with an adapter on an embedding (save_embedding_layers): load them too.
         expected.update({k: v for k, v in self._embedding_weights().items() if k in saved and k not in expected})
         missing = sorted(set(expected) - set(saved))
@@ -338,9 +374,12 @@ class PeftModel(nn.Module):
                     f"adapter in {model_id} does not fit this model: {key} has shape {tuple(saved[key].shape)} in the "
                     f"file but {tuple(tensor.shape)} in the model. Was it trained on another base model or with another r?"
                 )
-        with torch.no_grad():
+        own = method.export_tensors(self, adapter_name)
+        method.load_tensors(self, adapter_name, {key: saved[key] for key in own})
+        with torch.no_grad():  # trained copies and embedding weights: plain parameters
             for key, tensor in expected.items():
-                tensor.copy_(saved[key].to(tensor.dtype))
+                if key not in own:
+                    tensor.copy_(saved[key].to(tensor.dtype))
 
     def _embedding_weights(self) -> dict[str, torch.Tensor]:
         """The input and output embedding weights under the keys HF peft saves them with."""
@@ -387,9 +426,15 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 
-def load_config(model_id: str | os.PathLike, is_trainable: bool = False) -> AdapterConfig:
+def load_config(model_id: str | os.PathLike, is_trainable: bool = False, config: AdapterConfig | None = None) -> AdapterConfig:
     data = io.read_adapter_config(io.Path(model_id))
-    config = config_class_for(data["peft_type"]).from_dict(data)
+    if config is None:
+        config = config_class_for(data["peft_type"]).from_dict(data)
+    elif config.peft_type != data["peft_type"]:
+        raise ValueError(
+            f"the adapter in {model_id} is a {data['peft_type']} adapter but the config given is {type(config).__name__} "
+            f"({config.peft_type}); leave config out to load it as the file says."
+        )
     return config.replace(inference_mode=not is_trainable)
 
 

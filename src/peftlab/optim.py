@@ -4,7 +4,8 @@
     scheduler = make_scheduler(optimizer, "cosine", total_steps=1000, warmup_steps=60)
 
 Weight decay goes only to matrices: biases, norms and vectors such as DoRA's magnitude are
-left undecayed, as in BERT's and HF Trainer's recipes. Every schedule is a pure function of the
+left undecayed, as in BERT's and HF Trainer's recipes. A method may group its adapter's tensors
+itself (``Method.param_groups``), e.g. with their own learning rates. Every schedule is a pure function of the
 step, so a resumed run continues exactly where the saved one stopped.
 """
 
@@ -23,22 +24,39 @@ OPTIMIZERS = ("adamw", "sgd", *CUDA_OPTIMIZERS)
 SCHEDULERS = ("constant", "linear", "cosine")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """The trainable parameters in two groups: matrices (decayed) and the rest (not decayed)."""
-    decayed, undecayed = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decayed if param.ndim >= 2 else undecayed).append(param)
-    if not decayed and not undecayed:
-        raise ValueError("the model has no trainable parameters: did the method freeze everything?")
-    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": undecayed, "weight_decay": 0.0}]
+def decay_groups(named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float) -> list[dict]:
+    """Matrices decayed, the rest (biases, norms, vectors) not; empty groups left out."""
+    decayed = [p for _, p in named if p.ndim >= 2]
+    undecayed = [p for _, p in named if p.ndim < 2]
+    groups = [
+        {"params": decayed, "lr": lr, "weight_decay": weight_decay},
+        {"params": undecayed, "lr": lr, "weight_decay": 0.0},
+    ]
     return [group for group in groups if group["params"]]
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """The trainable parameters in groups: each active adapter's as its method groups them
+    (``Method.param_groups``: LoRA+ gives B its own learning rate), everything else by
+    :func:`decay_groups`."""
+    from peftlab.model import PeftModel
+
+    groups: list[dict] = []
+    if isinstance(model, PeftModel):
+        for name in model.active_adapters:
+            groups += model.method_of(name).param_groups(model, name, lr, weight_decay)
+    grouped = {id(p) for group in groups for p in group["params"]}
+    rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
+    groups += decay_groups(rest, lr, weight_decay)
+    if not groups:
+        raise ValueError("the model has no trainable parameters: did the method freeze everything?")
+    return groups
 
 
 def make_optimizer(
     model: nn.Module, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9
 ) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, lr, weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "sgd":

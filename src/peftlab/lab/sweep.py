@@ -8,13 +8,14 @@ from the options shared by all runs, its method's ``--set`` overrides, and its s
 
 Grammar::
 
-    --methods NAME,NAME,...        full, qlora, any registered method; or all
+    --methods NAME,NAME,...        full, any registered method (lora, dora, qlora, ...); or all
     --set METHOD.OPTION=VALUE      VALUE is read as YAML: 8, 1e-3, true, [query, value]
     --sweep OPTION=V1,V2,...       several --sweep make their cartesian product
 
 Values of ``--sweep`` (and ``--set``):
 
-    lora_alpha       a number, or relative to the run's rank: r, 2r, 0.5r
+    lora_alpha       a number, or relative to the run's rank: r, 2r, 0.5r (any option a method
+                     declares with ``MethodOption(relative_to=...)`` takes such multiples)
     target_modules   attn (the query and value projections of the model's family), all-linear,
                      or layer names joined by "+": query+value
     any other        a number, true/false, or a word, checked as `peftlab train` checks its flags
@@ -34,10 +35,10 @@ import yaml
 
 from peftlab.train.options import (
     FULL_FINE_TUNING,
-    METHOD_DEFAULTS,
-    QLORA,
+    METHOD_OPTIONS,
     OptionsError,
     TrainOptions,
+    method_defaults,
 )
 
 #: What `peftlab compare` runs when --methods is not given: the seed experiment's four.
@@ -47,7 +48,7 @@ PER_RUN_OPTIONS = ("method", "out", "resume")
 #: Options not worth a sweep axis: where output goes and how often it is written.
 NOT_SWEEPABLE = (*PER_RUN_OPTIONS, "save_every", "log_every", "device", "method_options")
 #: Options of the adapter; full fine-tuning has none, so a sweep over them runs full once.
-ADAPTER_OPTIONS = ("r", "lora_alpha", "lora_dropout", "target_modules", "method_options", "quantize")
+ADAPTER_OPTIONS = (*METHOD_OPTIONS, "target_modules", "method_options", "quantize")
 
 ATTENTION_ALIAS = "attn"
 ALL_LINEAR = "all-linear"
@@ -61,19 +62,21 @@ ATTENTION_TARGETS: dict[str, list[str]] = {
     "gpt2": ["c_attn"],  # GPT-2 fuses q, k and v into one layer
 }
 
-_RELATIVE_TO_RANK = re.compile(r"(\d+(?:\.\d*)?|\.\d+)?\s*r")
+_MULTIPLE = r"(\d+(?:\.\d*)?|\.\d+)?\s*"
 # PyYAML reads 1e-3 (no dot) as a string; such values are numbers here.
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass(frozen=True)
 class RelativeToRank:
-    """A ``lora_alpha`` given as a multiple of the run's rank, e.g. ``2r``."""
+    """An option given as a multiple of another option of the run (its ``relative_to``), e.g.
+    ``lora_alpha=2r``."""
 
     factor: float
+    of: str = "r"
 
     def __str__(self) -> str:
-        return "r" if self.factor == 1 else f"{self.factor:g}r"
+        return self.of if self.factor == 1 else f"{self.factor:g}{self.of}"
 
 
 @dataclass(frozen=True)
@@ -102,10 +105,10 @@ class PlannedRun:
 
 
 def known_methods() -> list[str]:
-    """full, every registered adapter method, then qlora (LoRA on an NF4 base)."""
+    """full, then every registered adapter method."""
     from peftlab.methods import METHODS
 
-    return [FULL_FINE_TUNING, *METHODS, QLORA]
+    return [FULL_FINE_TUNING, *METHODS]
 
 
 def expand_methods(text: str) -> list[str]:
@@ -146,9 +149,10 @@ def _option_name(text: str, valid: list[str], what: str) -> str:
 def _parse_value(option: str, text: str) -> Any:
     """One value as written on the command line: relative alpha, a target alias, or a YAML scalar."""
     text = text.strip()
-    relative = _RELATIVE_TO_RANK.fullmatch(text)
-    if option == "lora_alpha" and relative:
-        return RelativeToRank(float(relative.group(1) or 1))
+    of = METHOD_OPTIONS[option].relative_to if option in METHOD_OPTIONS else None
+    relative = re.fullmatch(_MULTIPLE + re.escape(of), text) if of else None
+    if relative:
+        return RelativeToRank(float(relative.group(1) or 1), of)
     if option == "target_modules" and not text.startswith("["):
         return text  # an alias or names joined by "+", resolved per model family when the run is planned
     if _FLOAT_TEXT.fullmatch(text):
@@ -225,12 +229,12 @@ def resolve_target_modules(value: Any, model: str, family_of: Callable[[str], st
 
 def _resolve(method: str, options: dict[str, Any], family_of: Callable[[str], str]) -> dict[str, Any]:
     resolved = dict(options)
-    alpha = resolved.get("lora_alpha")
-    if isinstance(alpha, RelativeToRank):
-        rank = resolved.get("r") or METHOD_DEFAULTS.get(method, {}).get("r")
-        if rank is None:
-            raise OptionsError(f"lora_alpha={alpha} needs a rank, and {method} has no default r; set r too.")
-        resolved["lora_alpha"] = alpha.factor * rank
+    for name, value in options.items():
+        if isinstance(value, RelativeToRank):
+            base = resolved.get(value.of) or method_defaults(method).get(value.of)
+            if base is None:
+                raise OptionsError(f"{name}={value} needs {value.of}, and {method} has no default {value.of}; set {value.of} too.")
+            resolved[name] = value.factor * base
     if resolved.get("target_modules") is not None:
         resolved["target_modules"] = resolve_target_modules(
             resolved["target_modules"], resolved.get("model", TrainOptions.model), family_of

@@ -3,6 +3,9 @@
     output = adapter(x, base_out, base)      # base_out = the frozen layer's output on x
     merge(base) / unmerge(base)              # fold the adapter into the frozen weight and back
     saved_tensors()                          # {HF key suffix: tensor}, e.g. {"lora_A.weight": A}
+    load_saved_tensors(tensors)              # the inverse; override it if a saved tensor is computed
+    trainable_parameters()                   # what trains while the adapter is active (default: all)
+    training_hooks()                         # per-layer TrainingHooks (default: none)
 
 ``base`` is a :class:`peftlab.base.BaseLayerView`: adapters never know whether the layer is a
 Linear, a GPT-2 Conv1D, an Embedding or a 4-bit layer.
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 
 from peftlab.base import BaseLayerView
+from peftlab.hooks import TrainingHook
 
 
 class Adapter(nn.Module):
@@ -34,8 +38,24 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def load_saved_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy saved values in; the caller has checked the keys and shapes."""
+        """Copy saved values into the tensors ``saved_tensors()`` returns; the caller has checked the
+        keys and shapes. A saved tensor that is computed (not a parameter or buffer of this module)
+        would take the copy and drop it: refused, so such an adapter must override this."""
         own = self.saved_tensors()
+        stored = {id(t) for t in self.parameters()} | {id(t) for t in self.buffers()}
+        computed = sorted(key for key in tensors if id(own[key]) not in stored)
+        if computed:
+            raise TypeError(
+                f"{type(self).__name__} saves {', '.join(computed)} as a computed tensor, so copying the file's "
+                "values into it would load nothing; the adapter must override load_saved_tensors."
+            )
         with torch.no_grad():
             for key, value in tensors.items():
                 own[key].copy_(value.to(own[key].dtype))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters that train while this adapter is active; the others never do."""
+        return list(self.parameters())
+
+    def training_hooks(self) -> list[TrainingHook]:
+        return []

@@ -24,8 +24,6 @@ from peftlab.methods.lora import LoraAdapter, add_low_rank
 
 class DoraAdapter(LoraAdapter):
     def __init__(self, base: BaseLayerView, r, alpha, dropout, use_rslora, init) -> None:
-        if base.takes_ids:
-            raise TypeError("DoRA on an Embedding layer is not supported; target linear layers, or use LoRA for embeddings.")
         super().__init__(base, r, alpha, dropout, use_rslora, init)
         self._row_sq_cache: tuple[tuple, torch.Tensor] | None = None
         self._merged_scale: torch.Tensor | None = None

@@ -64,13 +64,13 @@ def build_model(options: TrainOptions, num_labels: int | None) -> tuple[nn.Modul
         options = dataclasses.replace(options, target_modules=default_target_modules(model.config.model_type))
     try:
         config = make_method_config(
-            options.adapter_method,
+            options.method,
             task_type=PEFT_TASK_TYPES[options.task],
             base_model_name_or_path=options.model,
             **options.adapter_options(),
         )
     except TypeError as error:  # an option the method's config does not have
-        raise OptionsError(f"method {options.adapter_method!r} does not take these options: {error}") from None
+        raise OptionsError(f"method {options.method!r} does not take these options: {error}") from None
     return get_peft_model(model, config), tokenizer, options
 
 

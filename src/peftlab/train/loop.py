@@ -42,13 +42,13 @@ from peftlab.train.checkpoint import (
 from peftlab.train.distributed import Processes, start_processes
 from peftlab.train.evaluate import batch_totals, evaluate, label_count, model_inputs, shard_batches
 from peftlab.train.hooks import HookRunner, TrainingProgress, discover_hooks
-from peftlab.train.options import OptionsError, TrainOptions
+from peftlab.train.options import METHOD_OPTIONS, OptionsError, TrainOptions
 from peftlab.train.build import build_model, load_datasets, make_collator, save_trained
 
 #: Options a resumed run must share with the saved one for its loss curve to continue exactly.
 MUST_MATCH_ON_RESUME = (
-    "model", "task", "dataset", "data_dir", "max_train_samples", "max_length", "method", "quantize", "r",
-    "lora_alpha", "lora_dropout", "target_modules", "method_options", "optimizer", "lr", "weight_decay",
+    "model", "task", "dataset", "data_dir", "max_train_samples", "max_length", "method", "quantize",
+    *METHOD_OPTIONS, "target_modules", "method_options", "optimizer", "lr", "weight_decay",
     "momentum", "scheduler", "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum",
     "max_grad_norm", "bf16", "seed",
 )

@@ -8,9 +8,11 @@ argparse flags from them (``lora_alpha`` -> ``--lora-alpha``) and :func:`read_co
 checks a YAML file against them (keys may be written ``lora_alpha`` or ``lora-alpha``). A value
 of the wrong type and a misspelled key are errors that say what to write instead.
 
-Options left ``None`` take the method's default (:data:`METHOD_DEFAULTS`) and, for
-``target_modules``, the model family's (:data:`DEFAULT_TARGET_MODULES`); the run records the
-resolved values in metrics.json.
+The fields are the run's own (:class:`RunOptions`) plus one per option the registered methods
+declare (``Method.options``: ``r``, ``lora_alpha``, ...), added when this module is imported:
+nothing here names a method's fields. Options left ``None`` take the method's default
+(``Method.run_defaults``, see :func:`method_defaults`) and, for ``target_modules``, the
+model family's (:data:`DEFAULT_TARGET_MODULES`); the run records the resolved values in metrics.json.
 """
 
 from __future__ import annotations
@@ -27,26 +29,20 @@ from typing import Any
 
 import yaml
 
+from peftlab.methods import METHODS, MethodOption
 from peftlab.optim import OPTIMIZERS, SCHEDULERS
 
 TASKS = ("seq-cls", "causal-lm")
 FULL_FINE_TUNING = "full"
-QLORA = "qlora"  # LoRA on an NF4-quantized base: "--method qlora" means "--method lora --quantize nf4"
 QUANTIZATIONS = ("nf4",)
-LORA_FAMILY = ("lora", "rslora", "dora", QLORA)
 
-#: Defaults by method, applied to options left unset. LoRA-family adapters start at zero and have
-#: few parameters, so they want a learning rate ~20-50x that of full fine-tuning (LoRA paper; HF
-#: peft's examples: 1e-3 to 2e-4 vs 2e-5 to 5e-5). r = 8 with alpha = 2r (scale 2) is HF peft's
-#: usual example setting; light dropout regularises the short runs the lab does. With these and the
-#: shared defaults below (batch 32, max length 64, linear decay after 6% warmup), LoRA on MiniLM-L6
-#: reaches 0.85 on SST-2 validation after one epoch over 8000 examples.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    FULL_FINE_TUNING: {"lr": 5e-5},
-    **{name: {"lr": 1e-3, "r": 8, "lora_alpha": 16, "lora_dropout": 0.05} for name in LORA_FAMILY},
-}
-#: Any other registered method: its config's own defaults, and the LoRA-family learning rate.
-OTHER_METHOD_DEFAULTS: dict[str, Any] = {"lr": 1e-3}
+#: Full fine-tuning's defaults: a learning rate ~20x below the adapters' (see ``LoraMethod.run_defaults``).
+FULL_FINE_TUNING_DEFAULTS: dict[str, Any] = {"lr": 5e-5}
+
+
+def method_defaults(method: str) -> dict[str, Any]:
+    """The values a run of ``method`` takes for options left unset (``Method.run_defaults``)."""
+    return FULL_FINE_TUNING_DEFAULTS if method == FULL_FINE_TUNING else METHODS[method].run_defaults
 
 #: LoRA targets when --target-modules is not given, by ``config.model_type``. BERT-like encoders and
 #: Llama-like decoders: every linear layer of the blocks (attention and MLP), which the QLoRA paper
@@ -61,6 +57,21 @@ DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
 FALLBACK_TARGET_MODULES = "all-linear"
 
 
+def _gather_method_options() -> dict[str, MethodOption]:
+    """Every option a registered method declares, once; two declarations must agree on the type."""
+    options: dict[str, MethodOption] = {}
+    for method in METHODS.values():
+        for name, option in method.options.items():
+            if name in options and options[name].kind is not option.kind:
+                raise TypeError(f"option {name!r} is declared as {options[name].kind.__name__} and {option.kind.__name__}.")
+            options.setdefault(name, option)
+    return options
+
+
+#: The command-line options of the registered methods, by config field name.
+METHOD_OPTIONS = _gather_method_options()
+
+
 class OptionsError(ValueError):
     """An option has a wrong name, type or value; the message says what to write instead."""
 
@@ -73,7 +84,9 @@ def _option(default: Any, help: str, choices: tuple | None = None, flag: str | N
 
 
 @dataclass
-class TrainOptions:
+class RunOptions:
+    """The options every run has; :class:`TrainOptions` adds the methods' own."""
+
     # -- model and data ----------------------------------------------------------------------------
     model: str = _option("minilm-l6", "offline alias (minilm-l6, smollm2-135m), local model folder, or hub id")
     task: str = _option("seq-cls", "what the model learns", choices=TASKS)
@@ -83,11 +96,8 @@ class TrainOptions:
     max_eval_samples: int | None = _option(None, "evaluate on this many validation examples (default: all)")
     max_length: int = _option(64, "truncate inputs to this many tokens")
     # -- method ------------------------------------------------------------------------------------
-    method: str = _option("lora", "full (full fine-tuning), qlora, or a registered method: lora, rslora, dora, ...")
+    method: str = _option("lora", f"full (full fine-tuning) or a registered method: {', '.join(METHODS)}")
     quantize: str | None = _option(None, "quantize the frozen base before adding the adapter", choices=QUANTIZATIONS)
-    r: int | None = _option(None, "adapter rank (LoRA family default: 8)")
-    lora_alpha: float | None = _option(None, "LoRA scale numerator, s = alpha / r (LoRA family default: 16)")
-    lora_dropout: float | None = _option(None, "dropout on the adapter input (LoRA family default: 0.05)")
     target_modules: list[str] | None = _option(
         None, "comma-separated layer names, or all-linear (default by model family: BERT-like query,key,value,dense; Llama-like all-linear; GPT-2 c_attn)"
     )
@@ -127,7 +137,7 @@ class TrainOptions:
         self._check_ranges()
 
     def _check_ranges(self) -> None:
-        positive = ["max_length", "epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every", "r",
+        positive = ["max_length", "epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every",
                     "max_train_samples", "max_eval_samples", "max_steps", "eval_every", "save_every"]
         for name in positive:
             value = getattr(self, name)
@@ -137,8 +147,10 @@ class TrainOptions:
             raise OptionsError(f"lr must be positive, got {self.lr}.")
         if not 0 <= self.warmup_ratio < 1:
             raise OptionsError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
-        if self.lora_dropout is not None and not 0 <= self.lora_dropout < 1:
-            raise OptionsError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        for name, option in METHOD_OPTIONS.items():
+            error = option.check(name, getattr(self, name))
+            if error:
+                raise OptionsError(error)
 
     # -- methods -----------------------------------------------------------------------------------
 
@@ -147,36 +159,58 @@ class TrainOptions:
         return self.method == FULL_FINE_TUNING
 
     @property
-    def adapter_method(self) -> str:
-        """The registered method that builds the adapter (qlora builds a LoRA adapter)."""
-        return "lora" if self.method == QLORA else self.method
-
-    @property
     def quantization(self) -> str | None:
-        return "nf4" if self.method == QLORA else self.quantize
+        """The quantization of the base: --quantize, else the method's own (nf4 for qlora)."""
+        if self.quantize or self.is_full_fine_tuning:
+            return self.quantize
+        return METHODS[self.method].quantization if self.method in METHODS else None
 
-    def with_method_defaults(self) -> "TrainOptions":
-        """A copy with unset options filled from the method's defaults; unknown methods are an error."""
-        from peftlab.methods import METHODS
-
-        known = sorted({*METHODS, FULL_FINE_TUNING, QLORA})
+    def with_method_defaults(self) -> "RunOptions":
+        """A copy with unset options filled from the method's defaults; an unknown method, or an
+        option the method does not have, is an error."""
+        known = sorted({*METHODS, FULL_FINE_TUNING})
         if self.method not in known:
             close = difflib.get_close_matches(self.method, known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise OptionsError(f"unknown method {self.method!r}; available methods: {', '.join(known)}.{hint}")
         if self.is_full_fine_tuning and self.quantize:
             raise OptionsError("--quantize needs an adapter method: a quantized base cannot be fine-tuned in full.")
-        defaults = METHOD_DEFAULTS.get(self.method, OTHER_METHOD_DEFAULTS)
-        unset = {name: value for name, value in defaults.items() if getattr(self, name) is None}
+        if not self.is_full_fine_tuning:  # full fine-tuning ignores adapter options, as a shared sweep needs
+            own = METHODS[self.method].options
+            foreign = [name for name in METHOD_OPTIONS if getattr(self, name) is not None and name not in own]
+            if foreign:
+                raise OptionsError(
+                    f"method {self.method!r} has no option {foreign[0]!r}; its options: {', '.join(own) or 'none'} "
+                    "(others through --method-option KEY=VALUE)."
+                )
+        unset = {name: value for name, value in method_defaults(self.method).items() if getattr(self, name) is None}
         return dataclasses.replace(self, **unset)
 
     def adapter_options(self) -> dict[str, Any]:
-        """The keyword options for the method's config: the LoRA-style fields that are set, then --method-option."""
-        named = {name: getattr(self, name) for name in ("r", "lora_alpha", "lora_dropout", "target_modules")}
+        """The keyword options for the method's config: its declared options that are set, then --method-option."""
+        named = {name: getattr(self, name) for name in (*METHODS[self.method].options, "target_modules")}
         return {**{k: v for k, v in named.items() if v is not None}, **self.method_options}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _method_option_help(name: str, option: MethodOption) -> str:
+    by_value: dict[Any, list[str]] = {}
+    for method in METHODS.values():
+        if name in method.options and name in method.run_defaults:
+            by_value.setdefault(method.run_defaults[name], []).append(method.name)
+    defaults = "; ".join(f"{', '.join(names)}: {value}" for value, names in by_value.items())
+    return f"{option.help} (default for {defaults})" if defaults else option.help
+
+
+TrainOptions = dataclasses.make_dataclass(
+    "TrainOptions",
+    [(name, option.kind | None, _option(None, _method_option_help(name, option))) for name, option in METHOD_OPTIONS.items()],
+    bases=(RunOptions,),
+)
+TrainOptions.__module__ = __name__
+TrainOptions.__doc__ = "Every option of a training run: :class:`RunOptions` plus the registered methods' options."
 
 
 def default_target_modules(model_type: str) -> list[str] | str:

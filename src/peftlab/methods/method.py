@@ -1,0 +1,186 @@
+"""The method protocol: everything the core asks of a PEFT method, in the order of an adapter's life.
+
+A method is one file in ``peftlab/methods/`` that defines a config dataclass, an
+:class:`~peftlab.methods.adapter.Adapter` (the per-layer module), a :class:`Method` subclass, and
+registers one instance per name users type::
+
+    @dataclass
+    class MyConfig(AdapterConfig):          # HF peft's field names where HF has the method
+        r: int = 8
+        peft_type = "MY_METHOD"             # written to adapter_config.json; loads this config
+
+    class MyMethod(Method):
+        config_class = MyConfig
+        options = {"r": MethodOption(int, "adapter rank", "positive", lambda v: v > 0)}
+        run_defaults = {"lr": 1e-3, "r": 8}
+        def make_adapter(self, config, view, path, state): return MyAdapter(view, config.r)
+
+    register_method(MyMethod("my_method"))
+
+The registry (:mod:`peftlab.methods.registry`) imports every module of this package, so the file
+is all a new method needs. Every hook below but ``make_adapter`` has a default that does nothing
+or does what LoRA needs, so a LoRA-like method overrides little. The core calls, in order:
+
+    get_peft_model / add_adapter
+        check_base(config, view, path)        every targeted layer, before anything is built:
+                                              raise UnsupportedBaseError to refuse (4-bit, Embedding)
+        state = inject(model, name, config, targets)
+                                              model-level state shared by the layers (VeRA's
+                                              random matrices): an nn.Module or None; the core
+                                              registers it at model.method_state[name], so
+                                              .to()/.cuda()/state_dict() carry it; it never trains
+        make_adapter(config, view, path, state)   one Adapter per targeted layer
+    set_adapter / training
+        Adapter.trainable_parameters()        which of the adapter's tensors train when it is
+                                              active; the rest stay frozen whatever set_adapter does
+        param_groups(model, name, lr, weight_decay)   the adapter's optimizer groups (LoRA+, LoRA-FA)
+        training_hooks(model, name)           TrainingHook objects (peftlab.hooks) the loop calls
+    save_pretrained / from_pretrained
+        export_config(model, name, config)    the adapter_config.json dict
+        export_tensors(model, name)           {file key: tensor}; default: each layer's
+                                              Adapter.saved_tensors() under its module path
+        rename_saved_keys(tensors)            keys other writers (older HF versions) used -> ours
+        load_tensors(model, name, tensors)    copy the checked file tensors in; default: each
+                                              layer's Adapter.load_saved_tensors(), which refuses
+                                              a saved tensor that is computed, not stored
+    delete_adapter
+        remove(model, name, state)            undo what inject did outside method_state
+
+One instance per name: ``LoraMethod("dora", preset={"use_dora": True})`` is DoRA. Several names
+may share a config class if they are instances of one Method class (presets of one
+implementation); a method whose files are another method's format (LoRA-FA writes plain LoRA
+files) sets ``loads_peft_type=False``, and its files load as that other method. Two methods that
+both load one ``peft_type`` are an error at import.
+
+Command-line options: ``options`` names the config fields ``peftlab train`` shows as flags
+(``lora_alpha`` -> ``--lora-alpha``) and ``run_defaults`` gives their values for a training run
+(and its learning rate) where the user set none; several methods may declare one option (each
+has its own default). Anything else reaches the config through ``--method-option KEY=VALUE``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from peftlab import io
+from peftlab.base import BaseLayerView
+from peftlab.config import AdapterConfig
+from peftlab.hooks import TrainingHook
+from peftlab.methods.adapter import Adapter
+
+if TYPE_CHECKING:
+    from peftlab.model import PeftModel
+
+
+class UnsupportedBaseError(TypeError):
+    """A method cannot run on a targeted layer (its storage or kind); raised before training starts."""
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """A config field shown on the command line: its type, help text, and the range it must be in."""
+
+    kind: type  # int, float, bool or str
+    help: str
+    requirement: str = ""  # what `valid` checks, for the error: "positive", "in [0, 1)"
+    valid: Callable[[Any], bool] | None = None
+    #: A sweep may give it as a multiple of this option, e.g. ``lora_alpha=2r`` with ``relative_to="r"``.
+    relative_to: str | None = None
+
+    def check(self, name: str, value: Any) -> str | None:
+        """The error message for a value out of range, or None."""
+        if value is None or self.valid is None or self.valid(value):
+            return None
+        return f"{name} must be {self.requirement}, got {value}."
+
+
+class Method:
+    """One PEFT method as the core sees it; see the module docstring for the order of the calls."""
+
+    #: The config dataclass; its ``peft_type`` is what the method's files say and load by.
+    config_class: ClassVar[type[AdapterConfig]]
+    #: Config fields shown as ``peftlab train`` flags.
+    options: ClassVar[dict[str, MethodOption]] = {}
+    #: Training-run defaults (``lr`` and values of ``options``) for options the user left unset.
+    run_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3}
+
+    def __init__(
+        self, name: str, *, preset: dict[str, Any] | None = None, quantization: str | None = None,
+        loads_peft_type: bool = True,
+    ) -> None:
+        self.name = name
+        self.preset = dict(preset or {})  # config fields this name fixes, e.g. {"use_dora": True}
+        self.quantization = quantization  # the base is quantized first ("nf4" for qlora)
+        self.loads_peft_type = loads_peft_type
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    @property
+    def peft_type(self) -> str:
+        return self.config_class.peft_type
+
+    def make_config(self, **fields: Any) -> AdapterConfig:
+        return self.config_class(**{**self.preset, **fields})
+
+    # -- building ---------------------------------------------------------------------------------
+
+    def check_base(self, config: AdapterConfig, view: BaseLayerView, path: str) -> None:
+        """Raise :class:`UnsupportedBaseError` naming ``path`` if the method cannot adapt this layer."""
+
+    def inject(
+        self, model: PeftModel, adapter_name: str, config: AdapterConfig, targets: dict[str, BaseLayerView]
+    ) -> nn.Module | None:
+        """Model-level state shared by the adapter's layers (``targets``: path -> base view), or None."""
+        return None
+
+    def make_adapter(self, config: AdapterConfig, view: BaseLayerView, path: str, state: nn.Module | None) -> Adapter:
+        """The adapter of one layer. It may keep a reference to ``state`` (the module, not its tensors:
+        ``.to()`` replaces buffers) but must not register it as a submodule (it would be saved and
+        moved once per layer)."""
+        raise NotImplementedError
+
+    def remove(self, model: PeftModel, adapter_name: str, state: nn.Module | None) -> None:
+        """Undo anything ``inject`` did besides returning ``state`` (the core drops that). Also called
+        when building the adapter failed part-way, so it must cope with a missing ``state``."""
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def param_groups(self, model: PeftModel, adapter_name: str, lr: float, weight_decay: float) -> list[dict]:
+        """Optimizer groups of the adapter's trainable tensors; default: matrices decayed, the rest not."""
+        from peftlab.optim import decay_groups
+
+        return decay_groups(trainable(model.adapter_parameters(adapter_name)), lr, weight_decay)
+
+    def training_hooks(self, model: PeftModel, adapter_name: str) -> list[TrainingHook]:
+        """The hooks of the whole adapter; default: each layer's ``Adapter.training_hooks()``."""
+        return [hook for _, adapter in model.adapters_of(adapter_name) for hook in adapter.training_hooks()]
+
+    # -- files ------------------------------------------------------------------------------------
+
+    def export_config(self, model: PeftModel, adapter_name: str, config: AdapterConfig) -> dict[str, Any]:
+        return config.to_hf_dict()
+
+    def export_tensors(self, model: PeftModel, adapter_name: str) -> dict[str, torch.Tensor]:
+        return {
+            f"{io.KEY_PREFIX}{path}.{suffix}": tensor
+            for path, adapter in model.adapters_of(adapter_name)
+            for suffix, tensor in adapter.saved_tensors().items()
+        }
+
+    def rename_saved_keys(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return tensors
+
+    def load_tensors(self, model: PeftModel, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy file tensors in; the core has checked that their keys and shapes are ``export_tensors``'."""
+        for path, adapter in model.adapters_of(adapter_name):
+            prefix = f"{io.KEY_PREFIX}{path}."
+            adapter.load_saved_tensors({suffix: tensors[prefix + suffix] for suffix in adapter.saved_tensors()})
+
+
+def trainable(named: Iterator[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
+    return [(name, param) for name, param in named if param.requires_grad]

@@ -1,0 +1,83 @@
+"""The method registry: the names users type, the ``peft_type`` each saved adapter loads by, and
+the method that runs a given config.
+
+Method files register themselves (``register_method(LoraMethod("lora"))``) when
+:mod:`peftlab.methods` imports them all; see :mod:`peftlab.methods.method` for the protocol.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from peftlab.config import AdapterConfig
+from peftlab.methods.method import Method
+
+#: Name users type (``peftlab train --method dora``) -> the method, in registration order.
+METHODS: dict[str, Method] = {}
+#: ``peft_type`` of adapter_config.json -> the config class its files load as.
+PEFT_TYPES: dict[str, type[AdapterConfig]] = {}
+# Config class -> the method that builds its adapters (the first registered instance).
+_RUNNERS: dict[type[AdapterConfig], Method] = {}
+_LOADERS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add a method under ``method.name``; conflicts are errors, never silent replacements."""
+    if method.name in METHODS:
+        raise ValueError(f"method name {method.name!r} is registered twice ({METHODS[method.name]!r} and {method!r}).")
+    runner = _RUNNERS.get(method.config_class)
+    if runner is not None and type(runner) is not type(method):
+        raise ValueError(
+            f"{method!r} and {runner!r} share the config class {method.config_class.__name__}; a config decides "
+            "which method runs it, so give the new method its own config class (a subclass will do)."
+        )
+    if method.loads_peft_type:
+        owner = _LOADERS.get(method.peft_type)
+        if owner is not None and owner.config_class is not method.config_class:
+            raise ValueError(
+                f"methods {owner.name!r} and {method.name!r} both load peft_type {method.peft_type!r}; "
+                f"one must set loads_peft_type=False (its files then load as {owner.name!r})."
+            )
+        _LOADERS.setdefault(method.peft_type, method)
+        PEFT_TYPES[method.peft_type] = method.config_class
+    _RUNNERS.setdefault(method.config_class, method)
+    METHODS[method.name] = method
+    return method
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method registered under ``name`` (for tests and plug-in reloads)."""
+    method = METHODS.pop(name)
+    if _RUNNERS.get(method.config_class) is method:
+        del _RUNNERS[method.config_class]
+    if _LOADERS.get(method.peft_type) is method:
+        del _LOADERS[method.peft_type], PEFT_TYPES[method.peft_type]
+
+
+def method_for(config: AdapterConfig) -> Method:
+    """The method that runs ``config``: registered for its class, or the nearest base class."""
+    for cls in type(config).__mro__:
+        if cls in _RUNNERS:
+            return _RUNNERS[cls]
+    raise ValueError(f"{type(config).__name__} belongs to no registered method; register one with register_method.")
+
+
+def config_class_for(peft_type: str) -> type[AdapterConfig]:
+    if peft_type not in PEFT_TYPES:
+        raise ValueError(
+            f"unknown peft_type {peft_type!r} in adapter_config.json; peftlab knows {', '.join(sorted(PEFT_TYPES))}."
+        )
+    return PEFT_TYPES[peft_type]
+
+
+def method_named(name: str) -> Method:
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, METHODS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(METHODS))}.{hint}")
+    return METHODS[name]
+
+
+def make_method_config(name: str, **options: Any) -> AdapterConfig:
+    return method_named(name).make_config(**options)

@@ -1,0 +1,61 @@
+"""The one table of methods that the per-method suites run over.
+
+A new method joins every suite (test_properties, test_multi_adapter, test_qlora, test_interop,
+test_qlora_interop) with one line in ``METHOD_TABLE``; a suite that cannot apply to it (no HF twin,
+no 4-bit base) leaves it out through the fields below, never through a list of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from peftlab.config import AdapterConfig
+from peftlab.methods import make_method_config, method_named
+
+
+def _lora_scale(rank: int) -> dict[str, Any]:
+    return {"r": rank, "lora_alpha": 2 * rank}
+
+
+@dataclass(frozen=True)
+class MethodCase:
+    #: The registered method name (``make_method_config(name)``, ``peftlab train --method name``).
+    name: str
+    #: Trainable parameters of one adapted layer with ``fan_in`` inputs, ``fan_out`` outputs, rank ``r``.
+    per_layer: Callable[[int, int, int], int]
+    #: HF peft's config class name for the same adapter (None: HF lacks the method), and the fields it
+    #: needs on top of the shared ones (HF has no preset names such as "dora").
+    hf: str | None = "LoraConfig"
+    hf_fields: dict[str, Any] = field(default_factory=dict)
+    #: Adapter tensors (parameter names) that the method never trains.
+    frozen: tuple[str, ...] = ()
+    #: The config fields that give a small adapter of rank ``r`` (the suites use r = 4 and 2).
+    rank_fields: Callable[[int], dict[str, Any]] = _lora_scale
+    #: Runs on a 4-bit NF4 base (peftlab.quant.quantize_model).
+    on_4bit: bool = True
+
+    def config(self, rank: int = 4, **fields: Any) -> AdapterConfig:
+        return make_method_config(self.name, **self.rank_fields(rank), **fields)
+
+    def hf_config(self, rank: int = 4, **fields: Any):
+        import peft
+
+        return getattr(peft, self.hf)(**self.rank_fields(rank), **self.hf_fields, **fields)
+
+    def has_field(self, name: str) -> bool:
+        return name in {f.name for f in dataclasses.fields(method_named(self.name).config_class)}
+
+    def __str__(self) -> str:  # the pytest id
+        return self.name
+
+
+METHOD_TABLE = [
+    MethodCase("lora", lambda fan_in, fan_out, r: r * (fan_in + fan_out)),
+    MethodCase("rslora", lambda fan_in, fan_out, r: r * (fan_in + fan_out), hf_fields={"use_rslora": True}),
+    MethodCase("dora", lambda fan_in, fan_out, r: r * (fan_in + fan_out) + fan_out, hf_fields={"use_dora": True}),
+]
+METHOD_CASES = {case.name: case for case in METHOD_TABLE}
+WITH_HF_TWIN = [case for case in METHOD_TABLE if case.hf is not None]
+ON_4BIT = [case for case in METHOD_TABLE if case.on_4bit]
