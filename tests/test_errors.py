@@ -51,7 +51,12 @@ def logits(model, batch) -> torch.Tensor:
     [
         (dict(r=0), "r must be a positive integer, got 0."),
         (dict(r=-2), "r must be a positive integer, got -2."),
-        (dict(r=2.5), "r must be a positive integer, got 2.5."),
+        (dict(r=2.5), "LoraConfig: r must be an integer, got 2.5 (float)."),
+        (dict(lora_alpha="16"), "LoraConfig: lora_alpha must be a number, got '16' (str)."),
+        (dict(use_dora="false"), "LoraConfig: use_dora must be true or false (a bool), got 'false' (str)."),
+        (dict(use_rslora=1), "LoraConfig: use_rslora must be true or false (a bool), got 1 (int)."),
+        (dict(exclude_modules="mlp.("), "exclude_modules 'mlp.(' is not a valid regular expression"),
+        (dict(rank_pattern={"q_proj[": 4}), "rank_pattern key 'q_proj[' is not a valid regular expression"),
         (dict(lora_alpha=0), "lora_alpha must be a positive number, got 0."),
         (dict(lora_alpha=-1.5), "lora_alpha must be a positive number, got -1.5."),
         (dict(rank_pattern={"q_proj": 0}), "rank_pattern['q_proj'] must be a positive integer, got 0."),

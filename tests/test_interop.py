@@ -242,12 +242,22 @@ def test_embedding_lora_interop(bases, tmp_path, case, direction):
         assert (layer(ids) - layer.base_layer(ids)).abs().max() > 1e-3
 
 
-def test_hf_config_field_that_peftlab_cannot_honour_warns(bases, tmp_path):
-    """An HF-only option that is switched on (here layer_replication) is named in a warning, not dropped silently."""
+def test_hf_config_field_that_peftlab_cannot_honour_is_refused(bases, tmp_path):
+    """An HF-only option that changes the math (here layer_replication) is refused by name, not dropped."""
     base = bases["llama"]
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     theirs.save_pretrained(tmp_path)
     path = tmp_path / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "layer_replication": [[0, 2]]}))
-    with pytest.warns(UserWarning, match=r"ignoring config keys peftlab does not use: layer_replication$"):
+    with pytest.raises(ValueError, match=r"sets layer_replication=\[\[0, 2\]\]: an HF peft feature that peftlab does not support"):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+
+
+def test_hf_adapter_with_lora_bias_is_refused_as_unsupported(bases, tmp_path):
+    """HF's lora_bias=True adds a trained bias to lora_B: peftlab says so, not "does not fit"."""
+    base = bases["llama"]
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
+    theirs.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"sets lora_bias=True: an HF peft feature that peftlab does not support") as caught:
+        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert "does not fit" not in str(caught.value)

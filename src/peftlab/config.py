@@ -8,8 +8,13 @@ the keys HF peft knows for that ``peft_type`` (peftlab-only fields stay out of t
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -37,6 +42,11 @@ class AdapterConfig:
     peft_type: ClassVar[str] = ""
     #: Fields that peftlab has and HF peft does not: kept out of adapter_config.json.
     peftlab_only_fields: ClassVar[tuple[str, ...]] = ()
+    #: HF fields of this peft_type that change the math and that peftlab does not implement: a saved
+    #: config that turns one on is refused rather than loaded as something else.
+    unsupported_hf_fields: ClassVar[tuple[str, ...]] = ()
+    #: ``target_modules`` when none are given, by ``config.model_type`` (HF peft's table for the method).
+    default_target_modules: ClassVar[dict[str, list[str] | str]] = {}
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -49,6 +59,18 @@ class AdapterConfig:
             self.task_type = str(getattr(self.task_type, "value", self.task_type)).upper()
             if self.task_type not in TASK_TYPES:
                 raise ValueError(f"task_type {self.task_type!r} is not one of {', '.join(TASK_TYPES)}")
+        check_field_types(self)
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lower() != "all-linear":
+                check_regex(f"{name} {value!r}", value)
+
+    def check_targets(self, paths: list[str]) -> None:
+        """Called with the chosen module paths; a method checks its per-module options against them."""
+
+    def adapter_numel(self, base: Any, module_path: str) -> int:
+        """How many values the adapter on this layer holds (0: unknown); checked against free memory."""
+        return 0
 
     def with_classifier_heads(self) -> list[str] | None:
         """``modules_to_save`` plus the classification head names for SEQ_CLS, as HF does."""
@@ -82,6 +104,13 @@ class AdapterConfig:
                 key in HF_INERT_DEFAULTS and value == HF_INERT_DEFAULTS[key]
             )
 
+        turned_on = [k for k in cls.unsupported_hf_fields if k in data and not is_off(k)]
+        if turned_on:
+            settings = ", ".join(f"{k}={data[k]!r}" for k in turned_on)
+            raise ValueError(
+                f"this adapter sets {settings}: an HF peft feature that peftlab does not support, so it cannot be "
+                f"loaded without changing what it computes. Train it without {turned_on[0]}, or use HF peft."
+            )
         unknown = sorted(k for k in data if k not in known and k not in ignorable and not is_off(k))
         if unknown:
             warnings.warn(f"{cls.__name__}: ignoring config keys peftlab does not use: {', '.join(unknown)}", stacklevel=2)
@@ -89,6 +118,82 @@ class AdapterConfig:
 
     def replace(self, **changes: Any) -> "AdapterConfig":
         return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.to_hf_dict()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **_: Any) -> "AdapterConfig":
+        """The config in a saved adapter folder, as the class its ``peft_type`` names (HF's ``PeftConfig.from_pretrained``)."""
+        from peftlab.io import read_adapter_config
+        from peftlab.methods import config_class_for
+
+        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+        data = read_adapter_config(folder)
+        config_class = config_class_for(data["peft_type"])
+        if not issubclass(config_class, cls):
+            raise ValueError(f"{folder} holds a {data['peft_type']} adapter, not a {cls.__name__}; load it with {config_class.__name__}.")
+        return config_class.from_dict(data)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
+        """Write adapter_config.json (atomically) into ``save_directory``."""
+        import json
+
+        from peftlab.io import CONFIG_NAME, atomic_write_text
+
+        atomic_write_text(Path(save_directory) / CONFIG_NAME, json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def check_regex(what: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"{what} is not a valid regular expression ({error}); escape special characters or give a list of names.") from None
+
+
+_TYPE_WORDS = {bool: "true or false (a bool)", int: "an integer", float: "a number", str: "a string", dict: "a dict", list: "a list"}
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is list or annotation is list:
+        items = typing.get_args(annotation)
+        return isinstance(value, list) and (not items or all(_fits(v, items[0]) for v in value))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    return not isinstance(annotation, type) or isinstance(value, annotation)
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    if typing.get_origin(annotation) is list:
+        return f"a list of {_describe(typing.get_args(annotation)[0]).removeprefix('an ').removeprefix('a ')}s"
+    return _TYPE_WORDS.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def check_field_types(config: Any) -> None:
+    """Every field holds a value of its declared type: ``use_dora="false"`` or ``lora_alpha="16"`` is an
+    error, not a truthy string or a string that fails later."""
+    hints = typing.get_type_hints(type(config))
+    for spec in dataclasses.fields(config):
+        value = getattr(config, spec.name)
+        if not _fits(value, hints[spec.name]):
+            raise ValueError(
+                f"{type(config).__name__}: {spec.name} must be {_describe(hints[spec.name])}, got {value!r} ({type(value).__name__})."
+            )
 
 
 def default_field(value: Any) -> Any:

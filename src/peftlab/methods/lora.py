@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from peftlab.base import BaseLayerView
-from peftlab.config import AdapterConfig, default_field
+from peftlab.config import AdapterConfig, check_regex, default_field
 from peftlab.methods.adapter import Adapter
 from peftlab.methods.fused import LoraLinearFunction, can_fuse
+from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
 from peftlab.methods.method import Method, MethodOption, UnsupportedBaseError
 from peftlab.methods.registry import register_method
 
@@ -47,14 +48,21 @@ class LoraConfig(AdapterConfig):
     alpha_pattern: dict = default_field({})
 
     peft_type = "LORA"
+    default_target_modules = LORA_DEFAULT_TARGET_MODULES
+    unsupported_hf_fields = (
+        "lora_bias", "use_qalora", "layer_replication", "trainable_token_indices", "alora_invocation_tokens",
+        "target_parameters", "use_bdlora",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive("r", self.r, whole=True)
         _check_positive("lora_alpha", self.lora_alpha)
         for key, rank in self.rank_pattern.items():
+            check_regex(f"rank_pattern key {key!r}", key)
             _check_positive(f"rank_pattern[{key!r}]", rank, whole=True)
         for key, alpha in self.alpha_pattern.items():
+            check_regex(f"alpha_pattern key {key!r}", key)
             _check_positive(f"alpha_pattern[{key!r}]", alpha)
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}; 0 turns dropout off.")
@@ -63,13 +71,27 @@ class LoraConfig(AdapterConfig):
         if self.init_lora_weights not in INIT_CHOICES:
             raise ValueError(f"init_lora_weights={self.init_lora_weights!r}: choose one of {INIT_CHOICES}.")
 
+    def check_targets(self, paths: list[str]) -> None:
+        """A ``rank_pattern``/``alpha_pattern`` key that matches no adapted module is a typo, not a no-op."""
+        for option, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key in patterns:
+                if not any(_pattern_matches(key, path) for path in paths):
+                    shown = ", ".join(paths[:4]) + (" ..." if len(paths) > 4 else "")
+                    raise ValueError(
+                        f"{option} key {key!r} matches none of the {len(paths)} adapted modules ({shown}); "
+                        "a key is a regex matched against the end of a module path, e.g. 'q_proj' or 'layers.0.*q_proj'."
+                    )
+
+    def adapter_numel(self, base: BaseLayerView, module_path: str) -> int:
+        r, _ = self.rank_and_alpha(module_path)
+        return r * (base.in_features + base.out_features) + (base.out_features if self.use_dora else 0)
+
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         """The rank and alpha of one module: ``rank_pattern``/``alpha_pattern`` override, as in HF."""
         return (
             _pattern_value(self.rank_pattern, module_path, self.r),
             _pattern_value(self.alpha_pattern, module_path, self.lora_alpha),
         )
-
 
 
 class LoraMethod(Method):
@@ -111,12 +133,13 @@ def _check_positive(name: str, value, whole: bool = False) -> None:
         raise ValueError(f"{name} must be {kind}, got {value!r}.")
 
 
-def _pattern_value(patterns: dict, module_path: str, default):
+def _pattern_matches(key: str, module_path: str) -> bool:
     # HF semantics: a key is a regex that must match a suffix of the path at a '.' boundary.
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return value
-    return default
+    return re.match(rf"(.*\.)?({key})$", module_path) is not None
+
+
+def _pattern_value(patterns: dict, module_path: str, default):
+    return next((value for key, value in patterns.items() if _pattern_matches(key, module_path)), default)
 
 
 class LoraAdapter(Adapter):
