@@ -1,12 +1,43 @@
 """peftlab: parameter-efficient fine-tuning, correct to the papers and interoperable with HF peft."""
 
+from peftlab import hf_trainer
 from peftlab.config import AdapterConfig
+from peftlab.hf_compat import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+    PeftConfig,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    PeftType,
+    TaskType,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
 from peftlab.methods import METHODS, Method, MethodOption, make_method_config, register_method
 from peftlab.methods.lora import LoraConfig
 from peftlab.model import PeftModel, get_peft_model
 
+# HF Trainer / TRL write adapter folders for peftlab models (see hf_trainer.py).
+hf_trainer.install()
+
 __all__ = [
-    "AdapterConfig", "LoraConfig", "METHODS", "Method", "MethodOption", "PeftModel", "get_peft_model",
-    "make_method_config", "register_method",
+    "AdapterConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification", "LoraConfig", "METHODS", "Method", "MethodOption", "PeftConfig", "PeftModel",
+    "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",
+    "get_peft_model", "get_peft_model_state_dict", "inject_adapter_in_model", "make_method_config",
+    "prepare_model_for_kbit_training", "register_method", "set_peft_model_state_dict",
 ]
 __version__ = "0.1.0"

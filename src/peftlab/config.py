@@ -65,13 +65,6 @@ class AdapterConfig:
             if isinstance(value, str) and value.lower() != "all-linear":
                 check_regex(f"{name} {value!r}", value)
 
-    def check_targets(self, paths: list[str]) -> None:
-        """Called with the chosen module paths; a method checks its per-module options against them."""
-
-    def adapter_numel(self, base: Any, module_path: str) -> int:
-        """How many values the adapter on this layer holds (0: unknown); checked against free memory."""
-        return 0
-
     def with_classifier_heads(self) -> list[str] | None:
         """``modules_to_save`` plus the classification head names for SEQ_CLS, as HF does."""
         names = list(self.modules_to_save or [])

@@ -26,6 +26,9 @@ from safetensors.torch import load_file, save_file
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
+# peftlab's entries in the adapter's safetensors metadata (HF peft ignores metadata).
+QUANTIZATION_KEY = "peftlab.base_quantization"
+LABEL_NAMES_KEY = "peftlab.label_names"
 
 
 def adapter_dir(directory: str | os.PathLike, adapter_name: str) -> Path:
@@ -104,12 +107,14 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor
     _atomic_write_all([(Path(path), _tensors_writer(tensors, metadata))])
 
 
-def write_adapter(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+def write_adapter(
+    directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """Weights and config replace the previous pair together or not at all. Weights are renamed
     first: a reader never sees a config that promises missing weights."""
     _atomic_write_all(
         [
-            (directory / WEIGHTS_NAME, _tensors_writer(tensors)),
+            (directory / WEIGHTS_NAME, _tensors_writer(tensors, metadata)),
             (directory / CONFIG_NAME, _text_writer(json.dumps(config, indent=2, sort_keys=True) + "\n")),
         ]
     )
@@ -126,6 +131,18 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or "peft_type" not in config:
         raise ValueError(f"{path} has no 'peft_type': it is not a PEFT adapter config.")
     return config
+
+
+def read_adapter_metadata(directory: Path) -> dict[str, str]:
+    """The safetensors metadata of the adapter's weights file ({} when there is none)."""
+    from safetensors import safe_open
+
+    path = directory / WEIGHTS_NAME
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is missing, truncated or corrupt ({e}). Save the adapter again, or restore it from a good copy.") from None
 
 
 def read_adapter_weights(directory: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

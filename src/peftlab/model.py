@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import os
 import warnings
 from typing import Any, Iterator, Sequence
@@ -104,12 +105,16 @@ class PeftModel(nn.Module):
             )
         if not adapter_name or "." in adapter_name or adapter_name == BASE_ROW:
             raise ValueError(f"invalid adapter name {adapter_name!r}: use a non-empty name without '.', not {BASE_ROW!r}.")
+        if config.target_modules is None:
+            config = config.replace(target_modules=_default_targets(self.base_model, config))
         if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
             config = config.replace(target_modules=expand_all_linear(self.base_model, config))
         method = method_for(config)
         targets = {path: self._base_view(path) for path in select_targets(self.base_model, config)}
         for path, view in targets.items():
             method.check_base(config, view, path)
+        method.check_targets(config, targets)
+        check_adapter_fits_in_memory(method, config, targets)
         self.peft_config[adapter_name] = config
         try:
             state = method.inject(self, adapter_name, config, targets)
@@ -272,8 +277,22 @@ class PeftModel(nn.Module):
         return rows_use_adapters(list(adapter_names))
 
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        self._refuse_training_while_merged()
         with self._row_adapter_context(adapter_names):
             return self.base_model(*args, **kwargs)
+
+    def _refuse_training_while_merged(self) -> None:
+        """A merged adapter is outside the graph: a training step would leave it unchanged (and
+        backward would fail with "does not require grad"). Say so at the forward instead."""
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        for path, layer in self.adapted_layers():
+            trainable = [n for n in layer.merged if any(p.requires_grad for p in layer.adapters[n].parameters())]
+            if trainable:
+                raise RuntimeError(
+                    f"adapter {trainable[0]!r} is merged into the weights (e.g. {path}), so training would not "
+                    "update it; call unmerge_adapter() before training, or model.eval() / torch.no_grad() for inference."
+                )
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         with self._row_adapter_context(adapter_names):
@@ -327,12 +346,27 @@ class PeftModel(nn.Module):
             )
         return data
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None, **_: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: Sequence[str] | None = None,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write each adapter as HF peft does (safetensors only); ``is_main_process=False`` writes nothing."""
+        if not safe_serialization:
+            raise ValueError("save_pretrained(safe_serialization=False): peftlab writes safetensors only (no pickle files); drop the argument.")
+        _warn_ignored(kwargs)
+        if not is_main_process:
+            return
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory path.")
         for name in selected_adapters or list(self.peft_config):
             self._check_known(name)
-            io.write_adapter(io.adapter_dir(save_directory, name), self._config_to_save(name), self.adapter_state_dict(name))
+            io.write_adapter(
+                io.adapter_dir(save_directory, name), self._config_to_save(name), self.adapter_state_dict(name), saved_base_facts(self.base_model)
+            )
 
     @classmethod
     def from_pretrained(
@@ -341,7 +375,14 @@ class PeftModel(nn.Module):
     ) -> "PeftModel":
         """Load a saved adapter onto ``model``; ``config`` (as HF) replaces the saved config, and must be
         of the saved adapter's method."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"PeftModel.from_pretrained needs the base model (a torch nn.Module) first, got {type(model).__name__}.")
         config = load_config(model_id, is_trainable, config)
+        check_task(config, model, f"adapter in {model_id}")
+        if cls is PeftModel:  # as HF: the task's class, e.g. PeftModelForCausalLM
+            from peftlab.hf_compat import peft_model_class
+
+            cls = peft_model_class(config.task_type)
         peft_model = cls(model, config, adapter_name)
         peft_model._load_weights(model_id, adapter_name)
         return peft_model
@@ -355,8 +396,12 @@ class PeftModel(nn.Module):
             raise
 
     def _load_weights(self, model_id: str | os.PathLike, adapter_name: str) -> None:
+        self.load_adapter_tensors(io.read_adapter_weights(io.Path(model_id)), adapter_name, f"adapter in {model_id}")
+
+    def load_adapter_tensors(self, saved: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
+        """Copy ``saved`` (HF PEFT file keys) into the adapter; every key, shape and value is checked first."""
         method = self.method_of(adapter_name)
-        saved = method.rename_saved_keys(io.read_adapter_weights(io.Path(model_id)))
+        saved = method.rename_saved_keys(saved)
         expected = self.adapter_state_dict(adapter_name)
         # HF saves the full embedding weights along with an adapter on an embedding (save_embedding_layers): load them too.
         expected.update({k: v for k, v in self._embedding_weights().items() if k in saved and k not in expected})
@@ -364,16 +409,20 @@ class PeftModel(nn.Module):
         unexpected = sorted(set(saved) - set(expected))
         if missing or unexpected:
             raise ValueError(
-                f"adapter in {model_id} does not fit this model: missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                f"{source} does not fit this model: missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                 f"unexpected keys {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}. "
+                f"{_task_hint(self.peft_config[adapter_name].task_type, self.base_model)}"
                 "Load it on the base model it was trained on, with its own adapter_config.json."
             )
         for key, tensor in expected.items():
             if saved[key].shape != tensor.shape:
                 raise ValueError(
-                    f"adapter in {model_id} does not fit this model: {key} has shape {tuple(saved[key].shape)} in the "
-                    f"file but {tuple(tensor.shape)} in the model. Was it trained on another base model or with another r?"
+                    f"{source} does not fit this model: {key} has shape {tuple(saved[key].shape)} in the "
+                    f"file but {tuple(tensor.shape)} in the model. {_task_hint(self.peft_config[adapter_name].task_type, self.base_model)}"
+                    "Was it trained on another base model or with another r?"
                 )
+            if saved[key].is_floating_point() and not torch.isfinite(saved[key]).all():
+                raise ValueError(f"{source} holds NaN or infinite values in {key}: the adapter is broken; retrain it or restore a good copy.")
         own = method.export_tensors(self, adapter_name)
         method.load_tensors(self, adapter_name, {key: saved[key] for key in own})
         with torch.no_grad():  # trained copies and embedding weights: plain parameters
@@ -438,9 +487,81 @@ def load_config(model_id: str | os.PathLike, is_trainable: bool = False, config:
     return config.replace(inference_mode=not is_trainable)
 
 
-def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
-    """Wrap ``model`` with a new trainable adapter; the base model's parameters are frozen."""
-    return PeftModel(model, config, adapter_name)
+def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default", **_: Any) -> PeftModel:
+    """Wrap ``model`` with a new trainable adapter; the base model's parameters are frozen. The
+    result is the task's class (``PeftModelForCausalLM`` for ``task_type="CAUSAL_LM"``), as in HF."""
+    from peftlab.hf_compat import peft_model_class
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"get_peft_model needs a torch model (an nn.Module, e.g. from AutoModel.from_pretrained), got {type(model).__name__}.")
+    if not isinstance(config, AdapterConfig):
+        hint = " Build one from the dict: LoraConfig(**d)." if isinstance(config, dict) else ""
+        raise TypeError(f"get_peft_model needs a peftlab config such as LoraConfig(...), got {type(config).__name__}.{hint}")
+    return peft_model_class(config.task_type)(model, config, adapter_name)
+
+
+def saved_base_facts(model: nn.Module) -> dict[str, str]:
+    """What an adapter needs of its base besides the weights, kept in the safetensors metadata (HF
+    peft ignores it): the 4-bit quantization it was trained on, and the class names of a classifier."""
+    from peftlab.quant import Linear4bit
+
+    facts = {}
+    if any(isinstance(m, Linear4bit) for m in model.modules()):
+        facts[io.QUANTIZATION_KEY] = "nf4"
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    names = [str(id2label[i]) for i in sorted(id2label)]
+    if names and names != [f"LABEL_{i}" for i in range(len(names))]:  # transformers' placeholder names
+        facts[io.LABEL_NAMES_KEY] = json.dumps(names)
+    return facts
+
+
+_TASK_MODEL_SUFFIXES = {"SEQ_CLS": ("ForSequenceClassification",), "CAUSAL_LM": ("ForCausalLM", "LMHeadModel")}
+
+
+def _task_hint(task_type: str | None, model: nn.Module) -> str:
+    """"It was trained for X" when the model's class is made for another task."""
+    model_class = type(model).__name__
+    fits = _TASK_MODEL_SUFFIXES.get(task_type or "")
+    if fits is None or model_class.endswith(fits):
+        return ""
+    return f"It was trained for task_type={task_type} but this model is a {model_class}. "
+
+
+def _default_targets(model: nn.Module, config: AdapterConfig) -> list[str] | str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = config.default_target_modules.get(model_type or "")
+    if targets is None:
+        raise ValueError(
+            f"target_modules is not set and {type(config).__name__} has no default for model type {model_type!r}: "
+            "name the layers to adapt, e.g. target_modules=['q_proj', 'v_proj'], or 'all-linear'."
+        )
+    return list(targets) if isinstance(targets, list) else targets
+
+
+def check_adapter_fits_in_memory(method: Method, config: AdapterConfig, targets: dict[str, BaseLayerView]) -> None:
+    """Refuse before allocating when the new adapter's weights alone exceed the free memory: a huge
+    ``r`` would otherwise fail deep in torch, or get the process killed."""
+    from peftlab.memory import available_bytes, format_bytes
+
+    needed = 4 * sum(method.adapter_numel(config, view, path) for path, view in targets.items())
+    if needed == 0:
+        return
+    device = next(iter(targets.values())).device
+    free = available_bytes(device)
+    if free is not None and needed > free:
+        raise MemoryError(
+            f"the adapter needs {format_bytes(needed)} for its weights alone (training needs ~4x that for gradients "
+            f"and optimizer states), but only {format_bytes(free)} is free on {device}; lower r or target fewer modules."
+        )
+
+
+def _warn_ignored(kwargs: dict[str, Any]) -> None:
+    # HF arguments peftlab has no use for; a value that asks for something is named, never dropped silently.
+    inert = {"save_embedding_layers": "auto", "state_dict": None, "push_to_hub": False, "convert_pissa_to_lora": None,
+             "path_initial_model_for_weight_conversion": None}
+    asked = [k for k, v in kwargs.items() if k != "state_dict" and inert.get(k, object()) != v]
+    if asked:
+        warnings.warn(f"save_pretrained: peftlab ignores {', '.join(asked)}; it writes the adapter files only.", stacklevel=3)
 
 
 @functools.lru_cache(maxsize=None)

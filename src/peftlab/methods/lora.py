@@ -71,21 +71,6 @@ class LoraConfig(AdapterConfig):
         if self.init_lora_weights not in INIT_CHOICES:
             raise ValueError(f"init_lora_weights={self.init_lora_weights!r}: choose one of {INIT_CHOICES}.")
 
-    def check_targets(self, paths: list[str]) -> None:
-        """A ``rank_pattern``/``alpha_pattern`` key that matches no adapted module is a typo, not a no-op."""
-        for option, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
-            for key in patterns:
-                if not any(_pattern_matches(key, path) for path in paths):
-                    shown = ", ".join(paths[:4]) + (" ..." if len(paths) > 4 else "")
-                    raise ValueError(
-                        f"{option} key {key!r} matches none of the {len(paths)} adapted modules ({shown}); "
-                        "a key is a regex matched against the end of a module path, e.g. 'q_proj' or 'layers.0.*q_proj'."
-                    )
-
-    def adapter_numel(self, base: BaseLayerView, module_path: str) -> int:
-        r, _ = self.rank_and_alpha(module_path)
-        return r * (base.in_features + base.out_features) + (base.out_features if self.use_dora else 0)
-
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         """The rank and alpha of one module: ``rank_pattern``/``alpha_pattern`` override, as in HF."""
         return (
@@ -113,6 +98,22 @@ class LoraMethod(Method):
             raise UnsupportedBaseError(
                 f"DoRA on an Embedding layer ({path}) is not supported; target linear layers, or use LoRA for embeddings."
             )
+
+    def check_targets(self, config, targets):
+        # A rank_pattern/alpha_pattern key that matches no adapted module is a typo, not a no-op.
+        paths = list(targets)
+        for option, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+            for key in patterns:
+                if not any(_pattern_matches(key, path) for path in paths):
+                    shown = ", ".join(paths[:4]) + (" ..." if len(paths) > 4 else "")
+                    raise ValueError(
+                        f"{option} key {key!r} matches none of the {len(paths)} adapted modules ({shown}); "
+                        "a key is a regex matched against the end of a module path, e.g. 'q_proj' or 'layers.0.*q_proj'."
+                    )
+
+    def adapter_numel(self, config, view, path):
+        r, _ = config.rank_and_alpha(path)
+        return r * (view.in_features + view.out_features) + (view.out_features if config.use_dora else 0)
 
     def make_adapter(self, config, view, path, state):
         r, alpha = config.rank_and_alpha(path)

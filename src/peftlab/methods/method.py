@@ -132,6 +132,14 @@ class Method:
     def check_base(self, config: AdapterConfig, view: BaseLayerView, path: str) -> None:
         """Raise :class:`UnsupportedBaseError` naming ``path`` if the method cannot adapt this layer."""
 
+    def check_targets(self, config: AdapterConfig, targets: dict[str, BaseLayerView]) -> None:
+        """Raise if a per-module option of ``config`` (e.g. a rank pattern) matches none of ``targets``."""
+
+    def adapter_numel(self, config: AdapterConfig, view: BaseLayerView, path: str) -> int:
+        """How many values the adapter on this layer will hold (0: unknown); checked against free
+        memory before anything is allocated."""
+        return 0
+
     def inject(
         self, model: PeftModel, adapter_name: str, config: AdapterConfig, targets: dict[str, BaseLayerView]
     ) -> nn.Module | None:

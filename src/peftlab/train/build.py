@@ -11,9 +11,9 @@ from typing import Any
 from torch import nn
 
 from peftlab.assets import load_model_and_tokenizer
-from peftlab.config import SEQ_CLS_HEAD_NAMES
 from peftlab.data import CausalLMCollator, ClassificationCollator, TextDataset, load_dataset_spec
-from peftlab.io import read_adapter_config, read_adapter_weights
+from peftlab.hf_compat import saved_num_labels
+from peftlab.io import read_adapter_config
 from peftlab.methods import make_method_config
 from peftlab.model import PeftModel, get_peft_model
 from peftlab.train.options import OptionsError, TrainOptions, default_target_modules
@@ -92,15 +92,6 @@ def base_of(model: str | None, adapter: str | None, task: str | None) -> tuple[s
     if not model:
         raise OptionsError(f"{adapter}/adapter_config.json names no base model; give it with --model.")
     return model, task or TASKS_BY_PEFT_TYPE.get(saved.get("task_type") or "", "seq-cls")
-
-
-def saved_num_labels(adapter: str) -> int | None:
-    """The class count of the classifier saved with an adapter, when one 2-D head weight shows it."""
-    heads = [
-        tensor.shape[0] for key, tensor in read_adapter_weights(Path(adapter)).items()
-        if tensor.ndim == 2 and key.endswith(".weight") and any(f".{h}." in key for h in SEQ_CLS_HEAD_NAMES)
-    ]
-    return heads[0] if len(heads) == 1 else None
 
 
 def load_trained(
