@@ -388,7 +388,9 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any) -> None:
-        self.add_adapter(adapter_name, load_config(model_id, is_trainable))
+        config = load_config(model_id, is_trainable)
+        check_task(config, self.base_model, f"adapter in {model_id}")
+        self.add_adapter(adapter_name, config)
         try:
             self._load_weights(model_id, adapter_name)
         except Exception:
@@ -519,12 +521,18 @@ _TASK_MODEL_SUFFIXES = {"SEQ_CLS": ("ForSequenceClassification",), "CAUSAL_LM": 
 
 
 def _task_hint(task_type: str | None, model: nn.Module) -> str:
-    """"It was trained for X" when the model's class is made for another task."""
+    """"It was trained for X" when the model's class is made for another task than the adapter's."""
     model_class = type(model).__name__
-    fits = _TASK_MODEL_SUFFIXES.get(task_type or "")
-    if fits is None or model_class.endswith(fits):
+    other_tasks = [t for t, suffixes in _TASK_MODEL_SUFFIXES.items() if t != task_type and model_class.endswith(suffixes)]
+    if task_type not in _TASK_MODEL_SUFFIXES or not other_tasks:
         return ""
-    return f"It was trained for task_type={task_type} but this model is a {model_class}. "
+    return f"It was trained for task_type={task_type} but this model is a {model_class} ({other_tasks[0]}). "
+
+
+def check_task(config: AdapterConfig, model: nn.Module, source: str) -> None:
+    hint = _task_hint(config.task_type, model)
+    if hint:
+        raise ValueError(f"{source}: {hint}Load it on a model for its task (e.g. with AutoPeftModel.from_pretrained).")
 
 
 def _default_targets(model: nn.Module, config: AdapterConfig) -> list[str] | str:

@@ -96,20 +96,37 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         raise ValueError("target_modules is empty: name the layers to adapt, e.g. ['q_proj', 'v_proj'], or 'all-linear'.")
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         targets = expand_all_linear(model, config)
-    to_save = config.with_classifier_heads() or []
-    chosen = []
-    for path, module in candidate_modules(model):
-        if not _matches(targets, path) or _matches(config.exclude_modules, path):
-            continue
-        if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in to_save) or not _in_layers(path, config):
-            continue
-        from peftlab.layer import AdaptedLayer
+    from peftlab.layer import AdaptedLayer
 
-        base_view(module.base_layer if isinstance(module, AdaptedLayer) else module)  # raises for unsupported types
-        chosen.append(path)
-    if not chosen:
+    to_save = config.with_classifier_heads() or []
+    matched = [(p, m) for p, m in candidate_modules(model) if _matches(targets, p)]
+    if not matched:
         raise ValueError(_nothing_matched_message(model, targets))
-    return chosen
+    # Each narrowing option in turn, so an empty result blames the one that removed the last module.
+    narrowing = [
+        ("exclude_modules", lambda p: not _matches(config.exclude_modules, p)),
+        ("modules_to_save", lambda p: not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", p) for m in to_save)),
+        ("layers_to_transform", lambda p: _in_layers(p, config)),
+    ]
+    for option, keep in narrowing:
+        kept = [(p, m) for p, m in matched if keep(p)]
+        if not kept:
+            shown = ", ".join(p for p, _ in matched[:3]) + (" ..." if len(matched) > 3 else "")
+            raise ValueError(
+                f"target_modules matched {len(matched)} module(s) ({shown}) but {option}={getattr(config, option)!r} "
+                f"removes every one of them, so nothing would be adapted; {_fix_hint(option, matched, config)}"
+            )
+        matched = kept
+    for _, module in matched:
+        base_view(module.base_layer if isinstance(module, AdaptedLayer) else module)  # raises for unsupported types
+    return [p for p, _ in matched]
+
+
+def _fix_hint(option: str, matched: list, config: AdapterConfig) -> str:
+    if option == "layers_to_transform":
+        found = sorted({i for p, _ in matched if (i := _layer_index(p, config.layers_pattern)) is not None})
+        return f"the matched modules are in layers {found}." if found else "the matched modules have no layer index; check layers_pattern."
+    return f"narrow {option} or widen target_modules."
 
 
 def _nothing_matched_message(model: nn.Module, targets) -> str:
