@@ -30,7 +30,8 @@ from peftlab import (
     prepare_model_for_kbit_training,
     set_peft_model_state_dict,
 )
-from peftlab.methods import METHODS, PEFT_TYPES, register_method
+from peftlab.methods import register_method, unregister_method
+from peftlab.methods.lora import LoraMethod
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
 
 HF_NAMES = [
@@ -64,11 +65,15 @@ def test_peft_type_follows_the_registry():
     class ToyConfig(LoraConfig):
         peft_type = "TOY"
 
-    register_method("toy", lambda **o: ToyConfig(**o), ToyConfig)
+    class ToyMethod(LoraMethod):
+        config_class = ToyConfig
+
+    register_method(ToyMethod("toy"))
     try:
         assert PeftType.TOY == "TOY" and "TOY" in PeftType and "TOY" in list(PeftType)
     finally:
-        del METHODS["toy"], PEFT_TYPES["TOY"]
+        unregister_method("toy")
+    assert "TOY" not in PeftType
 
 
 def test_config_from_pretrained_reads_an_hf_adapter(tmp_path):
