@@ -14,6 +14,10 @@ training steps above the RSS once the model was built (Linux ``/proc``; the peak
 
     python benchmarks/train_step.py --model minilm-l6 --targets query,value --batch 32 --length 64
     python benchmarks/train_step.py --model smollm2-135m --targets all-linear --batch 8 --length 128
+    python benchmarks/train_step.py --model minilm-l6 --targets query,key,value,dense --dropout 0.05
+
+``--dropout`` is the adapters' ``lora_dropout`` (peftlab and HF alike; the model's own dropout
+layers run as in training either way).
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def make_batch(model, causal: bool, batch: int, length: int, seed: int = 0) -> d
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def build_variant(name: str, base, causal: bool, targets: str, r: int):
+def build_variant(name: str, base, causal: bool, targets: str, r: int, dropout: float = 0.0):
     """A ready-to-step (model, optimizer) pair; the floor gets no optimizer."""
     model = copy.deepcopy(base)
     task = "CAUSAL_LM" if causal else "SEQ_CLS"
@@ -70,7 +74,8 @@ def build_variant(name: str, base, causal: bool, targets: str, r: int):
         model.requires_grad_(True)
     else:
         lib, method = name.split("-")
-        options = dict(r=r, lora_alpha=2 * r, target_modules=target_modules, task_type=task, use_dora=method == "dora")
+        options = dict(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=target_modules, task_type=task,
+                       use_dora=method == "dora")
         if lib == "peftlab":
             import peftlab
 
@@ -105,7 +110,7 @@ def _rss_kb(field: str) -> int:
 def child_memory(args) -> None:
     torch.set_num_threads(args.threads)
     base, causal = load_base(args.model)
-    model, optimizer = build_variant(args.child, base, causal, args.targets, args.r)
+    model, optimizer = build_variant(args.child, base, causal, args.targets, args.r, args.dropout)
     del base
     batch = make_batch(model, causal, args.batch, args.length)
     Path("/proc/self/clear_refs").write_text("5")
@@ -119,7 +124,8 @@ def measure_memory(args, variants) -> dict:
     results = {}
     for name in variants:
         cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--targets", args.targets,
-               "--batch", str(args.batch), "--length", str(args.length), "--r", str(args.r), "--threads", str(args.threads)]
+               "--batch", str(args.batch), "--length", str(args.length), "--r", str(args.r), "--threads", str(args.threads),
+               "--dropout", str(args.dropout)]
         # A fixed mmap threshold makes glibc hand freed blocks back to the OS, so RSS follows the
         # live tensors instead of the allocator's history (which otherwise differs run to run by GBs).
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -133,7 +139,7 @@ def measure_time(args, variants) -> dict[str, list[float]]:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     base, causal = load_base(args.model)
     batch = make_batch(base, causal, args.batch, args.length)
-    built = {name: build_variant(name, base, causal, args.targets, args.r) for name in variants}
+    built = {name: build_variant(name, base, causal, args.targets, args.r, args.dropout) for name in variants}
     for name, (model, optimizer) in built.items():
         model.train()
         for _ in range(args.warmup):
@@ -158,6 +164,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--dropout", type=float, default=0.0, help="the adapters' lora_dropout (default: 0)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
@@ -174,6 +181,7 @@ def main() -> None:
         return
     variants = args.variants.split(",")
     print(f"model {args.model}, targets {args.targets}, batch {args.batch} x {args.length}, r={args.r}, "
+          f"adapter dropout {args.dropout:g}, "
           f"{args.threads} threads, {args.steps} interleaved steps (median {args.clock} time)")
     times = {} if args.no_time else measure_time(args, variants)
     memory = {} if args.no_memory else measure_memory(args, variants)

@@ -66,10 +66,11 @@ class DoraAdapter(LoraAdapter):
         return adapted if bias is None else adapted + bias
 
     def fused_forward(self, x, base):
-        if (self.dropout is not None and self.training) or not can_fuse(x, base, self.lora_A, self.lora_B):
+        if not can_fuse(x, base, self.lora_A, self.lora_B):
             return None
         m = self.lora_magnitude_vector
-        return DoraLinearFunction.apply(x, self.lora_A, self.lora_B, m, self.weight_norm(base).to(m.dtype), self.scaling, base)
+        norm = self.weight_norm(base).to(m.dtype)
+        return DoraLinearFunction.apply(x, self.lora_A, self.lora_B, m, norm, self.scaling, base, self.active_dropout())
 
     def delta_weight(self, base):
         """``W' − W``: the change merging makes (it builds ``[out, in]``, which merging must)."""

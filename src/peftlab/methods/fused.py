@@ -11,6 +11,14 @@ which is the least work LoRA can do: five skinny products and nothing else over 
 beyond the frozen layer's own. The frozen weight is never saved: the backward asks the base view
 for ``g W`` (a 4-bit base dequantises again instead of keeping a full-size copy alive).
 DoRA adds ``y = g ⊙ z + b`` on top, with ``z = x Wᵀ + s · u Bᵀ`` and a detached row norm.
+
+Dropout on the adapter input (``x_d = x ⊙ keep / (1-p)``, mask drawn as in ``dropout_mask.py``):
+
+    LoRA  u = x_d Aᵀ, gA = guᵀ x_d with x_d made again in backward rather than kept, and
+          gx = g W + (gu A ⊙ keep) / (1-p), the dropped entries restored to g W.
+    DoRA  as HF and the official code: out = base(x) + (g - 1) ⊙ x_d Wᵀ + g ⊙ s · x_d Aᵀ Bᵀ,
+          whose second product with W, in forward and in backward, is the least that
+          formulation needs (x_d is kept: backward needs it for gA and ``x_d Wᵀ`` for gm).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from peftlab.base import BaseLayerView
+from peftlab.methods.dropout_mask import DropMask
 
 
 def can_fuse(x: torch.Tensor, view: BaseLayerView, *params: torch.Tensor) -> bool:
@@ -29,61 +38,99 @@ def can_fuse(x: torch.Tensor, view: BaseLayerView, *params: torch.Tensor) -> boo
     return not any(p.requires_grad for p in view.module.parameters())
 
 
-def _lowrank_backward(ctx, grad_z: torch.Tensor, x2: torch.Tensor, a, b, u):
-    """Gradients of ``z = x Wᵀ + s · (x Aᵀ) Bᵀ`` given ``dL/dz``, all 2-D."""
+def _sample_mask(x2: torch.Tensor, dropout: float) -> DropMask | None:
+    return DropMask.sample(x2.shape[0], x2.shape[1], dropout, x2.device) if dropout > 0 else None
+
+
+def _lowrank_param_grads(ctx, grad_z: torch.Tensor, x2: torch.Tensor, a, b, u):
+    """``gu``, ``gA``, ``gB`` of ``s · (x2 Aᵀ) Bᵀ`` given its gradient ``grad_z`` (all 2-D)."""
     scale = ctx.scale
     grad_u = torch.mm(grad_z, b).mul_(scale)
-    grad_x = grad_a = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_x = ctx.view.input_grad(grad_z)
-        grad_x.addmm_(grad_u, a)
-    if ctx.needs_input_grad[1]:
-        grad_a = torch.mm(grad_u.t(), x2)
-    if ctx.needs_input_grad[2]:
-        grad_b = torch.mm(grad_z.t(), u).mul_(scale)
-    return grad_x, grad_a, grad_b
+    grad_a = torch.mm(grad_u.t(), x2) if ctx.needs_input_grad[1] else None
+    grad_b = torch.mm(grad_z.t(), u).mul_(scale) if ctx.needs_input_grad[2] else None
+    return grad_u, grad_a, grad_b
 
 
 class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, a, b, scale: float, view: BaseLayerView):
+    def forward(ctx, x, a, b, scale: float, view: BaseLayerView, dropout: float = 0.0):
         x2 = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
             out = view.forward(x)
-        u = torch.mm(x2, a.t())
+        mask = _sample_mask(x2, dropout)
+        u = torch.mm(x2 if mask is None else mask.apply(x2), a.t())
         out.view(-1, out.shape[-1]).addmm_(u, b.t(), alpha=scale)
         ctx.save_for_backward(x2, a, b, u)
-        ctx.scale, ctx.view, ctx.x_shape = scale, view, x.shape
+        ctx.scale, ctx.view, ctx.x_shape, ctx.mask = scale, view, x.shape, mask
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x2, a, b, u = ctx.saved_tensors
-        grad_x, grad_a, grad_b = _lowrank_backward(ctx, grad_out.reshape(-1, grad_out.shape[-1]), x2, a, b, u)
-        return (grad_x.view(ctx.x_shape) if grad_x is not None else None), grad_a, grad_b, None, None
+        mask: DropMask | None = ctx.mask
+        # The dropped-out input is made again rather than kept: [N, in] less memory per layer.
+        x_in = x2 if mask is None or not ctx.needs_input_grad[1] else mask.apply(x2)
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_u, grad_a, grad_b = _lowrank_param_grads(ctx, g2, x_in, a, b, u)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ctx.view.input_grad(g2)
+            if mask is None:
+                grad_x.addmm_(grad_u, a)
+            else:  # the dropped entries get the frozen layer's gradient alone
+                grad_x = grad_x.contiguous()
+                base_only = grad_x.view(-1)[mask.positions]
+                grad_x.addmm_(grad_u, a, alpha=mask.keep_scale)
+                grad_x.view(-1)[mask.positions] = base_only
+            grad_x = grad_x.view(ctx.x_shape)
+        return grad_x, grad_a, grad_b, None, None, None
 
 
 class DoraLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, a, b, magnitude, norm, scale: float, view: BaseLayerView):
+    def forward(ctx, x, a, b, magnitude, norm, scale: float, view: BaseLayerView, dropout: float = 0.0):
         x2 = x.reshape(-1, x.shape[-1])
+        mask = _sample_mask(x2, dropout)
+        row_scale = magnitude / norm
         with torch.no_grad():
-            z = view.forward_no_bias(x)
+            if mask is None:
+                z = view.forward_no_bias(x)
+                base_out = None
+            else:
+                base_out = view.forward(x)
+                x2 = mask.apply(x2)
+                z = view.forward_no_bias(x2)
         z2 = z.view(-1, z.shape[-1])
         u = torch.mm(x2, a.t())
-        z2.addmm_(u, b.t(), alpha=scale)
-        row_scale = magnitude / norm
-        bias = view.bias
-        out = torch.addcmul(bias, z, row_scale) if bias is not None else z * row_scale
+        if mask is None:
+            z2.addmm_(u, b.t(), alpha=scale)
+            bias = view.bias
+            out = torch.addcmul(bias, z, row_scale) if bias is not None else z * row_scale
+        else:  # base(x) + (g - 1) ⊙ x_d Wᵀ + g ⊙ s · u Bᵀ  =  base(x) - x_d Wᵀ + g ⊙ z_d
+            out = base_out
+            out.view(-1, out.shape[-1]).sub_(z2)
+            z2.addmm_(u, b.t(), alpha=scale)
+            out.view(-1, out.shape[-1]).addcmul_(z2, row_scale)
         ctx.save_for_backward(x2, a, b, u, z2, row_scale, norm)
-        ctx.scale, ctx.view, ctx.x_shape = scale, view, x.shape
+        ctx.scale, ctx.view, ctx.x_shape, ctx.mask = scale, view, x.shape, mask
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x2, a, b, u, z2, row_scale, norm = ctx.saved_tensors
+        mask: DropMask | None = ctx.mask
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         grad_m = (g2 * z2).sum(0).div_(norm) if ctx.needs_input_grad[3] else None
-        grad_x, grad_a, grad_b = _lowrank_backward(ctx, g2 * row_scale, x2, a, b, u)
-        grad_x = grad_x.view(ctx.x_shape) if grad_x is not None else None
-        return grad_x, grad_a, grad_b, grad_m, None, None, None
+        grad_u, grad_a, grad_b = _lowrank_param_grads(ctx, g2 * row_scale, x2, a, b, u)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if mask is None:
+                grad_x = ctx.view.input_grad(g2 * row_scale)
+                grad_x.addmm_(grad_u, a)
+            else:  # g W through the clean input, plus the dropped-out input's gradient through the mask
+                through_mask = ctx.view.input_grad(g2 * (row_scale - 1))
+                through_mask.addmm_(grad_u, a)
+                grad_x = ctx.view.input_grad(g2)
+                grad_x.add_(mask.zero_dropped(through_mask), alpha=mask.keep_scale)
+            grad_x = grad_x.view(ctx.x_shape)
+        return grad_x, grad_a, grad_b, grad_m, None, None, None, None

@@ -184,11 +184,15 @@ class LoraAdapter(Adapter):
         u = base.project_input(self._adapter_input(x), self.lora_A)
         return add_low_rank(base_out, u, self.lora_B, self.scaling)
 
+    def active_dropout(self) -> float:
+        """The dropout probability this forward applies: 0 in eval mode or without dropout."""
+        return self.dropout.p if self.dropout is not None and self.training else 0.0
+
     def fused_forward(self, x: torch.Tensor, base: BaseLayerView) -> torch.Tensor | None:
         """Base plus adapter in one autograd node (see ``fused.py``); None where it does not apply."""
-        if (self.dropout is not None and self.training) or not can_fuse(x, base, self.lora_A, self.lora_B):
+        if not can_fuse(x, base, self.lora_A, self.lora_B):
             return None
-        return LoraLinearFunction.apply(x, self.lora_A, self.lora_B, self.scaling, base)
+        return LoraLinearFunction.apply(x, self.lora_A, self.lora_B, self.scaling, base, self.active_dropout())
 
     def delta_weight(self, base):
         return self.scaling * (self.lora_B @ self.lora_A)
