@@ -1,4 +1,4 @@
-"""The command line: train -> eval -> merge on a tiny model, and errors a user can fix (exit code 2)."""
+"""The command line: train -> eval -> merge -> export on a tiny model, and errors a user can fix (exit code 2)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,18 @@ def test_train_eval_merge(bert_dir, sentiment_dir, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
     assert not any("lora" in name for name, _ in merged.named_parameters())
+
+    # export --to lora: a plain LoRA folder HF peft loads with the adapter's logits; a bad --max-rank is refused.
+    exported = tmp_path / "exported"
+    code, _, err = run_cli(capsys, "export", "--to", "lora", "--adapter", str(adapter), "--out", str(exported), "--max-rank", "8")
+    assert code == 0 and "exact" in err and (exported / "README.md").is_file()
+    import peft
+
+    served = peft.PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(bert_dir), str(exported))
+    with torch.no_grad():
+        torch.testing.assert_close(served.eval()(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
+    code, _, err = run_cli(capsys, "export", "--adapter", str(adapter), "--out", str(tmp_path / "x"), "--max-rank", "24")
+    assert code == 2 and "max_rank 24 is not a rank limit" in err and not (tmp_path / "x").exists()
 
 
 def test_train_reads_a_yaml_config(bert_dir, sentiment_dir, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""The ``peftlab`` command: ``peftlab train | eval | merge | compare | report``.
+"""The ``peftlab`` command: ``peftlab train | eval | merge | export | compare | report``.
 
 Each subcommand is an object with ``help`` (its description), ``add_arguments(parser)`` and
 ``run(args) -> exit code``, named in :data:`SUBCOMMANDS` as ``"module:attribute"``. Only the
@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("peftlab.train.commands:train", "fine-tune a model with a PEFT method (or in full)"),
     "eval": ("peftlab.train.commands:evaluate", "evaluate a model or base + adapter: accuracy or perplexity"),
     "merge": ("peftlab.train.commands:merge", "fold an adapter into its base and save a plain model"),
+    "export": ("peftlab.train.commands:export", "write an adapter as plain LoRA for serving engines (vLLM, SGLang)"),
     "compare": ("peftlab.lab.cli:compare", "fine-tune several methods on the same model, data and seed; report them"),
     "report": ("peftlab.lab.cli:report", "rewrite a comparison's report (markdown, HTML, plots) from its results.json"),
 }

@@ -108,14 +108,16 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor
 
 
 def write_adapter(
-    directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+    extra_text: dict[str, str] | None = None,
 ) -> None:
-    """Weights and config replace the previous pair together or not at all. Weights are renamed
-    first: a reader never sees a config that promises missing weights."""
+    """Weights, config (and ``extra_text`` files, e.g. a README) replace the previous ones together or
+    not at all. Weights are renamed first: a reader never sees a config that promises missing weights."""
     _atomic_write_all(
         [
             (directory / WEIGHTS_NAME, _tensors_writer(tensors, metadata)),
             (directory / CONFIG_NAME, _text_writer(json.dumps(config, indent=2, sort_keys=True) + "\n")),
+            *((directory / name, _text_writer(text)) for name, text in (extra_text or {}).items()),
         ]
     )
 

@@ -326,16 +326,24 @@ class PeftModel(nn.Module):
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The adapter's tensors under the HF PEFT file keys: the method's, then the trained copies."""
-        tensors = self.method_of(adapter_name).export_tensors(self, adapter_name)
-        for path, copy in self.trained_copies():
-            if adapter_name in copy.copies:
-                for suffix, tensor in copy.saved_tensors(adapter_name).items():
-                    tensors[f"{io.KEY_PREFIX}{path}.{suffix}"] = tensor
-        return tensors
+        return {**self.method_of(adapter_name).export_tensors(self, adapter_name), **self.trained_copy_tensors(adapter_name)}
+
+    def trained_copy_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The ``modules_to_save`` copies of one adapter under the HF PEFT file keys."""
+        return {
+            f"{io.KEY_PREFIX}{path}.{suffix}": tensor
+            for path, copy in self.trained_copies()
+            if adapter_name in copy.copies
+            for suffix, tensor in copy.saved_tensors(adapter_name).items()
+        }
 
     def _config_to_save(self, adapter_name: str) -> dict[str, Any]:
         config = self.peft_config[adapter_name]
-        data = self.method_of(adapter_name).export_config(self, adapter_name, config)
+        return self.finish_saved_config(adapter_name, self.method_of(adapter_name).export_config(self, adapter_name, config))
+
+    def finish_saved_config(self, adapter_name: str, data: dict[str, Any]) -> dict[str, Any]:
+        """The fields of a saved adapter_config.json that depend on the model, not the method."""
+        config = self.peft_config[adapter_name]
         data["inference_mode"] = True
         data["modules_to_save"] = config.with_classifier_heads()
         if data.get("base_model_name_or_path") is None:
@@ -352,9 +360,17 @@ class PeftModel(nn.Module):
         safe_serialization: bool = True,
         selected_adapters: Sequence[str] | None = None,
         is_main_process: bool = True,
+        *,
+        as_lora: bool = False,
+        rank: int | None = None,
+        max_rank: int | None = None,
         **kwargs: Any,
     ) -> None:
-        """Write each adapter as HF peft does (safetensors only); ``is_main_process=False`` writes nothing."""
+        """Write each adapter as HF peft does (safetensors only); ``is_main_process=False`` writes nothing.
+
+        ``as_lora=True`` writes each as a plain LoRA adapter that serving engines load
+        (:mod:`peftlab.export`): exact where the update is low rank, else a truncated SVD at ``rank``
+        (error warned and written in the README); ``max_rank`` is the engine's rank limit."""
         if not safe_serialization:
             raise ValueError("save_pretrained(safe_serialization=False): peftlab writes safetensors only (no pickle files); drop the argument.")
         _warn_ignored(kwargs)
@@ -362,8 +378,20 @@ class PeftModel(nn.Module):
             return
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a directory path.")
-        for name in selected_adapters or list(self.peft_config):
+        if not as_lora and (rank is not None or max_rank is not None):
+            raise ValueError("rank and max_rank apply to save_pretrained(as_lora=True) only.")
+        names = list(selected_adapters or self.peft_config)
+        for name in names:
             self._check_known(name)
+        if as_lora:
+            from peftlab.export import build_lora_export, write_lora_export
+
+            # Every adapter is checked before anything is written: a refusal leaves the folder as it was.
+            exports = {name: build_lora_export(self, name, rank, max_rank) for name in names}
+            for name, export in exports.items():
+                write_lora_export(export, save_directory, name, saved_base_facts(self.base_model))
+            return
+        for name in names:
             io.write_adapter(
                 io.adapter_dir(save_directory, name), self._config_to_save(name), self.adapter_state_dict(name), saved_base_facts(self.base_model)
             )

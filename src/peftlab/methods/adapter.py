@@ -6,6 +6,7 @@
     load_saved_tensors(tensors)              # the inverse; override it if a saved tensor is computed
     trainable_parameters()                   # what trains while the adapter is active (default: all)
     training_hooks()                         # per-layer TrainingHooks (default: none)
+    low_rank(base)                           # the update as exact factors (A, B), or None
 
 ``base`` is a :class:`peftlab.base.BaseLayerView`: adapters never know whether the layer is a
 Linear, a GPT-2 Conv1D, an Embedding or a 4-bit layer.
@@ -33,6 +34,12 @@ class Adapter(nn.Module):
 
     def unmerge(self, base: BaseLayerView) -> None:
         base.add_to_weight(-self.delta_weight(base))
+
+    def low_rank(self, base: BaseLayerView) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The update as exact factors ``(A [k, in], B [out, k])`` with ``delta_weight == B @ A``
+        (every scale folded into ``B``), detached; None when the update is not low rank (the export
+        to plain LoRA then takes a truncated SVD of ``delta_weight``, at a rank the user gives)."""
+        return None
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -78,6 +78,9 @@ class DoraAdapter(LoraAdapter):
         scale = (self.lora_magnitude_vector.float() / self.weight_norm(base))[:, None]
         return scale * (w + super().delta_weight(base).float()) - w
 
+    def low_rank(self, base):
+        return None  # W' − W rescales every row of W: full rank
+
     def merge(self, base):
         scale = (self.lora_magnitude_vector.detach().float() / self.weight_norm(base))[:, None]
         self._merged_scale = scale

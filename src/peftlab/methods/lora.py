@@ -197,6 +197,9 @@ class LoraAdapter(Adapter):
     def delta_weight(self, base):
         return self.scaling * (self.lora_B @ self.lora_A)
 
+    def low_rank(self, base):
+        return self.lora_A.detach(), self.scaling * self.lora_B.detach()
+
     def saved_tensors(self):
         if self.is_embedding:
             return {"lora_embedding_A": self.lora_A, "lora_embedding_B": self.lora_B}

@@ -43,6 +43,11 @@ or does what LoRA needs, so a LoRA-like method overrides little. The core calls,
         load_tensors(model, name, tensors)    copy the checked file tensors in; default: each
                                               layer's Adapter.load_saved_tensors(), which refuses
                                               a saved tensor that is computed, not stored
+        as_low_rank(model, name)              {module path: (A, B) or None}: the update as exact
+                                              low-rank factors for ``save_pretrained(as_lora=True)``
+                                              (peftlab.export); default: each layer's
+                                              Adapter.low_rank(base); None: not low rank (export
+                                              takes a truncated SVD of delta_weight at a given rank)
     delete_adapter
         remove(model, name, state)            undo what inject did outside method_state
 
@@ -178,6 +183,15 @@ class Method:
             f"{io.KEY_PREFIX}{path}.{suffix}": tensor
             for path, adapter in model.adapters_of(adapter_name)
             for suffix, tensor in adapter.saved_tensors().items()
+        }
+
+    def as_low_rank(self, model: PeftModel, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Each adapted layer's update as ``(A [k, in], B [out, k])`` with ``B @ A`` the exact weight
+        change (scales folded into ``B``), or None where it is not low rank."""
+        return {
+            path: layer.adapters[adapter_name].low_rank(layer.view)
+            for path, layer in model.adapted_layers()
+            if adapter_name in layer.adapters
         }
 
     def rename_saved_keys(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -63,6 +63,16 @@ def method_for(config: AdapterConfig) -> Method:
     raise ValueError(f"{type(config).__name__} belongs to no registered method; register one with register_method.")
 
 
+def name_of(config: AdapterConfig) -> str:
+    """The most specific registered name for ``config``: a LoraConfig with ``use_dora`` is "dora"."""
+    runner = method_for(config)
+    fitting = [
+        m for m in METHODS.values()
+        if type(m) is type(runner) and all(getattr(config, k, None) == v for k, v in m.preset.items())
+    ]
+    return max(fitting, key=lambda m: len(m.preset)).name if fitting else runner.name
+
+
 def config_class_for(peft_type: str) -> type[AdapterConfig]:
     if peft_type not in PEFT_TYPES:
         raise ValueError(

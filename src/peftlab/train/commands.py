@@ -1,4 +1,4 @@
-"""The ``peftlab train``, ``eval`` and ``merge`` subcommands: flags in, files and JSON out.
+"""The ``peftlab train``, ``eval``, ``merge`` and ``export`` subcommands: flags in, files and JSON out.
 
 Each command is an object with ``add_arguments(parser)`` and ``run(args) -> exit code``, the
 shape :mod:`peftlab.cli` expects of every subcommand.
@@ -95,6 +95,38 @@ class MergeCommand:
         return 0
 
 
+class ExportCommand:
+    help = "write an adapter as a plain LoRA adapter that HF peft, vLLM and SGLang load (exact where the update is low rank)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--adapter", metavar="DIR", required=True, help="adapter folder written by `peftlab train`")
+        parser.add_argument("--out", metavar="DIR", required=True, help="folder for the exported adapter")
+        parser.add_argument("--to", choices=["lora"], default="lora", help="the format to write (plain LoRA)")
+        parser.add_argument("--rank", type=int, metavar="K",
+                            help="rank of the export; below the adapter's, or for updates that are not low rank "
+                                 "(DoRA, MoRA): a truncated SVD, lossy, its error printed")
+        parser.add_argument("--max-rank", type=int, metavar="M",
+                            help="the serving engine's rank limit (vLLM's --max-lora-rank: 8, 16, 32, 64, 128, 256, ...)")
+        add_train_arguments(parser, only=("model", "task", "quantize"))
+
+    def run(self, args: argparse.Namespace) -> int:
+        from peftlab.export import build_lora_export, write_lora_export
+        from peftlab.model import saved_base_facts
+        from peftlab.train.build import base_of, load_trained
+
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise OptionsError(f"--out {out} is a file; give a folder for the exported adapter.")
+        model_name, task = base_of(getattr(args, "model", None), args.adapter, getattr(args, "task", None))
+        model, _ = load_trained(model_name, args.adapter, task, quantization=getattr(args, "quantize", None))
+        export = build_lora_export(model, rank=args.rank, max_rank=args.max_rank)
+        write_lora_export(export, out, metadata=saved_base_facts(model.base_model))
+        print(f"peftlab: exported {args.adapter} as plain LoRA (r = {export.rank}) to {out}: {export.summary()}",
+              file=sys.stderr)
+        return 0
+
+
 train = TrainCommand()
 evaluate = EvalCommand()
 merge = MergeCommand()
+export = ExportCommand()
