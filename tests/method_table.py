@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from peftlab.config import AdapterConfig
 from peftlab.methods import make_method_config, method_named
+from peftlab.methods.mora import ROPE, square_rank
 
 
 def _lora_scale(rank: int) -> dict[str, Any]:
@@ -55,6 +56,10 @@ METHOD_TABLE = [
     MethodCase("lora", lambda fan_in, fan_out, r: r * (fan_in + fan_out)),
     MethodCase("rslora", lambda fan_in, fan_out, r: r * (fan_in + fan_out), hf_fields={"use_rslora": True}),
     MethodCase("dora", lambda fan_in, fan_out, r: r * (fan_in + fan_out) + fan_out, hf_fields={"use_dora": True}),
+    # d_initial 1 (HF: 0.1): with the suites' perturbation (lambda_b ~ 0.1) VeRA then moves the logits as
+    # much as LoRA does; at 0.1 it moves them ~10x less, below the 4-bit suites' quantization noise.
+    MethodCase("vera", lambda fan_in, fan_out, r: fan_out + r, hf="VeraConfig", rank_fields=lambda r: {"r": r, "d_initial": 1.0}),
+    MethodCase("mora", lambda fan_in, fan_out, r: square_rank(fan_in, fan_out, r, ROPE) ** 2, hf=None, rank_fields=lambda r: {"r": r}),
 ]
 METHOD_CASES = {case.name: case for case in METHOD_TABLE}
 WITH_HF_TWIN = [case for case in METHOD_TABLE if case.hf is not None]

@@ -106,7 +106,7 @@ def test_config_errors(tmp_path, capsys):
 
 def test_unknown_method_lists_the_registered_ones(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--method", "dorra", "--out", str(tmp_path))
-    assert_clean_error(code, err, "unknown method 'dorra'", "dora, full, lora, qlora, rslora", "Did you mean 'dora'?")
+    assert_clean_error(code, err, "unknown method 'dorra'", "dora, full, lora, mora, qlora, rslora, vera", "Did you mean 'dora'?")
 
 
 @pytest.mark.parametrize(

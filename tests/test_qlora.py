@@ -127,7 +127,7 @@ def test_save_load_round_trip_on_a_fresh_4bit_base(model_name, method, tmp_path)
     loaded = PeftModel.from_pretrained(copy.deepcopy(_quantized_base(model_name)), tmp_path).eval()
     assert max_diff(logits(loaded, batch), logits(model, batch)) == 0
     # Only the adapter is saved: the 4-bit base is rebuilt from the dense model, never stored with it.
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    assert json.loads((tmp_path / "adapter_config.json").read_text()).get("fan_in_fan_out", False) is False
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -106,7 +106,7 @@ def test_method_defaults():
 
 
 def test_unknown_method_lists_the_registered_ones():
-    with pytest.raises(OptionsError, match=r"unknown method 'lorra'; available methods: dora, full, lora, qlora, rslora.*'lora'"):
+    with pytest.raises(OptionsError, match=r"unknown method 'lorra'; available methods: dora, full, lora, mora, qlora, rslora, vera.*'lora'"):
         TrainOptions(method="lorra").with_method_defaults()
     with pytest.raises(OptionsError, match="--quantize needs an adapter method"):
         TrainOptions(method="full", quantize="nf4").with_method_defaults()
