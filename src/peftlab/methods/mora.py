@@ -34,6 +34,7 @@ from peftlab.base import BaseLayerView
 from peftlab.config import AdapterConfig
 from peftlab.methods.adapter import Adapter
 from peftlab.methods.fused import can_fuse
+from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
 from peftlab.methods.method import Method, MethodOption, UnsupportedBaseError
 from peftlab.methods.registry import register_method
 
@@ -48,11 +49,10 @@ class MoraConfig(AdapterConfig):
     mora_dropout: float = 0.0
 
     peft_type = "MORA"
+    default_target_modules = LORA_DEFAULT_TARGET_MODULES  # the official code is HF's LoRA with MoRA inside
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}.")
+        # Before the generic type check: the names "sharing" / "rope" are accepted and stored as numbers.
         if isinstance(self.mora_type, str) and self.mora_type.lower() in _TYPE_NAMES:
             self.mora_type = _TYPE_NAMES[self.mora_type.lower()]
         if isinstance(self.mora_type, bool) or self.mora_type not in (SHARING, ROPE):
@@ -60,6 +60,9 @@ class MoraConfig(AdapterConfig):
                 f"mora_type={self.mora_type!r} is unknown: use 1 ('sharing': sum the input's blocks, tile the output) "
                 "or 6 ('rope': rotate each block by RoPE, the README's choice for small r)."
             )
+        super().__post_init__()
+        if self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}.")
         if not 0 <= self.mora_dropout < 1:
             raise ValueError(f"mora_dropout must be in [0, 1), got {self.mora_dropout}; 0 turns dropout off.")
 
@@ -261,6 +264,9 @@ class MoraMethod(Method):
             raise UnsupportedBaseError(
                 f"MoRA cannot adapt {path}, an Embedding: its operators act on activations. Remove it from target_modules."
             )
+
+    def adapter_numel(self, config, view, path):
+        return square_rank(view.in_features, view.out_features, config.r, config.mora_type) ** 2
 
     def make_adapter(self, config, view, path, state):
         return MoraAdapter(view, config)

@@ -36,6 +36,7 @@ from peftlab.config import AdapterConfig
 from peftlab.methods.adapter import Adapter
 from peftlab.methods.fused import can_fuse
 from peftlab.methods.lora import add_low_rank
+from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
 from peftlab.methods.method import Method, MethodOption, UnsupportedBaseError
 from peftlab.methods.registry import register_method
 
@@ -52,13 +53,12 @@ class VeraConfig(AdapterConfig):
     init_weights: bool = True
 
     peft_type = "VERA"
+    default_target_modules = {**LORA_DEFAULT_TARGET_MODULES, "phi": ["q_proj", "v_proj"]}  # HF's table for VeRA
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+        super().__post_init__()  # field types included
+        if self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}.")
-        if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):
-            raise ValueError(f"projection_prng_key must be an integer seed, got {self.projection_prng_key!r}.")
         if not 0 <= self.vera_dropout < 1:
             raise ValueError(f"vera_dropout must be in [0, 1), got {self.vera_dropout}; 0 turns dropout off.")
         if self.bias != "none":
@@ -228,6 +228,9 @@ class VeraMethod(Method):
                 f"VeRA cannot adapt {path}, an Embedding: its shared projection acts on activations (HF's VeRA adapts "
                 "Linear and Conv1D layers only). Remove it from target_modules."
             )
+
+    def adapter_numel(self, config, view, path):
+        return view.out_features + config.r
 
     def inject(self, model, adapter_name, config, targets):
         size = (config.r, max(v.in_features for v in targets.values()), max(v.out_features for v in targets.values()))
