@@ -169,9 +169,15 @@ class VeraAdapter(Adapter):
         return VeraLinearFunction.apply(x, self.vera_lambda_d, self.vera_lambda_b, a, b, base)
 
     def delta_weight(self, base):
-        lambda_d, lambda_b = self.vera_lambda_d.float(), self.vera_lambda_b.float()
-        a, b = self.sliced(lambda_d)
-        return (lambda_b[:, None] * b) @ (lambda_d[:, None] * a)
+        a, b = self.low_rank(base)
+        return b @ a
+
+    def low_rank(self, base):
+        """Exact rank-r factors: ``A = λ_d ⊙ a``, ``B = λ_b ⊙ b``."""
+        with torch.no_grad():
+            lambda_d, lambda_b = self.vera_lambda_d.float(), self.vera_lambda_b.float()
+            a, b = self.sliced(lambda_d)
+            return lambda_d[:, None] * a, lambda_b[:, None] * b
 
     def saved_tensors(self):
         return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
