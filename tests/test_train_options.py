@@ -39,7 +39,7 @@ def test_flags_are_typed():
                      "--method-option", "use_rslora=true", "--method-option", "r=4"])
     assert options.lr == 2e-4 and options.epochs == 3 and options.bf16 is True
     assert options.target_modules == ["query", "value"]
-    assert options.method_options == {"use_rslora": True, "r": 4}
+    assert options.method_options == {"use_rslora": True} and options.r == 4  # a named option goes to its field
 
 
 def test_flags_override_the_config_file(tmp_path):
@@ -47,7 +47,21 @@ def test_flags_override_the_config_file(tmp_path):
     config.write_text("method: dora\nlr: 1e-3\nepochs: 2\nlora-alpha: 32\nmethod_options: {use_rslora: true}\n")
     options = parse(["--config", str(config), "--epochs", "5", "--method-option", "r=4"])
     assert (options.method, options.lr, options.epochs, options.lora_alpha) == ("dora", 1e-3, 5, 32.0)
-    assert options.method_options == {"use_rslora": True, "r": 4}
+    assert options.method_options == {"use_rslora": True} and options.r == 4
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method-option", "r=4", "--r", "16"], "r is given twice: --r 16 and --method-option r=4; keep one."),
+        (["--target-modules", "query", "--method-option", "target_modules=[value]"], "target_modules is given twice"),
+        (["--method-option", "lr=0.1"], "lr is a run option, not a method option: give it as --lr 0.1."),
+    ],
+)
+def test_an_option_given_as_a_flag_and_a_method_option_is_refused(argv, message):
+    with pytest.raises(OptionsError) as caught:
+        parse(argv)
+    assert message in str(caught.value)
 
 
 def test_a_misspelled_config_key_names_the_closest_one(tmp_path):

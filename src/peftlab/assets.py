@@ -327,6 +327,12 @@ def load_model_and_tokenizer(
             f"Cannot load model {str(name_or_path)!r} from {source}: {error}\n"
             f"Offline aliases: {describe_aliases()}."
         ) from error
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise AssetError(
+            f"{source} has no tokenizer files (tokenizer.json, vocab.txt, ...): transformers made a tokenizer "
+            f"with only its {len(tokenizer)} special tokens, so every word would be unknown. Copy the tokenizer "
+            "files of the model into that folder (tokenizer.save_pretrained)."
+        )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise AssetError(f"The tokenizer of {name_or_path} has neither a pad nor an EOS token; set tokenizer.pad_token")

@@ -5,11 +5,14 @@
     "sst2"          SST-2 (local GLUE files, the hub, or an offline stand-in: see :mod:`.sst2`)
     "rt-snippets"   that offline stand-in, asked for by name
     a directory     train.{csv,tsv,jsonl} and validation.* (or dev.*, val.*)
-    a file          one .csv, .tsv or .jsonl file, split 90/10 into train/validation (fixed seed)
+    a file          one .csv, .tsv or .jsonl file, split 90/10 into train/validation (fixed seed),
+                    or taken whole (``held_out=False``: a file given to ``peftlab eval``)
 
 Columns: ``text`` (or ``sentence``) and ``label`` for classification; ``prompt`` and ``response``
 for causal LM. Labels are class ids (ints, or strings of digits) or class names; names get ids in
-sorted order over every split of the dataset, so train and validation agree.
+sorted order over every split of the dataset, so train and validation agree, unless the class
+names are fixed (``label_names``: those a trained classifier recorded); a blank label, or ids
+mixed with names, is an error.
 """
 
 from __future__ import annotations
@@ -82,19 +85,23 @@ def load_dataset_spec(
     seed: int = 0,
     task: str | None = None,
     num_labels: int | None = None,
+    label_names: Sequence[str] | None = None,
+    held_out: bool = True,
 ) -> TextDataset:
     """Load ``split`` ("train" or "validation") of a named dataset or of a file or directory.
 
     ``data_dir``: where SST-2's GLUE files are (else ``$PEFTLAB_DATA_DIR``). ``max_samples``: keep
     that many examples, drawn by a shuffle seeded with ``seed`` (same seed, same examples).
     ``task``: "seq-cls" or "causal-lm"; by default inferred from the columns. ``num_labels``: the
-    classifier's size; labels outside ``0 .. num_labels - 1`` are an error.
+    classifier's size; labels outside ``0 .. num_labels - 1`` are an error. ``label_names``: the
+    classes a trained model knows, in id order; a label name not among them is an error.
+    ``held_out=False``: a single file is taken whole instead of split.
     """
     if split not in SPLITS:
         raise DataError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if task is not None and task not in TASKS:
         raise DataError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}")
-    table, label_tables, label_names = _read_split(name_or_path, split, data_dir)
+    table, label_tables, dataset_names = _read_split(name_or_path, split, data_dir, held_out)
     if not table.rows:
         raise DataError(f"{table.source} has no {split} examples; add rows below the header")
     task = task or _infer_task(table)
@@ -104,12 +111,13 @@ def load_dataset_spec(
             [_text(row, "prompt") for row in table.rows], [_text(row, "response") for row in table.rows], table.source
         )
     else:
-        dataset = _classification(table, label_tables, num_labels, label_names)
+        fixed = tuple(label_names) if label_names is not None else None
+        dataset = _classification(table, label_tables, num_labels, fixed or dataset_names, fixed is not None)
     return dataset.select(sample(len(dataset), max_samples, seed))
 
 
 def _read_split(
-    name_or_path: str | Path, split: str, data_dir: str | Path | None
+    name_or_path: str | Path, split: str, data_dir: str | Path | None, held_out: bool = True
 ) -> tuple[Table, list[Table], tuple[str, ...] | None]:
     """The split's table, the tables whose labels define the classes, and fixed class names if any."""
     name = str(name_or_path)
@@ -125,6 +133,8 @@ def _read_split(
         return tables[split], list(tables.values()), None
     if path.is_file():
         whole = read_table(path)
+        if not held_out:
+            return Table(whole.columns, whole.rows, f"{path} (all {len(whole.rows)} rows)"), [whole], None
         chosen = hold_out(len(whole.rows), split)
         if whole.rows and not chosen:
             raise DataError(
@@ -181,23 +191,42 @@ def _is_class_id(value: Any) -> bool:
 
 
 def _classification(
-    table: Table, label_tables: list[Table], num_labels: int | None, label_names: tuple[str, ...] | None
+    table: Table, label_tables: list[Table], num_labels: int | None, label_names: tuple[str, ...] | None,
+    names_are_fixed: bool = False,
 ) -> ClassificationDataset:
     text_column = next((column for column in TEXT_COLUMNS if column in table.columns), None)
     if text_column is None or "label" not in table.columns:
         raise _columns_error(table, "text (or sentence) and label columns for classification")
-    to_id, names, count = _label_encoding(label_tables, num_labels, label_names)
+    to_id, names, count = _label_encoding(label_tables, num_labels, label_names, names_are_fixed)
     texts = [_text(row, text_column) for row in table.rows]
     labels = [to_id(_value(row, "label")) for row in table.rows]
     return ClassificationDataset(texts, labels, count, names, table.source)
 
 
 def _label_encoding(
-    tables: list[Table], num_labels: int | None, label_names: tuple[str, ...] | None
+    tables: list[Table], num_labels: int | None, label_names: tuple[str, ...] | None, names_are_fixed: bool = False
 ) -> tuple[Callable[[Any], int], tuple[str, ...], int]:
     """How labels become class ids, the class names, and the number of classes; checks every label."""
     values = [(row, _value(row, "label")) for table in tables for row in table.rows]
-    if all(_is_class_id(value) for _, value in values):
+    for row, value in values:
+        if isinstance(value, str) and not value.strip():
+            raise DataError(f"{row.where}: the label is blank; give every row a class id or name, or delete the row")
+    id_rows = [row for row, value in values if _is_class_id(value)]
+    if id_rows and len(id_rows) < len(values):
+        row, value = next((row, value) for row, value in values if not _is_class_id(value))
+        raise DataError(
+            f"{row.where}: label {value!r} is a name, but {id_rows[0].where} has a class id; use ids or names throughout"
+        )
+    if not id_rows and names_are_fixed:
+        known = {name: i for i, name in enumerate(label_names)}
+        for row, value in values:
+            if str(value).strip() not in known:
+                raise DataError(
+                    f"{row.where}: label {value!r} is not one of the classes the model was trained on "
+                    f"({', '.join(label_names)}); fix the label, or evaluate a model trained with it"
+                )
+        return (lambda value: known[str(value).strip()]), label_names, len(label_names)
+    if id_rows:
         ids = [(row, int(value)) for row, value in values]
         for row, class_id in ids:
             if class_id < 0:

@@ -110,7 +110,7 @@ def _as_flags(options: dict[str, Any]) -> list[str]:
 
 
 def _plan_flags_given(args: argparse.Namespace) -> bool:
-    return bool(args.methods or args.overrides or args.sweeps or args.config
+    return bool(args.methods is not None or args.overrides or args.sweeps or args.config
                 or any(hasattr(args, name) for name in SHARED_OPTIONS))
 
 
@@ -120,7 +120,7 @@ def plan_from_args(args: argparse.Namespace) -> tuple[list[PlannedRun], dict[str
     given = {name: getattr(args, name) for name in SHARED_OPTIONS if hasattr(args, name)}
     values = {**COMPARE_DEFAULTS, **{k: v for k, v in from_file.items() if k not in PER_RUN_OPTIONS}, **given}
     shared = {k: v for k, v in TrainOptions(**values).to_dict().items() if k not in PER_RUN_OPTIONS}
-    methods = expand_methods(args.methods) if args.methods else list(DEFAULT_METHODS)
+    methods = expand_methods(args.methods) if args.methods is not None else list(DEFAULT_METHODS)
     overrides = collect_overrides(args.overrides, methods)
     axes = [parse_sweep(text) for text in args.sweeps]
     runs = plan_runs(shared, methods, overrides, axes)

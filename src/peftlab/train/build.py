@@ -5,6 +5,7 @@ and what is saved at the end. ``peftlab train``, ``eval`` and ``merge`` all buil
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import nn
 from peftlab.assets import load_model_and_tokenizer
 from peftlab.data import CausalLMCollator, ClassificationCollator, TextDataset, load_dataset_spec
 from peftlab.hf_compat import saved_num_labels
-from peftlab.io import read_adapter_config
+from peftlab.io import LABEL_NAMES_KEY, QUANTIZATION_KEY, read_adapter_config, read_adapter_metadata
 from peftlab.methods import make_method_config
 from peftlab.model import PeftModel, get_peft_model
 from peftlab.train.options import OptionsError, TrainOptions, default_target_modules
@@ -32,10 +33,14 @@ def load_datasets(options: TrainOptions) -> tuple[TextDataset, TextDataset]:
     return train, validation
 
 
-def load_eval_dataset(options: TrainOptions, num_labels: int | None) -> TextDataset:
+def load_eval_dataset(
+    options: TrainOptions, num_labels: int | None, label_names: tuple[str, ...] | None = None, held_out: bool = True
+) -> TextDataset:
+    """The validation split (a single file: its held-out part, or all of it with ``held_out=False``);
+    ``label_names``: the classes a trained classifier knows, which the labels must be among."""
     return load_dataset_spec(
         options.dataset, "validation", data_dir=options.data_dir, max_samples=options.max_eval_samples,
-        seed=options.seed, task=options.task, num_labels=num_labels,
+        seed=options.seed, task=options.task, num_labels=num_labels, label_names=label_names, held_out=held_out,
     )
 
 
@@ -51,10 +56,18 @@ def quantize(model: nn.Module) -> None:
     quantize_model(model)
 
 
-def build_model(options: TrainOptions, num_labels: int | None) -> tuple[nn.Module, Any, TrainOptions]:
+def build_model(
+    options: TrainOptions, num_labels: int | None, label_names: tuple[str, ...] | None = None
+) -> tuple[nn.Module, Any, TrainOptions]:
     """The model ready to train: quantized if asked, with the method's adapter (or all trainable for
-    full fine-tuning). Returns the options with ``target_modules`` resolved for this model."""
+    full fine-tuning). Returns the options with ``target_modules`` resolved for this model.
+    ``label_names`` become the classifier's ``id2label``, saved with the adapter or model so that
+    ``peftlab eval`` maps class names as training did."""
     model, tokenizer = load_model_and_tokenizer(options.model, options.task, num_labels=num_labels or 2)
+    check_max_length(options.max_length, model)
+    if options.task == "seq-cls" and label_names:
+        model.config.id2label = dict(enumerate(label_names))
+        model.config.label2id = {name: i for i, name in enumerate(label_names)}
     if options.quantization:
         quantize(model)
     if options.is_full_fine_tuning:
@@ -92,6 +105,44 @@ def base_of(model: str | None, adapter: str | None, task: str | None) -> tuple[s
     if not model:
         raise OptionsError(f"{adapter}/adapter_config.json names no base model; give it with --model.")
     return model, task or TASKS_BY_PEFT_TYPE.get(saved.get("task_type") or "", "seq-cls")
+
+
+def check_max_length(max_length: int, model: nn.Module) -> None:
+    """--max-length within the model's position limit (beyond it, position embeddings index out of range)."""
+    config = model.config
+    limit = next((getattr(config, name) for name in ("max_position_embeddings", "n_positions") if getattr(config, name, None)), None)
+    if limit is not None and max_length > limit:
+        raise OptionsError(f"--max-length {max_length} is above the model's limit of {limit} positions; use --max-length {limit} or less.")
+
+
+def saved_run_options(folder: str | Path | None) -> dict[str, Any]:
+    """The options a ``peftlab train`` run recorded in its metrics.json ({} for other folders)."""
+    path = Path(folder) / "metrics.json" if folder else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")).get("options") or {})
+    except (json.JSONDecodeError, AttributeError, TypeError) as error:
+        raise OptionsError(f"{path} is corrupt ({error}); give --max-length, --task and --dataset yourself, or delete it.") from None
+
+
+def trained_label_names(adapter: str | None, model: str) -> tuple[str, ...] | None:
+    """The class names a classifier was trained with: recorded with the adapter, or in a fully
+    fine-tuned model's config.json; None when none were recorded."""
+    if adapter is not None:
+        recorded = read_adapter_metadata(Path(adapter)).get(LABEL_NAMES_KEY)
+        return tuple(json.loads(recorded)) if recorded else None
+    config_path = Path(model) / "config.json"
+    if not config_path.is_file():
+        return None
+    id2label = json.loads(config_path.read_text(encoding="utf-8")).get("id2label") or {}
+    names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    return tuple(names) if names and names != [f"LABEL_{i}" for i in range(len(names))] else None
+
+
+def recorded_quantization(adapter: str | None) -> str | None:
+    """The 4-bit quantization an adapter's base had in training (recorded by save_pretrained)."""
+    return read_adapter_metadata(Path(adapter)).get(QUANTIZATION_KEY) if adapter else None
 
 
 def load_trained(

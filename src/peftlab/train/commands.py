@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
+from peftlab.assets import notice
 from peftlab.train.options import OptionsError, TrainOptions, add_train_arguments, options_from_args
 
 SUMMARY_KEYS = ("eval_accuracy", "eval_loss", "eval_perplexity", "train_time_s", "peak_memory_mb",
@@ -48,18 +48,23 @@ class EvalCommand:
         add_train_arguments(parser, only=EVAL_OPTIONS)
 
     def run(self, args: argparse.Namespace) -> int:
-        from peftlab.train.build import base_of, load_eval_dataset, load_trained, make_collator, saved_num_labels
+        from peftlab.train.build import (
+            check_max_length, load_eval_dataset, load_trained, make_collator, saved_num_labels, trained_label_names,
+        )
         from peftlab.train.distributed import start_processes
         from peftlab.train.evaluate import evaluate, shard_batches
 
-        given = {name: getattr(args, name) for name in EVAL_OPTIONS if hasattr(args, name)}
-        model_name, task = base_of(given.get("model"), args.adapter, given.get("task"))
-        options = TrainOptions(**{**given, "model": model_name, "task": task})
+        options = _eval_options(args)
+        task, model_name = options.task, options.model
+        file_given = hasattr(args, "dataset") and Path(options.dataset).is_file()
         num_labels = saved_num_labels(args.adapter) if args.adapter and task == "seq-cls" else None
-        data = load_eval_dataset(options, num_labels)
+        label_names = trained_label_names(args.adapter, model_name) if task == "seq-cls" else None
+        data = load_eval_dataset(options, num_labels, label_names, held_out=not file_given)
+        notice(f"evaluating {len(data)} examples of {getattr(data, 'source', options.dataset)}")
         processes = start_processes(options.device)
         try:
             model, tokenizer = load_trained(model_name, args.adapter, task, getattr(data, "num_labels", None), options.quantize)
+            check_max_length(options.max_length, model)
             batches = shard_batches(data, make_collator(options, tokenizer), processes, options.eval_batch_size)
             metrics = evaluate(model.to(processes.device), batches, task, processes, options.bf16)
         finally:
@@ -67,6 +72,33 @@ class EvalCommand:
         if processes.is_main:
             _print_json({**metrics, "examples": len(data)})
         return 0
+
+
+#: What ``eval`` takes from the training run (its metrics.json) unless given: the run's data and length.
+REUSED_FROM_RUN = ("max_length", "dataset", "data_dir")
+
+
+def _eval_options(args: argparse.Namespace) -> TrainOptions:
+    """The flags given, else the training run's values (task, max_length, data; the 4-bit base an
+    adapter was trained on), else the defaults; each value taken from the run is named on stderr."""
+    from peftlab.train.build import base_of, recorded_quantization, saved_run_options
+
+    given = {name: getattr(args, name) for name in EVAL_OPTIONS if hasattr(args, name)}
+    run_folder = args.adapter or (given.get("model") if given.get("model") and Path(given["model"]).is_dir() else None)
+    saved = saved_run_options(run_folder)
+    model_name, task = base_of(given.get("model"), args.adapter, given.get("task") or saved.get("task"))
+    taken = {k: saved[k] for k in REUSED_FROM_RUN if saved.get(k) is not None and k not in given}
+    if "dataset" in given:  # another dataset: the run's data folder is not its
+        taken.pop("data_dir", None)
+    if "task" not in given and saved.get("task"):
+        taken["task"] = task
+    quantization = given.get("quantize") or recorded_quantization(args.adapter)
+    if quantization and not given.get("quantize"):
+        taken["quantize"] = quantization
+    if taken:
+        shown = ", ".join(f"{k}={v}" for k, v in taken.items())
+        notice(f"as the training run in {run_folder}: {shown} (give the flags to change them)")
+    return TrainOptions(**{**given, **taken, "model": model_name, "task": task})
 
 
 class MergeCommand:
@@ -80,18 +112,25 @@ class MergeCommand:
         add_train_arguments(parser, only=("model", "task", "quantize"))
 
     def run(self, args: argparse.Namespace) -> int:
-        from peftlab.train.build import base_of, load_trained
+        from peftlab.train.build import base_of, load_trained, recorded_quantization
 
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise OptionsError(f"--out {out} is a file; give a folder for the merged model.")
+        if out.resolve() == Path(args.adapter).resolve():
+            raise OptionsError(
+                f"--out {out} is the adapter's own folder: transformers would load the merged model with the adapter "
+                "applied a second time. Give another folder."
+            )
         model_name, task = base_of(getattr(args, "model", None), args.adapter, getattr(args, "task", None))
-        quantization = getattr(args, "quantize", None)
+        quantization = getattr(args, "quantize", None) or recorded_quantization(args.adapter)
+        if quantization and not getattr(args, "quantize", None):
+            notice(f"the adapter was trained on a {quantization} base: merging into its dequantised weights (exact)")
         model, tokenizer = load_trained(model_name, args.adapter, task, quantization=quantization)
         merged = model.merge_and_unload(dequantize=quantization is not None)
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        print(f"peftlab: merged {args.adapter} into {model_name}: wrote {out}", file=sys.stderr)
+        notice(f"merged {args.adapter} into {model_name}: wrote {out}")
         return 0
 
 

@@ -114,7 +114,9 @@ class TrainingRun:
         check_writable(self.out)
         seed_everything(options.seed)
         self.train_data, self.eval_data = load_datasets(options)
-        model, self.tokenizer, options = build_model(options, getattr(self.train_data, "num_labels", None))
+        model, self.tokenizer, options = build_model(
+            options, getattr(self.train_data, "num_labels", None), getattr(self.train_data, "label_names", None)
+        )
         self.options = options
         if options.gradient_checkpointing:
             enable_gradient_checkpointing(model)

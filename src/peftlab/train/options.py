@@ -134,7 +134,23 @@ class RunOptions:
         hints = typing.get_type_hints(type(self))
         for spec in dataclasses.fields(self):
             setattr(self, spec.name, _checked(spec, hints[spec.name], getattr(self, spec.name)))
+        self._take_named_method_options(hints)
         self._check_ranges()
+
+    def _take_named_method_options(self, hints: dict[str, Any]) -> None:
+        """``--method-option r=4`` is ``--r 4``; given both ways it is an error, not one silently winning."""
+        fields = {spec.name: spec for spec in dataclasses.fields(self)}
+        for key in [k for k in self.method_options if k in fields]:
+            value = self.method_options[key]
+            flag = "--" + key.replace("_", "-")
+            if key not in METHOD_OPTIONS and key != "target_modules":
+                raise OptionsError(f"{key} is a run option, not a method option: give it as {flag} {value}.")
+            if getattr(self, key) is not None:
+                raise OptionsError(
+                    f"{key} is given twice: {flag} {getattr(self, key)!r} and --method-option {key}={value!r}; keep one."
+                )
+            setattr(self, key, _checked(fields[key], hints[key], value))
+            self.method_options = {k: v for k, v in self.method_options.items() if k != key}
 
     def _check_ranges(self) -> None:
         positive = ["max_length", "epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every",
