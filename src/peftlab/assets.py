@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 from huggingface_hub import constants as hub_constants
+from safetensors import SafetensorError
 from huggingface_hub import snapshot_download
 from transformers import (
     AutoModelForCausalLM,
@@ -299,6 +300,19 @@ def resolve_model(name_or_path: str | Path, cache_dir: str | Path | None = None)
         ) from error
 
 
+def _broken_weights_file(folder: Path | str) -> Path | None:
+    """The first .safetensors file in a local model folder whose header cannot be read."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError):
+            return path
+    return None
+
+
 def load_model_and_tokenizer(
     name_or_path: str | Path,
     task: str,
@@ -327,6 +341,11 @@ def load_model_and_tokenizer(
             f"Cannot load model {str(name_or_path)!r} from {source}: {error}\n"
             f"Offline aliases: {describe_aliases()}."
         ) from error
+    except SafetensorError as error:
+        broken = _broken_weights_file(source)
+        raise AssetError(
+            f"{broken or source} is truncated or corrupt ({error}); download or copy the model again."
+        ) from None
     if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
         raise AssetError(
             f"{source} has no tokenizer files (tokenizer.json, vocab.txt, ...): transformers made a tokenizer "

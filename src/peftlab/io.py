@@ -11,6 +11,7 @@ if renaming the config fails after the weights were renamed, the previous weight
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -38,6 +39,17 @@ def adapter_dir(directory: str | os.PathLike, adapter_name: str) -> Path:
 Writer = Callable[[str], None]
 
 
+class DiskFullError(OSError):
+    """A write failed for lack of space; the message names the file and says nothing good was replaced."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    # safetensors reports the OS error inside its own exception type, as text.
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(error) or "StorageFull" in str(error)
+
+
 def _stage(path: Path, write: Writer) -> str:
     """Write a temporary file next to ``path``, flushed to disk; the caller renames it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,8 +59,10 @@ def _stage(path: Path, write: Writer) -> str:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise DiskFullError(f"disk full while writing {path}: nothing was replaced there. Free space on that disk, or write elsewhere.") from error
         raise
     return tmp
 

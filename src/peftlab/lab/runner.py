@@ -256,7 +256,8 @@ def execute(spec_path: Path) -> RunRecord:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    metrics = run_training(TrainOptions(**spec["options"]))
+    # The comparison owns the run's folder: a rerun replaces what an earlier attempt left there.
+    metrics = run_training(TrainOptions(**{**spec["options"], "overwrite": True}))
     options = TrainOptions(**metrics["options"])
     train_data, eval_data = load_datasets(options)
     num_labels = getattr(train_data, "num_labels", None)

@@ -23,10 +23,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from peftlab.io import DiskFullError, is_disk_full
 
 PREFIX = "checkpoint-"
 WEIGHTS = "trainable.safetensors"
@@ -100,8 +102,10 @@ def save_checkpoint(
         if final.exists():  # a resumed run reaching a step it had saved before: replace that copy
             shutil.rmtree(final)
         os.rename(tmp, final)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(error):
+            raise DiskFullError(f"disk full while writing checkpoint {final} in {out_dir}; the previous checkpoint is untouched. Free space there and resume.") from error
         raise
     for older in checkpoints_in(out_dir):
         if older != final:
@@ -135,13 +139,36 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     missing = [name for name in FILES if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {folder} is incomplete (missing {', '.join(missing)}); resume from an older one.")
-    states = torch.load(folder / OPTIMIZER, weights_only=True)
+    states = _read(folder / OPTIMIZER, lambda p: torch.load(p, weights_only=True))
     return Checkpoint(
-        trainable=load_file(str(folder / WEIGHTS)),
+        trainable=_read(folder / WEIGHTS, lambda p: load_file(str(p))),
         optimizer=states["optimizer"],
         scheduler=states["scheduler"],
         hooks=states["hooks"],
-        rng=torch.load(folder / RNG, weights_only=True)["ranks"],
-        state=json.loads((folder / STATE).read_text(encoding="utf-8")),
+        rng=_read(folder / RNG, lambda p: torch.load(p, weights_only=True))["ranks"],
+        state=_read_state(folder),
         path=folder,
     )
+
+
+def saved_options(path: str | os.PathLike) -> dict[str, Any]:
+    """The options the run that wrote this checkpoint (or the newest one in this run folder) had."""
+    return dict(_read_state(find_checkpoint(path)).get("options") or {})
+
+
+def _read_state(folder: Path) -> dict[str, Any]:
+    state = _read(folder / STATE, lambda p: json.loads(p.read_text(encoding="utf-8")))
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{folder / STATE} is not a trainer state (no step); resume from an older checkpoint.")
+    return state
+
+
+def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
+    """``reader(path)``, with any failure of a truncated or corrupt file named as such."""
+    try:
+        return reader(path)
+    except Exception as error:  # torch, safetensors and json each raise their own types
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({type(error).__name__}: {str(error)[:200]}); resume from an older "
+            "checkpoint, or start again."
+        ) from None

@@ -20,7 +20,6 @@ import math
 import random
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,11 +28,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from peftlab.io import atomic_write_text
 from peftlab.model import PeftModel, count_parameters
 from peftlab.optim import make_optimizer, make_scheduler
 from peftlab.train.checkpoint import (
     CheckpointError,
     checkpoints_in,
+    find_checkpoint,
     load_checkpoint,
     restore_rng_state,
     rng_state,
@@ -44,6 +45,7 @@ from peftlab.train.evaluate import batch_totals, evaluate, label_count, model_in
 from peftlab.train.hooks import HookRunner, TrainingProgress, discover_hooks
 from peftlab.train.options import METHOD_OPTIONS, OptionsError, TrainOptions
 from peftlab.train.build import build_model, load_datasets, make_collator, save_trained
+from peftlab.train.run_folder import claim_output_folder
 
 #: Options a resumed run must share with the saved one for its loss curve to continue exactly.
 MUST_MATCH_ON_RESUME = (
@@ -68,9 +70,18 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     with _preserved_rng():
         processes = start_processes(options.device)
         try:
-            return TrainingRun(options, processes).run()
+            claim = claim_output_folder(Path(options.out), options.overwrite, resumes_into(options))
+            with claim if processes.is_main else contextlib.nullcontext():
+                return TrainingRun(options, processes).run()
         finally:
             processes.close()
+
+
+def resumes_into(options: TrainOptions) -> bool:
+    """Whether ``--resume`` continues the run in ``--out`` itself (then its files are expected there)."""
+    if not options.resume:
+        return False
+    return find_checkpoint(options.resume).resolve().parent == Path(options.out).resolve()
 
 
 @contextlib.contextmanager
@@ -88,18 +99,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_writable(folder: Path) -> None:
-    """Fail now, not after an hour of training, when the output folder cannot be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise OptionsError(
-            f"cannot write to the output folder {folder}: {error.strerror or error}. Choose another --out."
-        ) from None
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: allocated GPU memory on CUDA, else the resident set size."""
     if device.type == "cuda":
@@ -111,7 +110,6 @@ class TrainingRun:
     def __init__(self, options: TrainOptions, processes: Processes) -> None:
         self.processes = processes
         self.out = Path(options.out)
-        check_writable(self.out)
         seed_everything(options.seed)
         self.train_data, self.eval_data = load_datasets(options)
         model, self.tokenizer, options = build_model(
@@ -349,7 +347,7 @@ class TrainingRun:
         }
         if self.processes.is_main:
             save_trained(self.model, self.tokenizer, self.out)
-            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+            atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
             self._log(f"wrote {self.out}")
         self.processes.barrier()
         return metrics

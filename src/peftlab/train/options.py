@@ -129,6 +129,7 @@ class RunOptions:
     resume: str | None = _option(None, "continue from a checkpoint folder, or the newest one in a run folder")
     seed: int = _option(42, "seed for initialisation, data order, sampling and dropout")
     out: str = _option("runs/train", "output folder: adapter (or model), metrics, checkpoints")
+    overwrite: bool = _option(False, "replace the run already in --out (by default a folder holding one is refused)")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -319,6 +320,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return options
 
 
+def _resumed_options(resume: str) -> dict[str, Any]:
+    """The saved options of the run ``resume`` points into, with ``out`` that run's folder."""
+    from peftlab.train.checkpoint import find_checkpoint, saved_options
+
+    names = _field_names()
+    saved = {k: v for k, v in saved_options(resume).items() if k in names and k not in ("resume", "overwrite")}
+    return {**saved, "out": str(find_checkpoint(resume).parent)}
+
+
 # -- the flags ------------------------------------------------------------------------------------------
 
 
@@ -364,13 +374,19 @@ def add_train_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] |
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
-    """Defaults, then the --config file, then the flags given."""
+    """Defaults, then the options of the run being resumed (so a bare ``--resume DIR`` continues it
+    as it was), then the --config file, then the flags given."""
     values = read_config_file(args.config) if getattr(args, "config", None) else {}
     given = {name: getattr(args, name) for name in _field_names() if hasattr(args, name)}
+    resume = given.get("resume") or values.get("resume")
+    resumed = _resumed_options(resume) if resume else {}
+    for later in (values, given):
+        if "method_options" in later and "method_options" in resumed:
+            later["method_options"] = {**resumed["method_options"], **later["method_options"]}
     if "method_options" in given and "method_options" in values:
         given["method_options"] = {**values["method_options"], **given["method_options"]}
     try:
-        return TrainOptions(**{**values, **given})
+        return TrainOptions(**{**resumed, **values, **given})
     except OptionsError as error:
         source = f" (in {args.config} or the flags)" if getattr(args, "config", None) else ""
         raise OptionsError(f"{error}{source}") from None
