@@ -41,7 +41,7 @@ def fake_minilm_wheel(tmp_path: Path) -> Path:
     source = tmp_path / "model"
     source.mkdir()
     (source / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(source / "vocab.txt")).save_pretrained(source)
+    BertTokenizerFast(vocab=str(source / "vocab.txt")).save_pretrained(source)  # transformers 5: vocab, not vocab_file
     (source / "special_tokens_map.json").write_text(json.dumps({"pad_token": "[PAD]", "unk_token": "[UNK]"}))
     config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     BertModel(config).save_pretrained(source)
