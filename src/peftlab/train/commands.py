@@ -112,20 +112,14 @@ class MergeCommand:
         add_train_arguments(parser, only=("model", "task", "quantize"))
 
     def run(self, args: argparse.Namespace) -> int:
-        from peftlab.train.build import base_of, load_trained, recorded_quantization
+        from peftlab.train.build import base_of, load_trained
 
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise OptionsError(f"--out {out} is a file; give a folder for the merged model.")
-        if out.resolve() == Path(args.adapter).resolve():
-            raise OptionsError(
-                f"--out {out} is the adapter's own folder: transformers would load the merged model with the adapter "
-                "applied a second time. Give another folder."
-            )
+        _refuse_the_adapter_folder(out, args.adapter, "transformers would load the merged model with the adapter applied a second time")
         model_name, task = base_of(getattr(args, "model", None), args.adapter, getattr(args, "task", None))
-        quantization = getattr(args, "quantize", None) or recorded_quantization(args.adapter)
-        if quantization and not getattr(args, "quantize", None):
-            notice(f"the adapter was trained on a {quantization} base: merging into its dequantised weights (exact)")
+        quantization = _quantization(args)
         model, tokenizer = load_trained(model_name, args.adapter, task, quantization=quantization)
         merged = model.merge_and_unload(dequantize=quantization is not None)
         merged.save_pretrained(out)
@@ -156,13 +150,30 @@ class ExportCommand:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise OptionsError(f"--out {out} is a file; give a folder for the exported adapter.")
+        _refuse_the_adapter_folder(out, args.adapter, "the export would replace the adapter it is made from")
         model_name, task = base_of(getattr(args, "model", None), args.adapter, getattr(args, "task", None))
-        model, _ = load_trained(model_name, args.adapter, task, quantization=getattr(args, "quantize", None))
+        model, _ = load_trained(model_name, args.adapter, task, quantization=_quantization(args))
         export = build_lora_export(model, rank=args.rank, max_rank=args.max_rank)
         write_lora_export(export, out, metadata=saved_base_facts(model.base_model))
-        print(f"peftlab: exported {args.adapter} as plain LoRA (r = {export.rank}) to {out}: {export.summary()}",
-              file=sys.stderr)
+        notice(f"exported {args.adapter} as plain LoRA (r = {export.rank}) to {out}: {export.summary()}")
         return 0
+
+
+def _refuse_the_adapter_folder(out: Path, adapter: str, why: str) -> None:
+    if out.resolve() == Path(adapter).resolve():
+        raise OptionsError(f"--out {out} is the adapter's own folder: {why}. Give another folder.")
+
+
+def _quantization(args: argparse.Namespace) -> str | None:
+    """--quantize, else the 4-bit base the adapter was trained on (recorded with it)."""
+    from peftlab.train.build import recorded_quantization
+
+    recorded = recorded_quantization(args.adapter)
+    if getattr(args, "quantize", None):
+        return args.quantize
+    if recorded:
+        notice(f"the adapter was trained on a {recorded} base: using that base (exact), as --quantize {recorded}")
+    return recorded
 
 
 train = TrainCommand()
