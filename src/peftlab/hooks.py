@@ -33,7 +33,7 @@ import torch
 @dataclass(frozen=True)
 class TrainingProgress:
     step: int  # optimizer steps done before this one
-    total_steps: int
+    total_steps: int  # 0 where the loop does not say (a custom loop calling update_and_allocate)
     epoch: float
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from peftlab import io
 from peftlab.base import BaseLayerView, Conv1DView, LossyMergeWarning, base_view
 from peftlab.config import SEQ_CLS_HEAD_NAMES, AdapterConfig
+from peftlab.hooks import TrainingProgress
 from peftlab.layer import BASE_ROW, AdaptedLayer, rows_use_adapters
 from peftlab.methods import Method, config_class_for, method_for
 from peftlab.methods.adapter import Adapter
@@ -312,6 +313,17 @@ class PeftModel(nn.Module):
             self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
         if hasattr(self.base_model, "enable_input_require_grads"):
             self.base_model.enable_input_require_grads()
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """HF's call for custom training loops (AdaLoRA's name): after ``optimizer.step()`` and before
+        ``zero_grad()``, run the active adapters' ``after_optimizer_step`` training hooks for step
+        ``global_step`` (counted from 0). peftlab's loop and its Trainer callback call every hook
+        themselves; a custom loop that needs the others (``extra_loss``: AdaLoRA's regulariser, which
+        HF adds inside ``forward``) runs them with ``peftlab.train.hooks.HookRunner``."""
+        progress = TrainingProgress(step=global_step, total_steps=0, epoch=0.0)  # 0: the loop's length is unknown
+        for name in self.active_adapters:
+            for hook in self.method_of(name).training_hooks(self, name):
+                hook.after_optimizer_step(progress)
 
     # -- parameters ------------------------------------------------------------------------------
 

@@ -147,7 +147,8 @@ class LoraAdapter(Adapter):
     def __init__(self, base: BaseLayerView, r: int, alpha: float, dropout: float, use_rslora: bool, init) -> None:
         super().__init__()
         self.r = r
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        # r = 0: a layer that AdaLoRA pruned to nothing (HF allows it); the adapter adds no term.
+        self.scaling = 0.0 if r == 0 else alpha / math.sqrt(r) if use_rslora else alpha / r
         self.is_embedding = base.takes_ids
         # HF applies no dropout to token ids.
         self.dropout = nn.Dropout(dropout) if dropout > 0 and not self.is_embedding else None
