@@ -36,6 +36,10 @@ class MethodCase:
     rank_fields: Callable[[int], dict[str, Any]] = _lora_scale
     #: Runs on a 4-bit NF4 base (peftlab.quant.quantize_model).
     on_4bit: bool = True
+    #: A ``rank_pattern`` field is LoRA's (module regex -> rank); AdaLoRA's holds a saved mask instead.
+    lora_rank_pattern: bool = True
+    #: Refuses a second trainable adapter (AdaLoRA, as HF): the suites add the others for inference.
+    one_trainable_adapter: bool = False
 
     def config(self, rank: int = 4, **fields: Any) -> AdapterConfig:
         return make_method_config(self.name, **self.rank_fields(rank), **fields)
@@ -60,6 +64,11 @@ METHOD_TABLE = [
     # much as LoRA does; at 0.1 it moves them ~10x less, below the 4-bit suites' quantization noise.
     MethodCase("vera", lambda fan_in, fan_out, r: fan_out + r, hf="VeraConfig", rank_fields=lambda r: {"r": r, "d_initial": 1.0}),
     MethodCase("mora", lambda fan_in, fan_out, r: square_rank(fan_in, fan_out, r, ROPE) ** 2, hf=None, rank_fields=lambda r: {"r": r}),
+    # alpha 128r: AdaLoRA's P, Q start at N(0, 0.02²), so under the suites' perturbation its update is
+    # ~100x smaller than LoRA's at the same scale, below the merge and 4-bit tests' thresholds.
+    MethodCase("adalora", lambda fan_in, fan_out, r: r * (fan_in + fan_out + 1), hf="AdaLoraConfig",
+               rank_fields=lambda r: {"init_r": r, "target_r": r, "lora_alpha": 128 * r, "total_step": 10},
+               lora_rank_pattern=False, one_trainable_adapter=True),
 ]
 METHOD_CASES = {case.name: case for case in METHOD_TABLE}
 WITH_HF_TWIN = [case for case in METHOD_TABLE if case.hf is not None]

@@ -15,8 +15,14 @@ from safetensors.torch import load_file
 from peftlab import PeftModel, get_peft_model
 from peftlab.hooks import TrainingProgress
 from peftlab.methods.adalora import AdaLoraConfig, rank_per_layer
+from peftlab.methods.lora_targets import ADALORA_DEFAULT_TARGET_MODULES
 from peftlab.train.hooks import HookRunner, discover_hooks
-from tiny_models import logits, max_diff, tiny_batch, tiny_gpt2, tiny_llama
+from peftlab.data import ClassificationCollator, load_dataset_spec
+from peftlab.train import run_training
+from peftlab.train.callback import HookLossMixin, TrainingHooksCallback
+from tiny_models import logits, max_diff, tiny_batch, tiny_bert_seq_cls, tiny_gpt2, tiny_llama
+from train_fixtures import bert_dir, sentiment_dir, tiny_options  # noqa: F401
+from transformers import Trainer, TrainingArguments
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 # HF adds its regulariser only under a task_type (PeftModel.forward skips AdaLoraModel.forward without one).
@@ -140,6 +146,39 @@ def test_an_unpruned_adapter_round_trips_without_a_rank_pattern(tmp_path):
     assert max_diff(logits(merged, batch), logits(ours, batch)) < 1e-5
 
 
+# -- the loops call the allocator themselves ----------------------------------------------------------
+
+
+def assert_pruned_to_target(folder, total_step: int) -> None:
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    assert saved["total_step"] == total_step  # filled from the run
+    kept = [sum(mask) for mask in saved["rank_pattern"].values()]
+    assert len(kept) >= 4 and sum(kept) == saved["target_r"] * len(kept)
+
+
+def test_peftlab_training_fills_total_step_and_prunes(bert_dir, sentiment_dir, tmp_path):
+    options = {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "lora_alpha": 8}
+    run_training(tiny_options(bert_dir, sentiment_dir, tmp_path, method="adalora", max_steps=8, method_options=options))
+    assert_pruned_to_target(tmp_path, total_step=8)
+
+
+def test_hf_trainer_callback_fills_total_step_and_prunes(sentiment_dir, tiny_tokenizer, tmp_path):
+    model = get_peft_model(tiny_bert_seq_cls(), AdaLoraConfig(target_modules=["query", "value"], init_r=4, target_r=2))
+
+    class AdaLoraTrainer(HookLossMixin, Trainer):
+        pass
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, report_to=[],
+                             save_strategy="no", use_cpu=True, remove_unused_columns=False, logging_strategy="no",
+                             disable_tqdm=True)
+    trainer = AdaLoraTrainer(model=model, args=args, train_dataset=load_dataset_spec(sentiment_dir, "train"),
+                             data_collator=ClassificationCollator(tiny_tokenizer, max_length=16),
+                             callbacks=[TrainingHooksCallback()])
+    trainer.train()
+    model.save_pretrained(tmp_path / "adapter")
+    assert_pruned_to_target(tmp_path / "adapter", total_step=6)
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 
 
@@ -193,3 +232,10 @@ def test_other_bad_values_are_refused():
             AdaLoraConfig(total_step=10, **fields)
     with pytest.raises(TypeError, match=r"Embedding layer \(model.embed_tokens\)"):
         get_peft_model(tiny_llama(), AdaLoraConfig(target_modules=["embed_tokens"], total_step=10))
+
+
+@pytest.mark.parametrize("model_type", sorted(ADALORA_DEFAULT_TARGET_MODULES))
+def test_default_targets_are_hfs(model_type):
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING as hf_table
+
+    assert ADALORA_DEFAULT_TARGET_MODULES[model_type] == hf_table[model_type]

@@ -55,6 +55,7 @@ def configs(model_name: str, method: str = "lora") -> tuple[AdapterConfig, Adapt
     a_targets, b_targets = TARGETS[model_name]
     a_extra, b_extra = EXTRA[model_name]
     case = METHOD_CASES[method]
+    b_extra = {**b_extra, "inference_mode": True} if case.one_trainable_adapter else b_extra
     return case.config(4, target_modules=a_targets, **a_extra), case.config(2, target_modules=b_targets, **b_extra)
 
 

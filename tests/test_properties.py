@@ -203,8 +203,8 @@ RANK_PATTERNS = {"gpt2": {"c_fc": 2, "h.1.attn.c_attn": 7}, "llama": {"q_proj": 
 def test_trainable_parameter_count(model_name, method, with_rank_pattern):
     """The method's per-layer formula (LoRA: r·(in+out); DoRA: + out); rank_pattern overrides r where its regex matches."""
     case = METHOD_CASES[method]
-    if with_rank_pattern and not case.has_field("rank_pattern"):
-        pytest.skip(f"{method} has no rank_pattern")
+    if with_rank_pattern and not (case.has_field("rank_pattern") and case.lora_rank_pattern):
+        pytest.skip(f"{method} has no LoRA rank_pattern")
     pattern = RANK_PATTERNS[model_name] if with_rank_pattern else {}
     model = make(model_name, method, perturbed=False, **({"rank_pattern": pattern} if pattern else {}))
     expected = 0

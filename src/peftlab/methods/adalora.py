@@ -37,7 +37,8 @@ from peftlab.base import BaseLayerView
 from peftlab.config import AdapterConfig
 from peftlab.hooks import TrainingHook, TrainingProgress
 from peftlab.methods.fused import LoraLinearFunction, can_fuse
-from peftlab.methods.lora import LoraAdapter, add_low_rank
+from peftlab.methods.lora import LoraAdapter, LoraConfig, add_low_rank
+from peftlab.methods.lora_targets import ADALORA_DEFAULT_TARGET_MODULES
 from peftlab.methods.method import Method, MethodOption, UnsupportedBaseError
 from peftlab.methods.registry import register_method
 
@@ -73,6 +74,8 @@ class AdaLoraConfig(AdapterConfig):
     bias: str = "none"
 
     peft_type = "ADALORA"
+    default_target_modules = ADALORA_DEFAULT_TARGET_MODULES
+    unsupported_hf_fields = LoraConfig.unsupported_hf_fields
 
     def __post_init__(self) -> None:
         super().__post_init__()

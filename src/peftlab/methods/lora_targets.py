@@ -26,3 +26,18 @@ LORA_DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
     "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "rwkv": ["key", "value", "receptance", "output"], "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
+
+#: HF's AdaLoRA table: fewer model types, and wider targets (every projection) for some encoders.
+ADALORA_DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
+    **{
+        model_type: LORA_DEFAULT_TARGET_MODULES[model_type]
+        for model_type in (
+            "gpt2", "bloom", "gptj", "gpt_neox", "gpt_neo", "llama", "llama4", "bert", "gpt_bigcode", "deberta",
+            "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "nemotron_h",
+        )
+    },
+    "t5": ["q", "k", "v", "o", "wi", "wo"], "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "roberta": ["query", "key", "value", "dense"], "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+}
