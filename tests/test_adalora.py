@@ -98,13 +98,14 @@ def test_training_matches_hf_step_by_step_and_prunes():
     assert rank_per_layer(ours, "default") == {path: sum(kept) for path, kept in final.items()}
 
 
-def test_pruned_files_load_in_hf_and_back(tmp_path):
+def test_pruned_files_load_in_hf_and_back_and_export_as_plain_lora(tmp_path):
     base = tiny_llama()
     hf, ours = hf_and_peftlab(base, **SCHEDULE)
     train_both(hf, ours)
     batch = tiny_batch(base, seed=7)
     expected = logits(ours.eval(), batch)
 
+    final_masks = our_masks(ours)
     ours.save_pretrained(tmp_path / "ours")
     saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "ADALORA" and saved["total_step"] == STEPS
@@ -127,6 +128,16 @@ def test_pruned_files_load_in_hf_and_back(tmp_path):
     back.save_pretrained(tmp_path / "again")
     again = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
     assert again["rank_pattern"] == saved["rank_pattern"]
+
+    # Exported as plain LoRA for serving: exact, each layer keeping only its live components (zero-padded to r).
+    ours.save_pretrained(tmp_path / "lora", as_lora=True)
+    exported = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert exported["peft_type"] == "LORA" and exported["r"] == max(rank_per_layer(ours, "default").values())
+    lora_tensors = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    live = {path: int(lora_tensors[f"base_model.model.{path}.lora_A.weight"].any(dim=1).sum()) for path in final_masks}
+    assert live == rank_per_layer(ours, "default") and min(live.values()) < 4
+    as_lora = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora")
+    assert max_diff(logits(as_lora.eval(), batch), expected) < 1e-5
 
 
 def test_an_unpruned_adapter_round_trips_without_a_rank_pattern(tmp_path):

@@ -165,6 +165,13 @@ class AdaLoraAdapter(LoraAdapter):
     def delta_weight(self, base):
         return self.scaling * (self.lora_B @ self._down())
 
+    def low_rank(self, base):
+        """Exact factors without the pruned components: those whose singular value is exactly 0
+        (masked) add nothing, so dropping them changes nothing -- also between two masks, when a
+        pruned component has trained back to a non-zero value and is kept."""
+        live = self.lora_E.detach().view(-1) != 0
+        return self._down().detach()[live], self.scaling * self.lora_B.detach()[:, live]
+
     def saved_tensors(self):
         """The kept components only (HF slices by ``rank_pattern`` on save)."""
         if bool(self.kept.all()):
