@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 
+from peftlab.methods import METHODS
 from peftlab.train.options import (
     OptionsError,
     TrainOptions,
@@ -120,7 +121,9 @@ def test_method_defaults():
 
 
 def test_unknown_method_lists_the_registered_ones():
-    with pytest.raises(OptionsError, match=r"unknown method 'lorra'; available methods: dora, full, lora, mora, qlora, rslora, vera.*'lora'"):
+    available = ", ".join(sorted([*METHODS, "full"]))  # every registered method, whichever exist
+    assert {"dora", "lora", "qlora", "rslora"} <= set(METHODS)
+    with pytest.raises(OptionsError, match=rf"unknown method 'lorra'; available methods: {available}\. Did you mean 'lora'"):
         TrainOptions(method="lorra").with_method_defaults()
     with pytest.raises(OptionsError, match="--quantize needs an adapter method"):
         TrainOptions(method="full", quantize="nf4").with_method_defaults()
