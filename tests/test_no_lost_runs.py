@@ -130,3 +130,9 @@ def test_a_truncated_model_file_is_named(bert_dir, sentiment_dir, tmp_path, caps
 def test_max_length_above_the_models_positions_is_refused(bert_dir, sentiment_dir, tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", *tiny_flags(bert_dir, sentiment_dir, tmp_path / "out"), "--max-length", "64")
     assert code == 2 and "--max-length 64 is above the model's limit of 32 positions" in err.strip().splitlines()[-1]
+
+
+def test_a_rank_that_cannot_fit_is_refused_before_training(bert_dir, sentiment_dir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", *tiny_flags(bert_dir, sentiment_dir, tmp_path / "out"), "--r", str(2**40))
+    assert code == 2 and "Traceback" not in err
+    assert "for its weights alone" in err.strip().splitlines()[-1] and "lower r" in err

@@ -5,6 +5,11 @@ from __future__ import annotations
 import torch
 
 
+class AdapterTooLargeError(MemoryError, ValueError):
+    """An adapter would not fit in the free memory; raised before anything is allocated. A
+    ValueError too, so the command line reports it as an input to fix."""
+
+
 def available_bytes(device: torch.device | str) -> int | None:
     """Free bytes on ``device``: CUDA's free memory, or Linux's MemAvailable for the CPU; None if unknown."""
     device = torch.device(device)

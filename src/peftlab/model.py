@@ -589,7 +589,7 @@ def _default_targets(model: nn.Module, config: AdapterConfig) -> list[str] | str
 def check_adapter_fits_in_memory(method: Method, config: AdapterConfig, targets: dict[str, BaseLayerView]) -> None:
     """Refuse before allocating when the new adapter's weights alone exceed the free memory: a huge
     ``r`` would otherwise fail deep in torch, or get the process killed."""
-    from peftlab.memory import available_bytes, format_bytes
+    from peftlab.memory import AdapterTooLargeError, available_bytes, format_bytes
 
     needed = 4 * sum(method.adapter_numel(config, view, path) for path, view in targets.items())
     if needed == 0:
@@ -597,7 +597,7 @@ def check_adapter_fits_in_memory(method: Method, config: AdapterConfig, targets:
     device = next(iter(targets.values())).device
     free = available_bytes(device)
     if free is not None and needed > free:
-        raise MemoryError(
+        raise AdapterTooLargeError(
             f"the adapter needs {format_bytes(needed)} for its weights alone (training needs ~4x that for gradients "
             f"and optimizer states), but only {format_bytes(free)} is free on {device}; lower r or target fewer modules."
         )
