@@ -69,6 +69,7 @@ METHOD_TABLE = [
     MethodCase("adalora", lambda fan_in, fan_out, r: r * (fan_in + fan_out + 1), hf="AdaLoraConfig",
                rank_fields=lambda r: {"init_r": r, "target_r": r, "lora_alpha": 128 * r, "total_step": 10},
                lora_rank_pattern=False, one_trainable_adapter=True),
+    MethodCase("dylora", lambda fan_in, fan_out, r: r * (fan_in + fan_out), hf=None),
 ]
 METHOD_CASES = {case.name: case for case in METHOD_TABLE}
 WITH_HF_TWIN = [case for case in METHOD_TABLE if case.hf is not None]

@@ -94,7 +94,7 @@ def build_lora_export(
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ExportError(f"export rank must be a positive integer, got {rank!r}.")
     layers = {path: layer for path, layer in model.adapted_layers() if adapter_name in layer.adapters}
-    factors = method.as_low_rank(model, adapter_name)
+    factors = method.as_low_rank(model, adapter_name, rank)
     not_low_rank = sorted(path for path, f in factors.items() if f is None)
     exact_rank = max((f[0].shape[0] for f in factors.values() if f is not None), default=0)
     if not_low_rank and rank is None:

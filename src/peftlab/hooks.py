@@ -2,7 +2,8 @@
 
 One optimizer step, with the hook calls in order::
 
-    on_step_begin(progress)              per-step state, e.g. DyLoRA's sampled rank
+    on_step_begin(progress)              per-step state, e.g. DyLoRA's sampled rank (drawn from
+                                         progress.generator(): the same on every process and on resume)
     for each micro-batch:
         loss = data loss + extra_loss(progress) / grad_accum      regularisers
         loss.backward()
@@ -35,6 +36,12 @@ class TrainingProgress:
     step: int  # optimizer steps done before this one
     total_steps: int  # 0 where the loop does not say (a custom loop calling update_and_allocate)
     epoch: float
+    seed: int = 0  # the run's seed: the same in every process
+
+    def generator(self, stream: int = 0) -> torch.Generator:
+        """Random numbers for this step that every DDP process draws alike and a resumed run draws
+        again (seeded by ``(seed, step, stream)`` only, never by the global RNG): DyLoRA's rank."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.step) * 101 + stream)
 
 
 class TrainingHook:

@@ -325,6 +325,20 @@ class PeftModel(nn.Module):
             for hook in self.method_of(name).training_hooks(self, name):
                 hook.after_optimizer_step(progress)
 
+    # -- ranks -----------------------------------------------------------------------------------
+
+    def set_rank(self, rank: int, adapter_name: str | None = None) -> None:
+        """Run the adapter (default: the active one) at ``rank``, for methods trained to work at
+        several ranks (DyLoRA: any ``1 <= rank <= r``); the others refuse."""
+        name = adapter_name or self.active_adapter
+        self.method_of(name).set_rank(self, name, rank)
+
+    def rank_per_layer(self, adapter_name: str | None = None) -> dict[str, int] | None:
+        """``{module path: live rank}`` for methods that move their rank budget between layers
+        (AdaLoRA, dora_rank); None for a fixed rank."""
+        name = adapter_name or self.active_adapter
+        return self.method_of(name).rank_per_layer(self, name)
+
     # -- parameters ------------------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -181,9 +181,16 @@ class LoraAdapter(Adapter):
             x = x.to(self.lora_A.dtype)
         return self.dropout(x) if self.dropout is not None else x
 
+    def update_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(A, B, s)`` of the update ``s · B A`` that forward, merge and export use; a method whose
+        update is LoRA's on other factors (DyLoRA's first b components, dora_rank's ``diag(c) A``)
+        overrides this alone and keeps LoRA's forward, fused node, merge and export."""
+        return self.lora_A, self.lora_B, self.scaling
+
     def forward(self, x, base_out, base):
-        u = base.project_input(self._adapter_input(x), self.lora_A)
-        return add_low_rank(base_out, u, self.lora_B, self.scaling)
+        a, b, scale = self.update_factors()
+        u = base.project_input(self._adapter_input(x), a)
+        return add_low_rank(base_out, u, b, scale)
 
     def active_dropout(self) -> float:
         """The dropout probability this forward applies: 0 in eval mode or without dropout."""
@@ -191,15 +198,18 @@ class LoraAdapter(Adapter):
 
     def fused_forward(self, x: torch.Tensor, base: BaseLayerView) -> torch.Tensor | None:
         """Base plus adapter in one autograd node (see ``fused.py``); None where it does not apply."""
-        if not can_fuse(x, base, self.lora_A, self.lora_B):
+        a, b, scale = self.update_factors()
+        if not can_fuse(x, base, a, b):
             return None
-        return LoraLinearFunction.apply(x, self.lora_A, self.lora_B, self.scaling, base, self.active_dropout())
+        return LoraLinearFunction.apply(x, a, b, scale, base, self.active_dropout())
 
     def delta_weight(self, base):
-        return self.scaling * (self.lora_B @ self.lora_A)
+        a, b, scale = self.update_factors()
+        return scale * (b @ a)
 
     def low_rank(self, base):
-        return self.lora_A.detach(), self.scaling * self.lora_B.detach()
+        a, b, scale = self.update_factors()
+        return a.detach(), scale * b.detach()
 
     def saved_tensors(self):
         if self.is_embedding:

@@ -43,11 +43,21 @@ or does what LoRA needs, so a LoRA-like method overrides little. The core calls,
         load_tensors(model, name, tensors)    copy the checked file tensors in; default: each
                                               layer's Adapter.load_saved_tensors(), which refuses
                                               a saved tensor that is computed, not stored
-        as_low_rank(model, name)              {module path: (A, B) or None}: the update as exact
+        as_low_rank(model, name, rank)        {module path: (A, B) or None}: the update as exact
                                               low-rank factors for ``save_pretrained(as_lora=True)``
                                               (peftlab.export); default: each layer's
-                                              Adapter.low_rank(base); None: not low rank (export
-                                              takes a truncated SVD of delta_weight at a given rank)
+                                              Adapter.low_rank(base), whatever ``rank`` asks (the
+                                              export cuts it by SVD); a method that runs at several
+                                              ranks gives its exact factors at ``rank``; None: not
+                                              low rank (export takes a truncated SVD of delta_weight)
+    set_rank / the lab
+        inference_ranks(model, name)          the ranks the trained adapter can run at (DyLoRA:
+                                              1..r; the lab evaluates each); default None: one
+        set_rank(model, name, rank)           PeftModel.set_rank: run at another rank (DyLoRA);
+                                              default: refused, the method has one rank
+        rank_per_layer(model, name)           {module path: live rank} where the method moves its
+                                              rank budget during training (the lab plots it);
+                                              default None: a fixed rank
     delete_adapter
         remove(model, name, state)            undo what inject did outside method_state
 
@@ -173,6 +183,23 @@ class Method:
         """The hooks of the whole adapter; default: each layer's ``Adapter.training_hooks()``."""
         return [hook for _, adapter in model.adapters_of(adapter_name) for hook in adapter.training_hooks()]
 
+    # -- ranks ------------------------------------------------------------------------------------
+
+    def inference_ranks(self, model: PeftModel, adapter_name: str) -> list[int] | None:
+        """The ranks a trained adapter can run at through ``set_rank``; None: its one rank only."""
+        return None
+
+    def set_rank(self, model: PeftModel, adapter_name: str, rank: int) -> None:
+        """Make the adapter compute at ``rank`` from now on (inference, merge, export)."""
+        raise ValueError(
+            f"set_rank: the {self.name} method trains one fixed rank; only methods trained to work at several ranks "
+            "(dylora) can change it after training."
+        )
+
+    def rank_per_layer(self, model: PeftModel, adapter_name: str) -> dict[str, int] | None:
+        """Each layer's live rank, for methods that move their rank budget between layers; else None."""
+        return None
+
     # -- files ------------------------------------------------------------------------------------
 
     def export_config(self, model: PeftModel, adapter_name: str, config: AdapterConfig) -> dict[str, Any]:
@@ -185,9 +212,12 @@ class Method:
             for suffix, tensor in adapter.saved_tensors().items()
         }
 
-    def as_low_rank(self, model: PeftModel, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
+    def as_low_rank(
+        self, model: PeftModel, adapter_name: str, rank: int | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
         """Each adapted layer's update as ``(A [k, in], B [out, k])`` with ``B @ A`` the exact weight
-        change (scales folded into ``B``), or None where it is not low rank."""
+        change (scales folded into ``B``), or None where it is not low rank. ``rank`` is the rank the
+        export asks for: only a method that runs at several ranks uses it."""
         return {
             path: layer.adapters[adapter_name].low_rank(layer.view)
             for path, layer in model.adapted_layers()

@@ -21,8 +21,8 @@ from transformers import TrainerCallback
 from peftlab.train.hooks import HookRunner, TrainingHook, TrainingProgress, discover_hooks
 
 
-def _progress(state) -> TrainingProgress:
-    return TrainingProgress(step=state.global_step, total_steps=state.max_steps, epoch=state.epoch or 0.0)
+def _progress(args, state) -> TrainingProgress:
+    return TrainingProgress(step=state.global_step, total_steps=state.max_steps, epoch=state.epoch or 0.0, seed=args.seed)
 
 
 def _unwrap(model):
@@ -48,13 +48,13 @@ class TrainingHooksCallback(TrainerCallback):
             )
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.runner.on_step_begin(_progress(state))
+        self.runner.on_step_begin(_progress(args, state))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.runner.after_backward(_progress(state))
+        self.runner.after_backward(_progress(args, state))
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.runner.after_optimizer_step(_progress(state))
+        self.runner.after_optimizer_step(_progress(args, state))
 
 
 class HookLossMixin:
@@ -75,7 +75,7 @@ class HookLossMixin:
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if not model.training:
             return result
-        extra = self._hook_runner().extra_loss(_progress(self.state))
+        extra = self._hook_runner().extra_loss(_progress(self.args, self.state))
         if extra is None:
             return result
         # Trainer divides a per-batch loss by the accumulation steps itself, unless the loss was

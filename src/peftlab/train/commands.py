@@ -45,6 +45,8 @@ class EvalCommand:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--adapter", metavar="DIR", help="adapter folder written by `peftlab train`")
+        parser.add_argument("--rank", type=int, metavar="B",
+                            help="evaluate the adapter at rank B (methods trained for several ranks: dylora)")
         add_train_arguments(parser, only=EVAL_OPTIONS)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -65,6 +67,10 @@ class EvalCommand:
         try:
             model, tokenizer = load_trained(model_name, args.adapter, task, getattr(data, "num_labels", None), options.quantize)
             check_max_length(options.max_length, model)
+            if args.rank is not None:
+                if args.adapter is None:
+                    raise OptionsError("--rank sets the rank of an adapter: give --adapter too.")
+                model.set_rank(args.rank)
             batches = shard_batches(data, make_collator(options, tokenizer), processes, options.eval_batch_size)
             metrics = evaluate(model.to(processes.device), batches, task, processes, options.bf16)
         finally:

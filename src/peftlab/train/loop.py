@@ -211,7 +211,7 @@ class TrainingRun:
 
     def progress(self) -> TrainingProgress:
         epoch = self.state["epoch"] + self.state["batch_in_epoch"] / self.batches_per_epoch
-        return TrainingProgress(self.state["step"], self.total_steps, epoch)
+        return TrainingProgress(self.state["step"], self.total_steps, epoch, self.options.seed)
 
     def train_step(self, global_batches: list[list[int]]) -> tuple[float, int]:
         """One optimizer step; returns the step's mean loss and how many examples it used."""
