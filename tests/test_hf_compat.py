@@ -246,14 +246,14 @@ def _lm_rows(count: int = 8, length: int = 8) -> list[dict[str, list[int]]]:
     return rows
 
 
-def _trainer(model, out, **args):
+def _trainer(model, out, eval_dataset=None, **args):
     from transformers import Trainer, TrainingArguments
 
     arguments = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
         logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, **args,
     )
-    return Trainer(model=model, args=arguments, train_dataset=_lm_rows())
+    return Trainer(model=model, args=arguments, train_dataset=_lm_rows(), eval_dataset=eval_dataset)
 
 
 def test_hf_trainer_writes_adapter_folders_and_resumes_from_them(tmp_path):
@@ -274,6 +274,21 @@ def test_hf_trainer_writes_adapter_folders_and_resumes_from_them(tmp_path):
     resumed = _trainer(fresh, tmp_path / "resumed", max_steps=2, save_strategy="no")
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
     assert max_diff(logits(fresh, batch), logits(model, batch)) < 1e-6
+
+
+def test_hf_trainer_loads_the_best_adapter_at_the_end(tmp_path):
+    from safetensors.torch import load_file
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    trainer = _trainer(model, tmp_path / "run", eval_dataset=_lm_rows(4), max_steps=3, save_steps=1, save_strategy="steps",
+                       eval_strategy="steps", eval_steps=1, load_best_model_at_end=True, metric_for_best_model="loss",
+                       greater_is_better=True)  # "best" = highest loss: an early checkpoint, not the final weights
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-3")
+    saved = load_file(f"{best}/adapter_model.safetensors")
+    current = get_peft_model_state_dict(model)
+    assert sorted(saved) == sorted(current) and all(torch.equal(saved[k], current[k]) for k in saved)
 
 
 def test_trl_sft_trainer_trains_a_peftlab_model(tmp_path, tiny_tokenizer):
