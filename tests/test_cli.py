@@ -11,9 +11,10 @@ import torch
 from train_fixtures import bert_dir, sentiment_dir  # noqa: F401
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from method_table import METHOD_TABLE
 from peftlab import PeftModel
 from peftlab.cli import SUBCOMMANDS, main
-from peftlab.methods import METHODS
+from peftlab.methods import METHODS, method_named
 
 
 def tiny_flags(bert_dir, sentiment_dir, out) -> list[str]:
@@ -51,6 +52,8 @@ def test_train_eval_merge(bert_dir, sentiment_dir, tmp_path, capsys):
     batch = tokenizer(["the movie was good", "a bad film"], return_tensors="pt", padding=True, return_token_type_ids=False)
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
+        with adapted.disable_adapter():  # the two training steps moved the output: the merge did something
+            assert (adapted(**batch).logits - merged(**batch).logits).abs().max() > 1e-6
     assert not any("lora" in name for name, _ in merged.named_parameters())
 
     # export --to lora: a plain LoRA folder HF peft loads with the adapter's logits; a bad --max-rank is refused.
@@ -153,3 +156,26 @@ def test_eval_of_a_qlora_adapter_on_the_4bit_base(bert_dir, sentiment_dir, tmp_p
     code, out, _ = run_cli(capsys, "eval", "--adapter", str(adapter), "--dataset", str(sentiment_dir), "--max-length", "16",
                            "--quantize", "nf4")
     assert code == 0 and json.loads(out)["eval_loss"] == pytest.approx(trained["eval_loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("case", METHOD_TABLE, ids=str)
+def test_every_method_trains_evaluates_and_merges(bert_dir, sentiment_dir, tmp_path, capsys, case):
+    """``peftlab train/eval/merge --method NAME`` for every method of the table, with its own defaults."""
+    adapter = tmp_path / "adapter"
+    flags = ["--model", str(bert_dir), "--dataset", str(sentiment_dir), "--batch-size", "8", "--max-length", "16"]
+    code, out, err = run_cli(capsys, "train", *flags, "--out", str(adapter), "--method", case.name, "--max-steps", "2")
+    assert code == 0, err
+    trained = json.loads(out)
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == method_named(case.name).peft_type
+    code, out, _ = run_cli(capsys, "eval", "--adapter", str(adapter), "--dataset", str(sentiment_dir), "--max-length", "16")
+    assert code == 0 and json.loads(out)["eval_loss"] == pytest.approx(trained["eval_loss"], abs=1e-5)
+    code, _, _ = run_cli(capsys, "merge", "--model", str(bert_dir), "--adapter", str(adapter), "--out", str(tmp_path / "merged"))
+    assert code == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    adapted = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(bert_dir), adapter).eval()
+    batch = AutoTokenizer.from_pretrained(tmp_path / "merged")(["the movie was good", "a bad film"], return_tensors="pt",
+                                                              padding=True, return_token_type_ids=False)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
+        with adapted.disable_adapter():  # the two training steps moved the output: the merge did something
+            assert (adapted(**batch).logits - merged(**batch).logits).abs().max() > 1e-6

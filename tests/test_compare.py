@@ -19,10 +19,12 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from conftest import TINY_VOCAB
+from method_table import METHOD_TABLE
 from peftlab.cli import main
 from peftlab.lab import runner
 from peftlab.lab.measure import environment, forward_latency_ms, saved_model_bytes
 from peftlab.lab.results import RunRecord, load_results
+from peftlab.methods import method_named
 
 METHODS = "full,lora,dora,qlora"
 FAILING = "dora.target_modules=no_such_layer"
@@ -294,3 +296,21 @@ class Doubler(torch.nn.Module):
 def test_forward_latency_and_environment():
     assert forward_latency_ms(Doubler(), {"input_ids": torch.ones(2, 8)}, repeats=3) >= 0
     assert environment()["torch"] == torch.__version__
+
+
+def test_every_method_of_the_table_runs_in_compare(tmp_path, shared_flags):
+    """The methods whose implementation (Method class) the shared comparison does not run, in one more
+    comparison: each run completes, trains a small part of the model, and is timed merged and not."""
+    compared = {type(method_named(name)) for name in METHODS.split(",") if name != "full"}
+    names = [case.name for case in METHOD_TABLE if type(method_named(case.name)) not in compared]
+    out = tmp_path / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        code, stdout, stderr = run_cli("compare", "--methods", ",".join(names), "--out", str(out), *shared_flags)
+    assert code == 0, stderr
+    runs = {run["run_name"]: run for run in json.loads((out / "results.json").read_text(encoding="utf-8"))["runs"]}
+    assert list(runs) == names
+    for name, run in runs.items():
+        assert run["status"] == "ok" and run["steps"] == STEPS and 0 <= run["val_accuracy"] <= 1, name
+        assert 0 < run["trainable_params"] < 0.1 * run["total_params"], name
+        assert all(run["latency_ms"][kind] > 0 for kind in ("base", "adapter", "merged")), name

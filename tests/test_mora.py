@@ -11,14 +11,19 @@ R the block-diagonal RoPE rotations and D the truncation/tiling of the n·r̂ ou
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from peftlab import LoraConfig, PeftModel, get_peft_model
 from peftlab.base import LinearView
+from peftlab.methods import UnsupportedBaseError
 from peftlab.methods.mora import MoraAdapter, MoraConfig, square_rank
+from peftlab.methods.vera import VeraConfig
+from tiny_models import perturb, tiny_llama
 
 # (in, out, r): in < r̂, out < r̂, in != out both ways, in a multiple of r̂, the smallest layer.
 SHAPES = [(4, 64, 8), (64, 4, 8), (24, 40, 2), (40, 24, 3), (16, 16, 8), (1, 1, 1), (7, 5, 1)]
@@ -149,3 +154,27 @@ def test_unknown_mora_type_is_a_clear_error(bad):
 def test_mora_type_names():
     assert MoraConfig(mora_type="sharing").mora_type == 1
     assert MoraConfig(mora_type="RoPE").mora_type == 6
+
+
+# -- through the model: bad input ------------------------------------------------------------------
+
+
+def test_embedding_target_is_refused_by_name():
+    with pytest.raises(UnsupportedBaseError, match=r"MoRA cannot adapt model\.embed_tokens, an Embedding"):
+        get_peft_model(tiny_llama(), MoraConfig(target_modules=["embed_tokens", "q_proj"]))
+
+
+def test_a_file_of_one_method_is_not_loaded_as_another(tmp_path):
+    """A MoRA folder loads only as MoRA: another method's config is refused, and a config relabelled to
+    another peft_type finds none of its tensors (never a silent partial load)."""
+    model = get_peft_model(tiny_llama(), MoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    perturb(model)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"is a MORA adapter but the config given is VeraConfig \(VERA\)"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path, config=VeraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"holds a MORA adapter, not a LoraConfig"):
+        LoraConfig.from_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "peft_type": "VERA", "mora_type": None}))
+    with pytest.raises(ValueError, match=r"does not fit this model: missing keys .*vera_lambda"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)

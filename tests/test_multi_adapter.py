@@ -227,3 +227,23 @@ def test_delete_unknown_adapter_raises():
     model = two_adapters("gpt2")
     with pytest.raises(ValueError, match=r"no adapter named 'zz'; the adapters are: a, b"):
         model.delete_adapter("zz")
+
+
+def test_mixed_batch_across_methods():
+    """Adapters of different methods (here every method of the table) in one model and one batch: each
+    row equals its adapter alone."""
+    model = get_peft_model(fresh_base("llama"), METHOD_TABLE[0].config(4, target_modules=TARGETS["llama"][0]),
+                           adapter_name=METHOD_TABLE[0].name)
+    for case in METHOD_TABLE[1:]:
+        model.add_adapter(case.name, case.config(4, target_modules=TARGETS["llama"][0]))
+    for seed, case in enumerate(METHOD_TABLE):
+        perturb(model, case.name, seed=seed)
+    model.eval()
+    rows = [case.name for case in METHOD_TABLE] + ["__base__"]
+    batch = tiny_batch(model, batch_size=len(rows))
+    mixed = logits(model, batch, adapter_names=rows)
+    base = alone(model, "__base__", batch)
+    for row, name in enumerate(rows):
+        torch.testing.assert_close(mixed[row], alone(model, name, batch)[row], rtol=1e-5, atol=1e-5, msg=name)
+        if name != "__base__":  # each adapter moves its row, so a row given the wrong adapter cannot pass
+            assert (mixed[row] - base[row]).abs().max() > 1e-3, name

@@ -16,7 +16,7 @@ import torch
 from peft.tuners.vera.model import _kaiming_init
 from safetensors.torch import load_file
 
-from peftlab import PeftModel, get_peft_model
+from peftlab import LoraConfig, PeftModel, get_peft_model
 from peftlab.methods import UnsupportedBaseError
 from peftlab.methods.vera import VeraConfig, VeraProjections, draw_projections
 from tiny_models import logits, max_diff, perturb, tiny_batch, tiny_bert_seq_cls, tiny_gpt2, tiny_llama
@@ -233,3 +233,17 @@ def test_adapter_with_another_projection_is_refused_next_to_one(bases, tmp_path)
     with pytest.raises(ValueError, match=r"trained with another random projection"):
         model.load_adapter(tmp_path, "b")
     assert list(model.peft_config) == ["default"]
+
+
+def test_a_vera_file_is_not_loaded_as_another_method(bases, tmp_path):
+    base = bases["llama"]
+    get_peft_model(copy.deepcopy(base), VeraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"is a VERA adapter but the config given is LoraConfig \(LORA\)"):
+        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, config=LoraConfig(r=4, target_modules=["q_proj"]))
+    config_path = tmp_path / "adapter_config.json"
+    saved = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({k: v for k, v in saved.items() if k not in ("projection_prng_key", "save_projection",
+                                                                                      "d_initial", "vera_dropout", "init_weights")}
+                                      | {"peft_type": "LORA"}))
+    with pytest.raises(ValueError, match=r"does not fit this model: missing keys .*lora_A"):
+        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
