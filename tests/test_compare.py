@@ -306,11 +306,14 @@ def test_every_method_of_the_table_runs_in_compare(tmp_path, shared_flags):
     out = tmp_path / "out"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
-        code, stdout, stderr = run_cli("compare", "--methods", ",".join(names), "--out", str(out), *shared_flags)
+        # Each method at its own defaults: not every method has an `r` (AdaLoRA has init_r/target_r).
+        at = shared_flags.index("--r")
+        flags = shared_flags[:at] + shared_flags[at + 2:]
+        code, stdout, stderr = run_cli("compare", "--methods", ",".join(names), "--out", str(out), *flags)
     assert code == 0, stderr
     runs = {run["run_name"]: run for run in json.loads((out / "results.json").read_text(encoding="utf-8"))["runs"]}
     assert list(runs) == names
     for name, run in runs.items():
         assert run["status"] == "ok" and run["steps"] == STEPS and 0 <= run["val_accuracy"] <= 1, name
-        assert 0 < run["trainable_params"] < 0.1 * run["total_params"], name
+        assert 0 < run["trainable_params"] < 0.25 * run["total_params"], name  # MoRA's r=8 on 64-wide layers: 17%
         assert all(run["latency_ms"][kind] > 0 for kind in ("base", "adapter", "merged")), name
