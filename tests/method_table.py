@@ -8,6 +8,7 @@ no 4-bit base) leaves it out through the fields below, never through a list of i
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -70,6 +71,8 @@ METHOD_TABLE = [
                rank_fields=lambda r: {"init_r": r, "target_r": r, "lora_alpha": 128 * r, "total_step": 10},
                lora_rank_pattern=False, one_trainable_adapter=True),
     MethodCase("dylora", lambda fan_in, fan_out, r: r * (fan_in + fan_out), hf=None),
+    MethodCase("dora_rank", lambda fan_in, fan_out, r: math.ceil(1.5 * r) * (fan_in + fan_out + 1), hf=None,
+               rank_fields=lambda r: {"r": r, "lora_alpha": 2 * r, "total_step": 10}),
 ]
 METHOD_CASES = {case.name: case for case in METHOD_TABLE}
 WITH_HF_TWIN = [case for case in METHOD_TABLE if case.hf is not None]

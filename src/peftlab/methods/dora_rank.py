@@ -1,0 +1,211 @@
+"""Dynamic-rank DoRA (Mao et al. 2024, "DoRA: Enhancing Parameter-Efficient Fine-Tuning with Dynamic
+Rank Distribution"), method name ``dora_rank``. Not the weight-decomposed ``dora``.
+
+    ΔW = s · B diag(c) A = s · Σ_i c_i b_i a_iᵀ,   A: [r0, in], B: [out, r0], c: [r0],   s = alpha / r0
+
+It is LoRA on the factors ``(diag(c ⊙ mask) A, B)``, so it reuses LoRA's forward, fused autograd
+node, merge and export (``LoraAdapter.update_factors``); ``r0 = ceil(1.5 · r)`` components start
+per layer (``init_r``), ``c = 0`` and ``A``, ``B`` kaiming-uniform, so the model starts unchanged.
+
+Training (:class:`RankScheduler`, a training hook):
+- importance of component i: ``‖c_i b_i a_iᵀ‖_F / (‖ΔW‖_F + 1e-8)``, smoothed by an EMA (β = 0.9)
+  after every optimizer step until pruning ends;
+- from ``prune_start`` (15%) to ``prune_end`` (50%) of training, every ``prune_interval`` steps and
+  at the end of the phase, the globally least important live components are pruned so that
+  ``N · (1 − r/r0) · p³`` are pruned in all (``N`` the components of all layers, ``p`` the progress
+  through the phase): their mask entry and ``c_i`` go to 0, for good. After the phase the layers
+  hold ``r`` components on average, distributed where they matter;
+- the regulariser ``mean over layers of (Σ_i Var(A[i,:]) + Σ_i Var(B[:,i])) / (2 · r0)``, weight
+  0.1, until pruning ends.
+
+Deviation from the official code, on purpose: there a pruned ``c_i`` stays trainable and can grow
+back between two prune steps (it is re-zeroed at the next one); here the mask enters the forward,
+so a pruned component contributes nothing and gets no gradient from the step it is pruned.
+
+Files: ``lora_A.weight``, ``lora_B.weight``, ``lora_c`` and ``lora_mask`` per layer under
+``peft_type`` "DORA_RANK" (HF peft has no such method); ``save_pretrained(as_lora=True)`` writes
+the live components as exact plain LoRA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftlab.config import AdapterConfig
+from peftlab.hooks import TrainingHook, TrainingProgress
+from peftlab.methods.lora import LoraAdapter, _check_positive
+from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
+from peftlab.methods.method import Method, MethodOption, UnsupportedBaseError
+from peftlab.methods.registry import register_method
+
+
+@dataclass
+class DoraRankConfig(AdapterConfig):
+    r: int = 8  # the average rank per layer after pruning
+    init_r: int | None = None  # components per layer at the start; None: ceil(1.5 · r)
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0  # as every config here; peftlab train uses the official 0.1 (run_defaults)
+    prune_start: float = 0.15  # fraction of training where pruning starts
+    prune_end: float = 0.5  # ... and ends (the mask is fixed from then on)
+    prune_interval: int = 100  # optimizer steps between two pruning rounds
+    ema_beta: float = 0.9
+    variance_weight: float = 0.1  # weight of the variance regulariser (0: off)
+    total_step: int | None = None  # training length; None: the run's
+
+    peft_type = "DORA_RANK"
+    default_target_modules = LORA_DEFAULT_TARGET_MODULES
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("r", self.r, whole=True)
+        _check_positive("lora_alpha", self.lora_alpha)
+        _check_positive("prune_interval", self.prune_interval, whole=True)
+        if self.init_r is not None and self.init_r < self.r:
+            raise ValueError(f"init_r ({self.init_r}) must be at least r ({self.r}): pruning only removes components.")
+        if not 0 <= self.prune_start <= self.prune_end <= 1:
+            raise ValueError(
+                f"need 0 <= prune_start <= prune_end <= 1 (fractions of training), got {self.prune_start} and {self.prune_end}."
+            )
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}; 0 turns dropout off.")
+        if not 0 <= self.ema_beta < 1:
+            raise ValueError(f"ema_beta must be in [0, 1), got {self.ema_beta}.")
+        if self.total_step is not None:
+            _check_positive("total_step", self.total_step, whole=True)
+
+    @property
+    def start_rank(self) -> int:
+        return self.init_r if self.init_r is not None else math.ceil(1.5 * self.r)
+
+
+class DoraRankAdapter(LoraAdapter):
+    def __init__(self, view, config: DoraRankConfig) -> None:
+        # init=False: A and B both kaiming-uniform, as the official code; c = 0 keeps ΔW = 0.
+        super().__init__(view, config.start_rank, config.lora_alpha, config.lora_dropout, False, False)
+        self.lora_c = nn.Parameter(torch.zeros(self.r, dtype=self.lora_A.dtype, device=self.lora_A.device))
+        self.register_buffer("lora_mask", torch.ones(self.r, dtype=torch.bool, device=self.lora_A.device))
+
+    def update_factors(self):
+        gate = self.lora_c * self.lora_mask
+        return gate[:, None] * self.lora_A, self.lora_B, self.scaling
+
+    def low_rank(self, base):
+        """The live components only: pruned ones are dropped, not exported as zeros."""
+        a, b, scale = self.update_factors()
+        live = self.lora_mask
+        return a.detach()[live], scale * b.detach()[:, live]
+
+    @torch.no_grad()
+    def importance(self) -> torch.Tensor:
+        """``‖c_i b_i a_iᵀ‖_F / (‖ΔW‖_F + 1e-8)`` per component, without building ΔW."""
+        gate = (self.lora_c * self.lora_mask).float()
+        a, b = self.lora_A.float(), self.lora_B.float()
+        norms = gate.abs() * a.norm(dim=1) * b.norm(dim=0)
+        total_sq = (torch.outer(gate, gate) * (b.T @ b) * (a @ a.T)).sum().clamp_min(0)
+        return norms / (total_sq.sqrt() + 1e-8)
+
+    @torch.no_grad()
+    def prune(self, components: torch.Tensor) -> None:
+        self.lora_mask[components] = False
+        self.lora_c[components] = 0
+
+    def variance(self) -> torch.Tensor:
+        """``(Σ_i Var(A[i,:]) + Σ_i Var(B[:,i])) / (2 · r0)``: one layer's regulariser term."""
+        return (self.lora_A.var(dim=1).sum() + self.lora_B.var(dim=0).sum()) / (2 * self.r)
+
+    def saved_tensors(self):
+        return {**super().saved_tensors(), "lora_c": self.lora_c, "lora_mask": self.lora_mask}
+
+
+class RankScheduler(TrainingHook):
+    """EMA importance, the pruning schedule and the variance regulariser of one adapter."""
+
+    def __init__(self, adapters: list[DoraRankAdapter], config: DoraRankConfig) -> None:
+        self.adapters = adapters
+        self.config = config
+        self.scores = [torch.zeros(adapter.r, device=adapter.lora_c.device) for adapter in adapters]
+
+    def phase(self, progress: TrainingProgress) -> tuple[int, int]:
+        """The first and last step (0-based) of the pruning phase."""
+        total = self.config.total_step or progress.total_steps
+        if not total:
+            raise ValueError("dora_rank needs the training length for its pruning schedule: set total_step in the config.")
+        return int(self.config.prune_start * total), int(self.config.prune_end * total)
+
+    def pruned_by(self, step: int, start: int, end: int) -> int:
+        """How many components the schedule has pruned after pruning at ``step``."""
+        progress = 1.0 if end <= start else min(max((step - start) / (end - start), 0.0), 1.0)
+        total = sum(adapter.r for adapter in self.adapters)
+        return math.floor(total * (1 - self.config.r / self.config.start_rank) * progress**3 + 1e-9)
+
+    def extra_loss(self, progress: TrainingProgress) -> torch.Tensor | None:
+        if not self.config.variance_weight or progress.step > self.phase(progress)[1]:
+            return None
+        return self.config.variance_weight * torch.stack([adapter.variance() for adapter in self.adapters]).mean()
+
+    def after_optimizer_step(self, progress: TrainingProgress) -> None:
+        start, end = self.phase(progress)
+        step = progress.step
+        if step > end:
+            return
+        beta = self.config.ema_beta
+        for score, adapter in zip(self.scores, self.adapters):
+            score.mul_(beta).add_(adapter.importance(), alpha=1 - beta)
+        if step >= start and ((step - start) % self.config.prune_interval == 0 or step == end):
+            self.prune_to(self.pruned_by(step, start, end))
+
+    def prune_to(self, wanted: int) -> None:
+        """Prune the least important live components until ``wanted`` are pruned in all."""
+        live = [adapter.lora_mask.cpu() for adapter in self.adapters]
+        scores = [score.cpu() for score in self.scores]
+        more = wanted - sum(int((~mask).sum()) for mask in live)
+        if more <= 0:
+            return
+        # Every live component's score, tagged with its layer and index; dead ones rank last.
+        flat = torch.cat([torch.where(mask, score, torch.inf) for mask, score in zip(live, scores)])
+        chosen = torch.topk(flat, more, largest=False).indices
+        offsets = torch.tensor([0] + [adapter.r for adapter in self.adapters]).cumsum(0)
+        for i, adapter in enumerate(self.adapters):
+            mine = chosen[(chosen >= offsets[i]) & (chosen < offsets[i + 1])] - offsets[i]
+            if len(mine):
+                adapter.prune(mine.to(adapter.lora_mask.device))
+
+    def state_dict(self):
+        return {"scores": [s.clone() for s in self.scores], "masks": [a.lora_mask.cpu().clone() for a in self.adapters]}
+
+    def load_state_dict(self, state):
+        self.scores = [s.to(adapter.lora_c.device) for s, adapter in zip(state["scores"], self.adapters)]
+        for adapter, mask in zip(self.adapters, state["masks"]):
+            adapter.prune(torch.nonzero(~mask.to(adapter.lora_mask.device)).flatten())
+
+
+class DoraRankMethod(Method):
+    config_class = DoraRankConfig
+    options = {
+        "r": MethodOption(int, "average rank per layer after pruning (starts at 1.5 r)", "positive", lambda v: v > 0),
+        "lora_alpha": MethodOption(float, "scale numerator, s = alpha / init_r", "positive", lambda v: v > 0, relative_to="r"),
+        "lora_dropout": MethodOption(float, "dropout on the adapter input", "in [0, 1)", lambda v: 0 <= v < 1),
+    }
+    #: The official defaults (alpha 8, dropout 0.1) with LoRA's learning rate.
+    run_defaults = {"lr": 1e-3, "r": 8, "lora_alpha": 8, "lora_dropout": 0.1}
+
+    def check_base(self, config, view, path):
+        if view.takes_ids:
+            raise UnsupportedBaseError(f"dora_rank on an Embedding layer ({path}) is not supported; target linear layers.")
+
+    def make_adapter(self, config, view, path, state):
+        return DoraRankAdapter(view, config)
+
+    def training_hooks(self, model, adapter_name):
+        adapters = [adapter for _, adapter in model.adapters_of(adapter_name)]
+        return [RankScheduler(adapters, model.peft_config[adapter_name])]
+
+    def rank_per_layer(self, model, adapter_name):
+        return {path: int(adapter.lora_mask.sum()) for path, adapter in model.adapters_of(adapter_name)}
+
+
+register_method(DoraRankMethod("dora_rank"))
