@@ -526,8 +526,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     buffers) by its values, as in HF peft."""
     from peftlab.quant import Linear4bit
 
-    params = list(model.parameters())  # parameters() already yields a tied tensor once
-    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    # 4-bit storage held as parameters for sharding (Linear4bit.shardable_storage_) is not a weight.
+    storage = {id(p) for m in layers for p in m.parameters(recurse=False) if p is not m.bias}
+    params = [p for p in model.parameters() if id(p) not in storage]  # a tied tensor comes once
+    quantized = sum(m.in_features * m.out_features for m in layers)
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 

@@ -114,8 +114,9 @@ class Linear4bit(nn.Module):
                 f"[out, in] = [{self.out_features}, {self.in_features}]; quantize a weight of that shape "
                 "(Conv1D weights are [in, out]: transpose them first, or use Linear4bit.from_module)."
             )
-        for name in _PLAIN_STATS + _DOUBLE_STATS:
+        for name in ("packed",) + _PLAIN_STATS + _DOUBLE_STATS:
             self._buffers.pop(name, None)
+            self._parameters.pop(name, None)  # held as parameters for sharding (see shardable_storage_)
         self.blocksize = state.blocksize
         self.double_quant = state.double_quant
         self.weight_dtype = state.dtype  # of the weight before quantization
@@ -123,6 +124,21 @@ class Linear4bit(nn.Module):
         for name in self._stat_names():
             self.register_buffer(name, getattr(state, name))
         self.quant_version += 1
+
+    def shardable_storage_(self) -> list[str]:
+        """Hold the codes and the per-block statistics as frozen parameters instead of buffers; returns their names.
+
+        FSDP2 shards parameters and replicates buffers: as parameters, the 4-bit storage is split
+        across processes like any weight (all-gathered as bytes for a block's forward and backward),
+        so QLoRA's memory saving survives sharding. The few per-256-block scales stay buffers
+        (1/4096 of the codes' bytes): FSDP2 cannot shard the 0-dim offset, and they are not worth it.
+        """
+        names = ["packed", _PLAIN_STATS[0] if not self.double_quant else "absmax_q"]
+        for name in names:
+            tensor = self._buffers.pop(name, None)
+            if tensor is not None:
+                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+        return names
 
     def requantize_(self, weight: torch.Tensor) -> None:
         """Quantize a new ``[out, in]`` weight with this layer's settings and store it (lossy)."""
@@ -175,12 +191,14 @@ class Linear4bit(nn.Module):
         # (``.half()``, ``.to(torch.bfloat16)``) change only the compute dtype and the bias.
         probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.packed.device))
         names = ("packed",) + self._stat_names()
-        kept = {name: self._buffers.pop(name) for name in names}
+        kept = {name: (store, store.pop(name)) for name in names
+                for store in (self._buffers, self._parameters) if name in store}
         try:
             super()._apply(fn, recurse)
         finally:
-            for name, buf in kept.items():
-                self._buffers[name] = buf.to(probe.device)
+            for name, (store, tensor) in kept.items():
+                moved = tensor.to(probe.device)
+                store[name] = nn.Parameter(moved, requires_grad=False) if store is self._parameters else moved
         if probe.is_floating_point():
             self.compute_dtype = probe.dtype
         return self

@@ -54,12 +54,24 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
 
 
 def shard_batches(
-    data: Sequence[Any], collate: Callable, processes: Processes, batch_size: int
+    data: Sequence[Any], collate: Callable, processes: Processes, batch_size: int, lockstep: bool = False
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This process's contiguous share of ``data``, collated in batches of ``batch_size``."""
+    """This process's contiguous share of ``data``, collated in batches of ``batch_size``.
+
+    ``lockstep``: every process yields as many batches as the one with the most (a sharded
+    model's forward is a collective); the extra ones repeat an example with every label ignored,
+    so they count for nothing.
+    """
     mine = processes.shard(range(len(data)))
-    for start in range(0, len(mine), batch_size):
+    starts = range(0, len(mine), batch_size)
+    for start in starts:
         yield collate([data[i] for i in mine[start : start + batch_size]])
+    if lockstep and len(data):
+        most = math.ceil(math.ceil(len(data) / processes.world_size) / batch_size)
+        for _ in range(most - len(starts)):
+            padding = collate([data[mine[0] if mine else 0]])
+            padding["labels"].fill_(IGNORE_INDEX)
+            yield padding
 
 
 @torch.no_grad()

@@ -41,6 +41,15 @@ from peftlab.train.checkpoint import (
     save_checkpoint,
 )
 from peftlab.train.distributed import Processes, start_processes
+from peftlab.train.fsdp import (
+    full_optimizer_state,
+    full_trainable_parameters,
+    full_trainable_tensors,
+    full_value,
+    held_bytes,
+    load_full_optimizer_state,
+    load_full_tensors,
+)
 from peftlab.train.evaluate import batch_totals, evaluate, label_count, model_inputs, shard_batches
 from peftlab.train.hooks import HookRunner, TrainingProgress, discover_hooks
 from peftlab.train.options import METHOD_OPTIONS, OptionsError, TrainOptions
@@ -68,7 +77,7 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     """
     options = options.with_method_defaults()
     with _preserved_rng():
-        processes = start_processes(options.device)
+        processes = start_processes(options.device, options.strategy)
         try:
             claim = claim_output_folder(Path(options.out), options.overwrite, resumes_into(options))
             with claim if processes.is_main else contextlib.nullcontext():
@@ -181,10 +190,8 @@ class TrainingRun:
         trainable = {k for k, p in params.items() if p.requires_grad}
         if set(checkpoint.trainable) != trainable:
             raise CheckpointError(f"checkpoint {checkpoint.path} does not hold this model's trainable parameters.")
-        with torch.no_grad():
-            for name, tensor in checkpoint.trainable.items():
-                params[name].copy_(tensor)
-        self.optimizer.load_state_dict(checkpoint.optimizer)
+        load_full_tensors(params, checkpoint.trainable)  # whole tensors, sharded here under FSDP2
+        load_full_optimizer_state(self.optimizer, checkpoint.optimizer)
         self.scheduler.load_state_dict(checkpoint.scheduler)
         self.hooks.load_state_dict(checkpoint.hooks)
         restore_rng_state(checkpoint.rng[self.processes.rank])
@@ -192,14 +199,16 @@ class TrainingRun:
         self._log(f"resumed from {checkpoint.path} at step {self.state['step']}")
 
     def _save_checkpoint(self) -> None:
-        rng = self.processes.gather(rng_state())  # every process takes part; only the first writes
+        # Every process takes part (gathering RNG states, and under FSDP2 the shards); only the first writes.
+        rng = self.processes.gather(rng_state())
+        trainable, optimizer = full_trainable_tensors(self.model), full_optimizer_state(self.optimizer)
         if not self.processes.is_main:
             return
         path = save_checkpoint(
             self.out,
             self.state["step"],
-            trainable={k: p for k, p in self.model.named_parameters() if p.requires_grad},
-            optimizer=self.optimizer.state_dict(),
+            trainable=trainable,
+            optimizer=optimizer,
             scheduler=self.scheduler.state_dict(),
             hooks=self.hooks.state_dict(),
             rng=rng,
@@ -242,7 +251,7 @@ class TrainingRun:
             norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], self.options.max_grad_norm
             )
-            self._stop_if_diverged("gradient norm", float(norm))
+            self._stop_if_diverged("gradient norm", float(full_value(norm)))
         self.hooks.after_backward(progress)
         self.optimizer.step()
         self.hooks.after_optimizer_step(progress)
@@ -321,7 +330,8 @@ class TrainingRun:
         state["epoch_correct"] = state["epoch_count"] = 0
 
     def _evaluate(self) -> None:
-        batches = shard_batches(self.eval_data, self.collate, self.processes, self.options.eval_batch_size)
+        batches = shard_batches(self.eval_data, self.collate, self.processes, self.options.eval_batch_size,
+                                lockstep=self.processes.sharded)
         metrics = evaluate(self.model, batches, self.options.task, self.processes, self.options.bf16)
         self.state["val_curve"].append({"step": self.state["step"], **metrics})
         self._log("eval " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + f" at step {self.state['step']}")
@@ -329,10 +339,13 @@ class TrainingRun:
     def _finish(self, last_eval: dict[str, Any], trainable: int, total: int) -> dict[str, Any]:
         state = self.state
         train_time = state["train_time_s"]
+        peak_memory = self.processes.gather(peak_memory_mb(self.processes.device))
         metrics = {
             **{k: v for k, v in last_eval.items() if k != "step"},
             "train_time_s": train_time,
-            "peak_memory_mb": peak_memory_mb(self.processes.device),
+            "peak_memory_mb": max(peak_memory),
+            "peak_memory_mb_per_process": peak_memory,
+            "model_bytes_per_process": self.processes.gather(held_bytes(self.model)),
             "trainable_params": trainable,
             "total_params": total,
             "steps": state["step"],
@@ -345,8 +358,10 @@ class TrainingRun:
             "world_size": self.processes.world_size,
             "options": self.options.to_dict(),
         }
+        with full_trainable_parameters(self.model):  # a collective under FSDP2
+            if self.processes.is_main:
+                save_trained(self.model, self.tokenizer, self.out)
         if self.processes.is_main:
-            save_trained(self.model, self.tokenizer, self.out)
             atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
             self._log(f"wrote {self.out}")
         self.processes.barrier()

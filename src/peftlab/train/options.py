@@ -35,6 +35,8 @@ from peftlab.optim import OPTIMIZERS, SCHEDULERS
 TASKS = ("seq-cls", "causal-lm")
 FULL_FINE_TUNING = "full"
 QUANTIZATIONS = ("nf4",)
+#: How processes share a run under torchrun / accelerate launch (see peftlab.train.distributed).
+STRATEGIES = ("auto", "ddp", "fsdp")
 
 #: Full fine-tuning's defaults: a learning rate ~20x below the adapters' (see ``LoraMethod.run_defaults``).
 FULL_FINE_TUNING_DEFAULTS: dict[str, Any] = {"lr": 5e-5}
@@ -121,6 +123,10 @@ class RunOptions:
     bf16: bool = _option(False, "run forward and backward under bfloat16 autocast")
     gradient_checkpointing: bool = _option(False, "recompute activations in backward to save memory")
     device: str = _option("auto", "where to train (auto: cuda if available)", choices=("auto", "cpu", "cuda"))
+    strategy: str = _option(
+        "auto", "with several processes: ddp (a whole model each), fsdp (FSDP2: each holds a shard); "
+        "auto: fsdp under an accelerate FSDP config, else ddp", choices=STRATEGIES,
+    )
     # -- evaluation, logging, checkpoints -----------------------------------------------------------
     eval_batch_size: int = _option(64, "examples per evaluation batch")
     eval_every: int | None = _option(None, "evaluate every N optimizer steps (always at the end)")
