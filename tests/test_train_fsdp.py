@@ -6,6 +6,7 @@ launch checks several things where it can.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -18,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from train_fixtures import llama_dir, prompt_dir, tiny_options  # noqa: F401
 
-from peftlab.train import OptionsError, run_training
+from peftlab.train import OptionsError, fsdp, run_training
 from peftlab.train.checkpoint import CheckpointError, load_checkpoint
 
 RUN = dict(task="causal-lm", batch_size=7, grad_accum=2, max_steps=4, eval_every=2, lr=1e-2, eval_batch_size=5)
@@ -37,16 +38,20 @@ def flags(model_dir: Path, data_dir: Path, out: Path, **changes) -> list[str]:
     return args
 
 
-def torchrun(*args: str, launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    launcher = launcher or ["--standalone", "--nproc_per_node=2"]
-    command = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "peftlab", "train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``peftlab train ARGS`` on 2 processes, as a user starts it."""
+    return launch("-m", "peftlab", "train", *args)
+
+
+def launch(*program: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *program]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
-def assert_same_training(sharded: Path, single: dict, tolerance: float = 1e-5) -> dict:
+def assert_same_training(sharded: Path, single: dict, strategy: str = "fsdp", tolerance: float = 1e-5) -> dict:
     """Loss per step, evaluations and the final adapter equal within ``tolerance``; returns the sharded metrics.
 
     The adapter also gets 1e-4 relative: two processes sum a gradient in another order, and Adam
@@ -54,7 +59,7 @@ def assert_same_training(sharded: Path, single: dict, tolerance: float = 1e-5) -
     an element of 0.06 after 4 QLoRA steps; DDP's test allows the same).
     """
     metrics = json.loads((sharded / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["options"]["strategy"] == "fsdp"
+    assert metrics["world_size"] == 2 and metrics["strategy"] == strategy
     assert metrics["train_loss_curve"] == pytest.approx(single["train_loss_curve"], abs=tolerance)
     assert [v["eval_loss"] for v in metrics["val_curve"]] == pytest.approx(
         [v["eval_loss"] for v in single["val_curve"]], abs=tolerance)
@@ -67,37 +72,66 @@ def assert_same_training(sharded: Path, single: dict, tolerance: float = 1e-5) -
     return metrics
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
-def test_fsdp_trains_what_one_process_trains(method, llama_dir, prompt_dir, tmp_path):
-    # AdamW with clipping (the defaults) for the methods; 7 examples a batch split 4 + 3, an odd
-    # evaluation split (8 examples in batches of 5: one process runs a padding batch).
-    single = run_training(tiny_options(llama_dir, prompt_dir, tmp_path / "one", method=method, **RUN))
-    result = torchrun(*flags(llama_dir, prompt_dir, tmp_path / "two", method=method, strategy="fsdp"))
-    metrics = assert_same_training(tmp_path / "two", single)
-    assert metrics["trainable_params"] == single["trainable_params"]
-    assert metrics["total_params"] == single["total_params"]  # 4-bit storage held as parameters is not counted twice
-    assert len(metrics["peak_memory_mb_per_process"]) == 2
-    assert metrics["peak_memory_mb"] == max(metrics["peak_memory_mb_per_process"])
-    # Sharded, not replicated (the 4-bit codes of QLoRA's base included): each process holds about half.
-    whole, = single["model_bytes_per_process"]
-    assert all(0.45 * whole < held < 0.6 * whole for held in metrics["model_bytes_per_process"])
-    # Written once, by the first process: one summary, the same files and config as the unsharded run.
-    assert result.stdout.count('"eval_loss"') == 1
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert (tmp_path / "two/adapter_config.json").read_text() == (tmp_path / "one/adapter_config.json").read_text()
+#: Every method of the registry, and QLoRA (LoRA on the 4-bit base).
+METHODS = ["lora", "rslora", "dora", "qlora"]
+STRATEGIES = ("fsdp", "ddp")
+#: The resumed pair: dropout on, so each process's restored RNG state matters; the whole run leaves checkpoint-3.
+RESUME = dict(strategy="fsdp", lora_dropout=0.2, save_every=3)
 
 
-def test_fsdp_gradients_are_averaged_exactly_once(llama_dir, prompt_dir, tmp_path):
-    """Plain SGD without clipping: the update is proportional to the gradient, so gradients summed
-    instead of averaged over the 2 processes (pytorch issue 162338, gloo's AVG), or averaged twice,
-    change the loss from step 2 on. (Adam and clipping hide a constant factor: not used here.)"""
-    sgd = dict(optimizer="sgd", momentum=0.0, max_grad_norm=0, lr=0.5, scheduler="constant", warmup_ratio=0)
-    single = run_training(tiny_options(llama_dir, prompt_dir, tmp_path / "one", **{**RUN, **sgd}))
-    torchrun(*flags(llama_dir, prompt_dir, tmp_path / "two", strategy="fsdp", **sgd))
-    metrics = assert_same_training(tmp_path / "two", single)
-    # The check has teeth: a doubled gradient moves the loss of step 2 by far more than the tolerance.
-    doubled = run_training(tiny_options(llama_dir, prompt_dir, tmp_path / "double", **{**RUN, **sgd, "lr": 1.0}))
-    assert abs(doubled["train_loss_curve"][1] - metrics["train_loss_curve"][1]) > 1e-3
+@pytest.fixture(scope="module")
+def launched(llama_dir, prompt_dir, tmp_path_factory) -> Path:
+    """One torchrun launch, many trainings: every method under both strategies, then an FSDP2 run
+    with checkpoints and a second one resuming from its checkpoint-3. Returns the folder of their outputs."""
+    folder = tmp_path_factory.mktemp("launched")
+    runs = [tiny_options(llama_dir, prompt_dir, folder / f"{method}-{strategy}", method=method, strategy=strategy, **RUN)
+            for method in METHODS for strategy in STRATEGIES]
+    runs += [tiny_options(llama_dir, prompt_dir, folder / "whole", **RUN, **RESUME),
+             tiny_options(llama_dir, prompt_dir, folder / "resumed", **RUN, **RESUME, resume=str(folder / "whole/checkpoint-3"))]
+    (folder / "runs.json").write_text(json.dumps([dataclasses.asdict(options) for options in runs]))
+    launch(str(Path(__file__).parent / "training_worker.py"), str(folder / "runs.json"))
+    return folder
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_under_fsdp_and_ddp_what_one_process_trains(method, launched, llama_dir, prompt_dir, tmp_path):
+    # AdamW with clipping (the defaults); 7 examples a batch split 4 + 3; an odd evaluation split
+    # (8 examples in batches of 5: one process runs a padding batch to keep in step).
+    single = run_training(tiny_options(llama_dir, prompt_dir, tmp_path, method=method, **RUN))
+    for strategy in STRATEGIES:
+        folder = launched / f"{method}-{strategy}"
+        metrics = assert_same_training(folder, single, strategy)
+        assert (metrics["trainable_params"], metrics["total_params"]) == (
+            single["trainable_params"], single["total_params"])  # 4-bit storage as parameters: not counted twice
+        # Written once, by the first process: the same files and config as the unsharded run.
+        assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in tmp_path.iterdir())
+        assert (folder / "adapter_config.json").read_text() == (tmp_path / "adapter_config.json").read_text()
+        assert len(metrics["peak_memory_mb_per_process"]) == 2
+        assert metrics["peak_memory_mb"] == max(metrics["peak_memory_mb_per_process"])
+        # FSDP2 shards, DDP replicates -- QLoRA's 4-bit codes included.
+        whole, = single["model_bytes_per_process"]
+        held = metrics["model_bytes_per_process"]
+        assert all(0.45 * whole < h < 0.55 * whole for h in held) if strategy == "fsdp" else held == [whole, whole]
+
+
+def test_resume_under_fsdp_continues_exactly_and_needs_the_same_world_size(launched, llama_dir, prompt_dir, tmp_path):
+    whole, resumed = (json.loads((launched / name / "metrics.json").read_text()) for name in ("whole", "resumed"))
+    assert resumed["train_loss_curve"] == pytest.approx(whole["train_loss_curve"], abs=1e-6)
+    assert resumed["eval_loss"] == pytest.approx(whole["eval_loss"], abs=1e-6)
+    a, b = (load_file(launched / name / "adapter_model.safetensors") for name in ("whole", "resumed"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5)
+
+    # The checkpoint holds whole tensors (as an unsharded run's), not one process's shards.
+    checkpoint = launched / "whole/checkpoint-3"
+    saved = load_checkpoint(checkpoint)
+    assert sorted(tuple(v.shape) for v in saved.trainable.values()) == sorted(tuple(v.shape) for v in a.values())
+    assert sorted(tuple(state["exp_avg"].shape) for state in saved.optimizer["state"].values()) == sorted(
+        tuple(v.shape) for v in a.values())
+    # Another number of processes: refused, since each process's RNG stream cannot be split or merged.
+    with pytest.raises(CheckpointError, match="written by 2 processes; resume with the same number"):
+        run_training(tiny_options(llama_dir, prompt_dir, tmp_path, **RUN, **{**RESUME, "strategy": "auto"},
+                                  resume=str(checkpoint)))
 
 
 def free_port() -> int:
@@ -106,47 +140,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_with_one_rendezvous_endpoint_train_and_match(llama_dir, prompt_dir, tmp_path):
-    """Two torchrun agents, one process each, as two "nodes" meeting at a c10d rendezvous on localhost."""
-    single = run_training(tiny_options(llama_dir, prompt_dir, tmp_path / "one", **RUN))
+def test_two_nodes_at_one_rendezvous_train_as_one_process_with_gradients_averaged_once(llama_dir, prompt_dir, tmp_path):
+    """Two torchrun agents, one process each, as two "nodes" meeting at a c10d rendezvous on localhost,
+    running ``peftlab train`` as a user would.
+
+    Plain SGD without clipping: the update is proportional to the gradient, so gradients summed
+    instead of averaged over the processes (pytorch issue 162338: gloo's AVG once did that), or
+    averaged twice, change the loss from step 2 on. Adam and clipping would hide a constant factor.
+    """
+    sgd = dict(optimizer="sgd", momentum=0.0, max_grad_norm=0, lr=0.5, scheduler="constant", warmup_ratio=0)
+    single = run_training(tiny_options(llama_dir, prompt_dir, tmp_path / "one", **{**RUN, **sgd}))
     endpoint = f"localhost:{free_port()}"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                 "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=peftlab-test", "-m", "peftlab", "train",
-                *flags(llama_dir, prompt_dir, tmp_path / "two", strategy="fsdp")]
+                *flags(llama_dir, prompt_dir, tmp_path / "two", strategy="fsdp", **sgd)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     agents = [subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
               for _ in range(2)]
     outputs = [agent.communicate(timeout=300) for agent in agents]
     for agent, (_, err) in zip(agents, outputs):
         assert agent.returncode == 0, err[-4000:]
-    assert_same_training(tmp_path / "two", single)
+    metrics = assert_same_training(tmp_path / "two", single)
     assert sum(out.count('"eval_loss"') for out, _ in outputs) == 1  # one summary, from global rank 0
-
-
-def test_resume_under_fsdp_continues_exactly_and_needs_the_same_world_size(llama_dir, prompt_dir, tmp_path):
-    # Dropout on, so each process's restored RNG state matters; checkpoint-3 is left by the whole run.
-    run = dict(strategy="fsdp", lora_dropout=0.2, save_every=3)
-    torchrun(*flags(llama_dir, prompt_dir, tmp_path / "whole", **run))
-    whole = json.loads((tmp_path / "whole/metrics.json").read_text())
-    checkpoint = tmp_path / "whole/checkpoint-3"
-    torchrun(*flags(llama_dir, prompt_dir, tmp_path / "resumed", resume=checkpoint, **run))
-    resumed = json.loads((tmp_path / "resumed/metrics.json").read_text())
-    assert resumed["train_loss_curve"] == pytest.approx(whole["train_loss_curve"], abs=1e-6)
-    assert resumed["eval_loss"] == pytest.approx(whole["eval_loss"], abs=1e-6)
-    a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("whole", "resumed"))
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5)
-
-    # The checkpoint holds whole tensors (as an unsharded run's), not one process's shards.
-    saved = load_checkpoint(checkpoint)
-    shapes = {k: tuple(v.shape) for k, v in load_file(tmp_path / "whole/adapter_model.safetensors").items()}
-    assert {tuple(v.shape) for v in saved.trainable.values()} == set(shapes.values())
-    assert sorted(tuple(state["exp_avg"].shape) for state in saved.optimizer["state"].values()) == sorted(
-        tuple(v.shape) for v in saved.trainable.values())
-    # Another number of processes: refused, since each process's RNG stream cannot be split or merged.
-    with pytest.raises(CheckpointError, match="written by 2 processes; resume with the same number"):
-        run_training(tiny_options(llama_dir, prompt_dir, tmp_path / "one", **RUN, lora_dropout=0.2, save_every=3,
-                                  resume=str(checkpoint)))
+    # The check has teeth: a doubled gradient moves the loss of step 2 by far more than the tolerance.
+    doubled = run_training(tiny_options(llama_dir, prompt_dir, tmp_path / "double", **{**RUN, **sgd, "lr": 1.0}))
+    assert abs(doubled["train_loss_curve"][1] - metrics["train_loss_curve"][1]) > 1e-3
 
 
 def test_fsdp_without_a_process_group_says_how_to_launch(llama_dir, prompt_dir, tmp_path, monkeypatch):
@@ -164,3 +182,35 @@ def test_accelerate_configs_peftlab_cannot_honour_are_refused(llama_dir, prompt_
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with pytest.raises(OptionsError, match="mixed_precision: bf16.*--bf16"):
         run_training(tiny_options(llama_dir, prompt_dir, tmp_path, max_steps=1))
+
+
+def test_fsdp_accepts_a_bf16_base_with_fp32_adapters_and_refuses_mixed_trainable_dtypes(tmp_path):
+    launch(str(Path(__file__).parent / "fsdp_dtypes_worker.py"), env={"OUT": str(tmp_path)})
+    for rank in range(2):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["grad_max_diff"] < 1e-5 and report["grad_dtypes"] == ["torch.float32"]
+        # torch 2.13 refuses a unit whose trainable tensors mix dtypes; peftlab says so first, in words.
+        assert "FSDP expects uniform original parameter dtype" in report["torch_refuses"]
+        assert report["peftlab_refuses"].startswith("FSDP2 cannot shard base_model.model.layers.0: its trainable tensors mix dtypes")
+
+
+def test_a_method_with_training_hooks_is_refused_under_fsdp(monkeypatch):
+    class RankPruning:
+        pass
+
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(fsdp, "discover_hooks", lambda model: [RankPruning()])
+    with pytest.raises(OptionsError, match=r"cannot train with --strategy fsdp: its training hooks \(RankPruning\)"):
+        fsdp.check_method_can_shard(model)
+
+
+def test_accelerate_launch_with_the_shipped_fsdp2_config_runs_peftlab_train_unchanged(llama_dir, prompt_dir, tmp_path):
+    single = run_training(tiny_options(llama_dir, prompt_dir, tmp_path / "one", **RUN))
+    shipped = Path(__file__).parents[1] / "docs/fsdp2.yaml"
+    config = tmp_path / "fsdp2-cpu.yaml"  # the shipped file, on a machine without GPUs (as the docs say)
+    config.write_text(shipped.read_text().replace("use_cpu: false", "use_cpu: true"))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "-m", "peftlab", "train", *flags(llama_dir, prompt_dir, tmp_path / "two")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert_same_training(tmp_path / "two", single, "fsdp")  # auto: FSDP2, from the accelerate config

@@ -40,7 +40,7 @@ class Processes:
     world_size: int
     device: torch.device
     owns_group: bool  # this object started the process group, so it must end it
-    strategy: str = "ddp"  # "ddp" or "fsdp" (resolved from --strategy by start_processes)
+    strategy: str = "none"  # "none" (one process), "ddp" or "fsdp": --strategy resolved by start_processes
 
     @property
     def is_main(self) -> bool:
@@ -101,7 +101,7 @@ class Processes:
 
 
 def resolve_strategy(choice: str, world_size: int) -> str:
-    """``auto``: fsdp under ``accelerate launch`` with an FSDP config, else ddp."""
+    """``auto``: fsdp under ``accelerate launch`` with an FSDP config, else ddp; "none" for one process."""
     from peftlab.train.fsdp import check_accelerate_config, launched_with_fsdp
 
     if launched_with_fsdp():
@@ -115,6 +115,8 @@ def resolve_strategy(choice: str, world_size: int) -> str:
             f"{os.environ.get('WORLD_SIZE', 'unset')}): launch it with torchrun --nproc_per_node=2 (or more) -m peftlab "
             "train ..., or accelerate launch with docs/fsdp2.yaml; or drop --strategy fsdp to train in this process."
         )
+    if world_size < 2:
+        return "none"
     return "ddp" if choice == "auto" else choice
 
 

@@ -356,6 +356,7 @@ class TrainingRun:
             "time_per_step_s": train_time / max(state["step"], 1),
             "examples_per_s": state["examples_seen"] / train_time if train_time else 0.0,
             "world_size": self.processes.world_size,
+            "strategy": self.processes.strategy,
             "options": self.options.to_dict(),
         }
         with full_trainable_parameters(self.model):  # a collective under FSDP2
