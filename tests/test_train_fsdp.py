@@ -113,6 +113,8 @@ def test_every_method_trains_under_fsdp_and_ddp_what_one_process_trains(method, 
         assert (folder / "adapter_config.json").read_text() == (tmp_path / "adapter_config.json").read_text()
         assert len(metrics["peak_memory_mb_per_process"]) == 2
         assert metrics["peak_memory_mb"] == max(metrics["peak_memory_mb_per_process"])
+        assert all(0 < train <= peak for train, peak in zip(metrics["training_peak_memory_mb_per_process"],
+                                                             metrics["peak_memory_mb_per_process"]))
         # FSDP2 shards, DDP replicates -- QLoRA's 4-bit codes included.
         whole, = single["model_bytes_per_process"]
         held = metrics["model_bytes_per_process"]

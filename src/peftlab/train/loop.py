@@ -115,6 +115,22 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def reset_peak_memory(device: torch.device) -> bool:
+    """Make :func:`peak_memory_mb` count from now on; False where it cannot (RSS outside Linux).
+
+    Loading a model peaks above training when the weights are converted or sharded after loading
+    (every FSDP2 process loads the whole model first): the training peak is measured apart.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the RSS high-water mark ru_maxrss reads
+    except OSError:
+        return False
+    return True
+
+
 class TrainingRun:
     def __init__(self, options: TrainOptions, processes: Processes) -> None:
         self.processes = processes
@@ -127,7 +143,8 @@ class TrainingRun:
         self.options = options
         if options.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        self.model = model.to(processes.device)
+        # FSDP2 moves each process's shards to the device itself: the whole model never goes there.
+        self.model = model if processes.sharded else model.to(processes.device)
         self.collate = make_collator(options, self.tokenizer)
         self.ddp_model = processes.wrap(self.model)
         self.hooks = HookRunner(discover_hooks(self.model))
@@ -284,6 +301,8 @@ class TrainingRun:
             f"{self.processes.world_size} process(es) on {self.processes.device}"
         )
         self._write_metrics_lines(state["logged"], mode="w")
+        self.load_peak_memory = peak_memory_mb(self.processes.device)
+        self.can_measure_training_peak = reset_peak_memory(self.processes.device)
         bar = tqdm(
             total=self.total_steps, initial=state["step"], desc="train", unit="step", file=sys.stderr,
             disable=not (self.processes.is_main and sys.stderr.isatty()), dynamic_ncols=True,
@@ -339,12 +358,15 @@ class TrainingRun:
     def _finish(self, last_eval: dict[str, Any], trainable: int, total: int) -> dict[str, Any]:
         state = self.state
         train_time = state["train_time_s"]
-        peak_memory = self.processes.gather(peak_memory_mb(self.processes.device))
+        training_peak = peak_memory_mb(self.processes.device)
+        peak_memory = self.processes.gather(max(training_peak, self.load_peak_memory))
+        training_peak_memory = self.processes.gather(training_peak if self.can_measure_training_peak else None)
         metrics = {
             **{k: v for k, v in last_eval.items() if k != "step"},
             "train_time_s": train_time,
             "peak_memory_mb": max(peak_memory),
             "peak_memory_mb_per_process": peak_memory,
+            "training_peak_memory_mb_per_process": training_peak_memory,  # from the first step on
             "model_bytes_per_process": self.processes.gather(held_bytes(self.model)),
             "trainable_params": trainable,
             "total_params": total,
