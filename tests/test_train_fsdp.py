@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 from train_fixtures import llama_dir, prompt_dir, tiny_options  # noqa: F401
 
 from peftlab.methods import METHODS as REGISTRY
-from peftlab.train import OptionsError, fsdp, run_training
+from peftlab.train import OptionsError, TrainOptions, fsdp, run_training
+from peftlab.quant import Linear4bit
+from peftlab.train.build import build_model
 from peftlab.train.checkpoint import CheckpointError, load_checkpoint
 
 RUN = dict(task="causal-lm", batch_size=7, grad_accum=2, max_steps=4, eval_every=2, lr=1e-2, eval_batch_size=5)
@@ -76,8 +78,31 @@ def assert_same_training(sharded: Path, single: dict, strategy: str = "fsdp", to
 #: Every method of the registry (QLoRA included: LoRA on the 4-bit base).
 METHODS = list(REGISTRY)
 STRATEGIES = ("fsdp", "ddp")
+DROPOUTS = [f.name for f in dataclasses.fields(TrainOptions) if f.name.endswith("_dropout")]
+
+
+def method_run(method: str) -> dict:
+    """``RUN`` for ``method``, its adapter dropout off (the fields of other methods left unset)."""
+    return {**RUN, "method": method, **{name: 0.0 if name in REGISTRY[method].options else None for name in DROPOUTS}}
+
 #: The resumed pair: dropout on, so each process's restored RNG state matters; the whole run leaves checkpoint-3.
 RESUME = dict(strategy="fsdp", lora_dropout=0.2, save_every=3)
+
+
+def sharded_bytes(options: TrainOptions) -> list[int]:
+    """What each of 2 processes should hold under FSDP2: its dim-0 half of every parameter (the first
+    process the larger half, as torch.chunk), the 4-bit storage held as parameters, and every buffer."""
+    model, _, _ = build_model(options.with_method_defaults(), None)
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.shardable_storage_()
+    held = [0, 0]
+    for param in {id(p): p for p in model.parameters()}.values():
+        rows, row_bytes = param.shape[0], param[0].numel() * param.element_size()
+        held[0] += -(-rows // 2) * row_bytes
+        held[1] += (rows - -(-rows // 2)) * row_bytes
+    buffers = sum(b.numel() * b.element_size() for b in {id(b): b for b in model.buffers()}.values())
+    return [h + buffers for h in held]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +110,7 @@ def launched(llama_dir, prompt_dir, tmp_path_factory) -> Path:
     """One torchrun launch, many trainings: every method under both strategies, then an FSDP2 run
     with checkpoints and a second one resuming from its checkpoint-3. Returns the folder of their outputs."""
     folder = tmp_path_factory.mktemp("launched")
-    runs = [tiny_options(llama_dir, prompt_dir, folder / f"{method}-{strategy}", method=method, strategy=strategy, **RUN)
+    runs = [tiny_options(llama_dir, prompt_dir, folder / f"{method}-{strategy}", strategy=strategy, **method_run(method))
             for method in METHODS for strategy in STRATEGIES]
     runs += [tiny_options(llama_dir, prompt_dir, folder / "whole", **RUN, **RESUME),
              tiny_options(llama_dir, prompt_dir, folder / "resumed", **RUN, **RESUME, resume=str(folder / "whole/checkpoint-3"))]
@@ -98,7 +123,7 @@ def launched(llama_dir, prompt_dir, tmp_path_factory) -> Path:
 def test_every_method_trains_under_fsdp_and_ddp_what_one_process_trains(method, launched, llama_dir, prompt_dir, tmp_path):
     # AdamW with clipping (the defaults); 7 examples a batch split 4 + 3; an odd evaluation split
     # (8 examples in batches of 5: one process runs a padding batch to keep in step).
-    single = run_training(tiny_options(llama_dir, prompt_dir, tmp_path, method=method, **RUN))
+    single = run_training(tiny_options(llama_dir, prompt_dir, tmp_path, **method_run(method)))
     for strategy in STRATEGIES:
         folder = launched / f"{method}-{strategy}"
         if (folder / "refused.txt").exists():  # only FSDP2 may refuse a method, and it must say why
@@ -115,10 +140,10 @@ def test_every_method_trains_under_fsdp_and_ddp_what_one_process_trains(method, 
         assert metrics["peak_memory_mb"] == max(metrics["peak_memory_mb_per_process"])
         assert all(0 < train <= peak for train, peak in zip(metrics["training_peak_memory_mb_per_process"],
                                                              metrics["peak_memory_mb_per_process"]))
-        # FSDP2 shards, DDP replicates -- QLoRA's 4-bit codes included.
+        # FSDP2 shards every parameter (QLoRA's 4-bit codes included) and replicates buffers; DDP replicates all.
         whole, = single["model_bytes_per_process"]
-        held = metrics["model_bytes_per_process"]
-        assert all(0.45 * whole < h < 0.55 * whole for h in held) if strategy == "fsdp" else held == [whole, whole]
+        expected = sharded_bytes(tiny_options(llama_dir, prompt_dir, tmp_path, **method_run(method)))
+        assert metrics["model_bytes_per_process"] == (expected if strategy == "fsdp" else [whole, whole])
 
 
 def test_resume_under_fsdp_continues_exactly_and_needs_the_same_world_size(launched, llama_dir, prompt_dir, tmp_path):

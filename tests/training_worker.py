@@ -27,6 +27,7 @@ def main(path: str) -> None:
             try:
                 run_training(options)
             except OptionsError as error:
+                Path(options.out).mkdir(parents=True, exist_ok=True)
                 (Path(options.out) / "refused.txt").write_text(str(error), encoding="utf-8")
     finally:
         dist.destroy_process_group()
