@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from train_fixtures import llama_dir, prompt_dir, tiny_options  # noqa: F401
 
+from peftlab.hooks import TrainingHook
 from peftlab.methods import METHODS as REGISTRY
 from peftlab.train import OptionsError, TrainOptions, fsdp, run_training
 from peftlab.quant import Linear4bit
@@ -226,13 +227,19 @@ def test_fsdp_accepts_a_bf16_base_with_fp32_adapters_and_refuses_mixed_trainable
         assert report["peftlab_refuses"].startswith("FSDP2 cannot shard base_model.model.layers.0: its trainable tensors mix dtypes")
 
 
-def test_a_method_with_training_hooks_is_refused_under_fsdp(monkeypatch):
-    class RankPruning:
+def test_a_method_whose_hooks_need_whole_tensors_is_refused_under_fsdp(monkeypatch, llama_dir, prompt_dir, tmp_path):
+    class RankPruning(TrainingHook):  # works_on_shards left False, as an unknown hook's
         pass
 
-    model = torch.nn.Linear(2, 2)
-    monkeypatch.setattr(fsdp, "discover_hooks", lambda model: [RankPruning()])
-    with pytest.raises(OptionsError, match=r"cannot train with --strategy fsdp: its training hooks \(RankPruning\)"):
+    class RankDraw(TrainingHook):
+        works_on_shards = True
+
+    model, _, _ = build_model(tiny_options(llama_dir, prompt_dir, tmp_path).with_method_defaults(), None)
+    monkeypatch.setattr(fsdp, "discover_hooks", lambda model: [RankDraw()])
+    fsdp.check_method_can_shard(model)  # a hook that reads no tensor is fine
+    monkeypatch.setattr(fsdp, "discover_hooks", lambda model: [RankDraw(), RankPruning()])
+    with pytest.raises(OptionsError, match=r"method lora cannot train with --strategy fsdp: its training hooks "
+                                           r"\(RankPruning\).*Use --strategy ddp"):
         fsdp.check_method_can_shard(model)
 
 

@@ -47,6 +47,12 @@ class TrainingProgress:
 class TrainingHook:
     """Override what the method needs; every call defaults to doing nothing."""
 
+    #: Whether the hook still works when each process holds only a shard of every tensor between
+    #: steps (``--strategy fsdp``): true for a hook that sets per-step values (DyLoRA's rank), false
+    #: for one that reads or rewrites whole weights or gradients (AdaLoRA's importance, pruning).
+    #: Unknown: false, and FSDP2 refuses the method rather than run it on shards.
+    works_on_shards: bool = False
+
     def on_step_begin(self, progress: TrainingProgress) -> None:
         pass
 

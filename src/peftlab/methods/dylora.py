@@ -95,6 +95,8 @@ class DyLoraAdapter(LoraAdapter):
 class DyLoraRankSampler(TrainingHook):
     """Draws the step's rank before its first forward and clears it after the optimizer step."""
 
+    works_on_shards = True  # sets a rank, reads no tensor
+
     def __init__(self, adapters: list[DyLoraAdapter], config: DyLoraConfig) -> None:
         self.adapters = adapters
         self.low, self.high = config.min_rank, config.r

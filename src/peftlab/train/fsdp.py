@@ -108,18 +108,19 @@ def check_trainable_dtypes(root: nn.Module, blocks: list[nn.Module]) -> None:
 
 
 def check_method_can_shard(model: nn.Module) -> None:
-    """Refuse a method whose training hooks work on whole parameters between steps.
+    """Refuse a method whose training hooks work on whole tensors between steps.
 
     Under FSDP2 a process holds only a shard of each tensor outside a forward or backward, so a
-    hook that reads or rewrites adapter weights after a step (rank pruning, weight updates) would
-    see one shard and act on it alone: a silently different method.
+    hook that reads or rewrites adapter weights or gradients after a step (importance scores, rank
+    pruning) would see one shard and act on it alone: a silently different method. Hooks declare
+    ``works_on_shards`` (:class:`peftlab.hooks.TrainingHook`).
     """
-    hooks = discover_hooks(model)
-    if hooks:
-        kinds = sorted({type(h).__name__ for h in hooks})
+    unfit = sorted({type(hook).__name__ for hook in discover_hooks(model) if not hook.works_on_shards})
+    if unfit:
+        methods = sorted({model.method_of(name).name for name in getattr(model, "active_adapters", [])})
         raise OptionsError(
-            f"this method cannot train with --strategy fsdp: its training hooks ({', '.join(kinds)}) read whole "
-            "parameters between steps, and under FSDP2 each process holds only a shard of them. "
+            f"method {', '.join(methods)} cannot train with --strategy fsdp: its training hooks ({', '.join(unfit)}) "
+            "read or change whole tensors between steps, and under FSDP2 each process holds only a shard of them. "
             "Use --strategy ddp (every process holds the whole model)."
         )
 
