@@ -67,8 +67,9 @@ def assert_same_training(sharded: Path, single: dict, strategy: str = "fsdp", to
     assert metrics["train_loss_curve"] == pytest.approx(single["train_loss_curve"], abs=tolerance)
     assert [v["eval_loss"] for v in metrics["val_curve"]] == pytest.approx(
         [v["eval_loss"] for v in single["val_curve"]], abs=tolerance)
-    one = load_file(Path(single["options"]["out"]) / "adapter_model.safetensors")
-    two = load_file(sharded / "adapter_model.safetensors")
+    weights = "adapter_model.safetensors" if single["options"]["method"] != "full" else "model.safetensors"
+    one = load_file(Path(single["options"]["out"]) / weights)
+    two = load_file(sharded / weights)
     assert one.keys() == two.keys()
     for key in one:
         assert two[key].dtype == one[key].dtype and two[key].shape == one[key].shape, key
@@ -76,15 +77,16 @@ def assert_same_training(sharded: Path, single: dict, strategy: str = "fsdp", to
     return metrics
 
 
-#: Every method of the registry (QLoRA included: LoRA on the 4-bit base).
-METHODS = list(REGISTRY)
+#: Every method of the registry (QLoRA included: LoRA on the 4-bit base), and full fine-tuning.
+METHODS = [*REGISTRY, "full"]
 STRATEGIES = ("fsdp", "ddp")
 DROPOUTS = [f.name for f in dataclasses.fields(TrainOptions) if f.name.endswith("_dropout")]
 
 
 def method_run(method: str) -> dict:
     """``RUN`` for ``method``, its adapter dropout off (the fields of other methods left unset)."""
-    return {**RUN, "method": method, **{name: 0.0 if name in REGISTRY[method].options else None for name in DROPOUTS}}
+    options = REGISTRY[method].options if method in REGISTRY else {}
+    return {**RUN, "method": method, **{name: 0.0 if name in options else None for name in DROPOUTS}}
 
 #: The resumed pair: dropout on, so each process's restored RNG state matters; the whole run leaves checkpoint-3.
 RESUME = dict(strategy="fsdp", lora_dropout=0.2, save_every=3)
@@ -136,7 +138,8 @@ def test_every_method_trains_under_fsdp_and_ddp_what_one_process_trains(method, 
             single["trainable_params"], single["total_params"])  # 4-bit storage as parameters: not counted twice
         # Written once, by the first process: the same files and config as the unsharded run.
         assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in tmp_path.iterdir())
-        assert (folder / "adapter_config.json").read_text() == (tmp_path / "adapter_config.json").read_text()
+        config = "adapter_config.json" if method != "full" else "config.json"
+        assert (folder / config).read_text() == (tmp_path / config).read_text()
         assert len(metrics["peak_memory_mb_per_process"]) == 2
         assert metrics["peak_memory_mb"] == max(metrics["peak_memory_mb_per_process"])
         assert all(0 < train <= peak for train, peak in zip(metrics["training_peak_memory_mb_per_process"],
