@@ -126,6 +126,12 @@ def test_every_record_has_every_key_with_sane_values(comparison):
     assert full["latency_ms"]["adapter"] is None and full["latency_ms"]["base"] > 0 and full["latency_ms"]["merged"] > 0
     assert all(lora["latency_ms"][kind] > 0 for kind in ("base", "adapter", "merged"))
     assert lora["options"]["target_modules"]  # resolved by the model family, recorded
+    # compare's default: adapters without dropout, as the seed experiment's hand-written LoRA and DoRA.
+    assert lora["options"]["lora_dropout"] == qlora["options"]["lora_dropout"] == 0.0
+    for run in (full, lora, qlora):  # a CPU run: the step split into forward, backward, optimizer
+        split = run["step_time_split_s"]
+        assert set(split) == {"forward", "backward", "optimizer"} and all(v > 0 for v in split.values())
+        assert sum(split.values()) <= run["time_per_step_s"]
 
 
 def test_runs_share_data_order_and_seed(comparison):
@@ -166,6 +172,9 @@ def test_report_files_progress_and_table(comparison):
     assert f"report: {out / 'report.html'}" in stdout
     for run in ("full", "lora", "dora", "qlora"):
         assert (out / "runs" / run / "output.log").is_file()
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "forward / backward / optimizer (s/step)" in report and "fwd/bwd/opt s" in stdout
+    assert "Adapter dropout: 0 for lora, dora, qlora." in report
 
 
 def test_report_subcommand_rewrites_the_report(comparison, tmp_path):
@@ -229,6 +238,19 @@ def test_ctrl_c_leaves_a_partial_report_that_resume_completes(tmp_path, fake_lau
     state["interrupt_at"] = None
     assert run_cli("compare", "--resume", str(out))[0] == 0
     assert calls == ["full", "lora", "qlora"]
+
+
+def test_adapter_dropout_given_by_flag_or_set_wins_over_compare_default(tmp_path, fake_launch, shared_flags):
+    out = tmp_path / "out"
+    code, _, _ = run_cli("compare", "--methods", "full,lora,dora", "--set", "dora.lora_dropout=0.1",
+                         "--out", str(out), *shared_flags)
+    planned = {run["run_name"]: run["options"] for run in json.loads((out / "compare.json").read_text())["runs"]}
+    assert code == 0 and planned["lora"]["lora_dropout"] == 0.0 and planned["dora"]["lora_dropout"] == 0.1
+    assert planned["full"].get("lora_dropout") is None
+    code, _, _ = run_cli("compare", "--methods", "lora", "--lora-dropout", "0.05", "--out", str(tmp_path / "b"),
+                         *shared_flags)
+    runs = json.loads((tmp_path / "b" / "compare.json").read_text())["runs"]
+    assert code == 0 and runs[0]["options"]["lora_dropout"] == 0.05
 
 
 # -- errors before any run -------------------------------------------------------------------------------

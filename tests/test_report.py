@@ -43,6 +43,8 @@ def ok_record(method: str, run_name: str, seconds: float, accuracy: float, train
         val_accuracy=accuracy, val_curve=val_curve, train_loss_curve=losses,
         train_accuracy=[{"epoch": 1, "accuracy": accuracy - 0.03}, {"epoch": 2, "accuracy": accuracy + 0.01}],
         train_time_s=seconds, time_per_step_s=seconds / steps, examples_per_s=steps * 16 / seconds,
+        step_time_split_s={"forward": 0.3 * seconds / steps, "backward": 0.6 * seconds / steps,
+                           "optimizer": (0.02 if is_full else 0.001) * seconds / steps},
         peak_memory_mb=21_000.0 if is_full else 9_500.0 * model_bytes / 3_096_120_320 + 2_000,
         trainable_params=trainable, total_params=GPT2_LARGE_PARAMS + (0 if is_full else trainable),
         adapter_size_bytes=model_bytes if is_full else trainable * 4 + 5_000,
@@ -138,6 +140,7 @@ def test_load_rejects_other_versions_clearly(tmp_path: Path, version: int | None
         (lambda run: run.update(train_time_s="12 s"), r"train_time_s must be a number or null, got '12 s'"),
         (lambda run: run.update(train_loss_curve=[{"step": 1}]), r"train_loss_curve must be a list of"),
         (lambda run: run.update(run_name="full"), r"run_name must be unique, repeated: full"),
+        (lambda run: run.update(step_time_split_s=[1, 2]), r"step_time_split_s must be null or an object"),
     ],
 )
 def test_load_names_the_bad_record_and_key(tmp_path: Path, change, message: str) -> None:
@@ -149,12 +152,22 @@ def test_load_names_the_bad_record_and_key(tmp_path: Path, change, message: str)
         load_results(path)
 
 
+def test_a_file_from_before_the_step_split_still_loads(tmp_path: Path) -> None:
+    data = synthetic_results().to_dict()
+    for run in data["runs"]:
+        del run["step_time_split_s"]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data))
+    assert all(run.step_time_split_s is None for run in load_results(path).runs)
+
+
 def test_csv_has_one_flat_row_per_run(tmp_path: Path) -> None:
     results = sweep_results()
     with results_to_csv(results, tmp_path / "results.csv").open(newline="") as file:
         rows = list(csv.DictReader(file))
     assert [row["run_name"] for row in rows] == [run.run_name for run in results.runs]
     assert rows[1]["sweep_r"] == "4" and rows[1]["latency_merged_ms"] == "41.6"
+    assert float(rows[1]["step_backward_s"]) == pytest.approx(0.6 * results.runs[1].time_per_step_s)
     failed = next(row for row in rows if row["status"] == "failed")
     assert failed["val_accuracy"] == "" and failed["error"] == OOM_ERROR
     assert rows[0]["option_target_modules"] == '["c_attn"]'
@@ -204,7 +217,8 @@ def test_report_table_lists_every_run_and_the_failure(report: tuple[Path, Path])
         assert any(line.startswith(f"| {name} |") for line in table), name
     failed_row = next(line for line in table if line.startswith("| adalora |"))
     assert "failed: RuntimeError: CUDA out of memory" in failed_row
-    assert "| 63.0% |" in next(line for line in table if line.startswith("| lora |"))
+    lora_row = next(line for line in table if line.startswith("| lora |"))
+    assert "| 63.0% |" in lora_row and "| 0.762 / 1.52 / 0.00254 |" in lora_row  # forward / backward / optimizer
     assert '<tr class=failed><td>adalora</td>' in html_path.read_text(encoding="utf-8")
 
 

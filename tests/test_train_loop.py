@@ -26,6 +26,9 @@ def test_lora_run_writes_adapter_and_metrics(bert_dir, sentiment_dir, tmp_path):
     assert METRIC_KEYS <= set(metrics)
     assert metrics["steps"] == 16 and len(metrics["train_loss_curve"]) == 16 and len(metrics["train_accuracy"]) == 2
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    split = metrics["time_split_per_step_s"]  # a CPU run: forward, backward and optimizer timed per step
+    assert set(split) == {"forward", "backward", "optimizer"} and all(v > 0 for v in split.values())
+    assert sum(split.values()) < metrics["time_per_step_s"]
     assert [v["step"] for v in metrics["val_curve"]] == [4, 8, 12, 16]
     assert metrics["options"]["lr"] == 1e-3 and metrics["options"]["target_modules"] == ["query", "key", "value", "dense"]
     assert json.loads((out / "metrics.json").read_text()) == metrics

@@ -17,6 +17,7 @@ from typing import Any
 
 from peftlab.lab.plots import Plot, format_count, format_mb, render_plots
 from peftlab.lab.results import BYTES_PER_MB, Results, RunRecord
+from peftlab.train.phase_clock import PHASES
 
 TITLE = "peftlab comparison report"
 NO_VALUE = "–"
@@ -91,6 +92,10 @@ def _columns(results: Results, terminal: bool) -> list[Column]:
         values = (run.latency_ms.base, run.latency_ms.adapter, run.latency_ms.merged)
         return " / ".join(_number(value, "{:.1f}") for value in values)
 
+    def step_split(run: RunRecord) -> str:
+        split = run.step_time_split_s
+        return NO_VALUE if split is None else " / ".join(_three_digits(split.get(phase)) for phase in PHASES)
+
     def status(run: RunRecord) -> str:
         return run.status if run.ok or terminal else f"failed: {_first_line(run.error)}"
 
@@ -102,6 +107,7 @@ def _columns(results: Results, terminal: bool) -> list[Column]:
         Column("train time (s)", "time s", True, lambda run: _number(run.train_time_s, "{:,.1f}")),
         Column(f"train time ({time_header})", time_header, True, percent_of_baseline),
         Column("time/step (s)", "s/step", True, lambda run: _three_digits(run.time_per_step_s)),
+        Column("forward / backward / optimizer (s/step)", "fwd/bwd/opt s", True, step_split),
         Column("examples/s", "ex/s", True, lambda run: _number(run.examples_per_s, "{:,.1f}")),
         Column("peak memory (MB)", "peak MB", True, lambda run: _number(run.peak_memory_mb, "{:,.0f}")),
         Column("trainable params (%)", "trainable", True, trainable),
@@ -150,9 +156,14 @@ def _how_to_read(results: Results) -> list[str]:
         else f"the slowest run ({baseline.run_name}), as there is no successful full run" if baseline
         else "a baseline run (none succeeded here)"
     )
+    dropout = _adapter_dropout(results)
     return [
         f"Training time is each run's training wall-clock time; the % column and the relative-time plot "
         f"put {reference} at 100%, so 60% means the run took 0.6× as long.",
+        "Forward / backward / optimizer is the time per step in each phase (optimizer: gradient clipping, "
+        "the update and the method's step hooks); the rest of time/step is batching and bookkeeping. "
+        "Measured on CPU runs only (– on a GPU, where it would need a synchronize per phase).",
+        *([dropout] if dropout else []),
         "Val accuracy is the final validation accuracy (0..1). On a small evaluation set a difference of "
         "one or two points can be noise: compare against the run-to-run variation before drawing conclusions.",
         "Trainable params counts what the optimizer updates; the % is of all parameters of the model.",
@@ -163,6 +174,22 @@ def _how_to_read(results: Results) -> list[str]:
         "Reference, the seed experiment (GPT-2 Large on SST-2): full 100% (1613.6 s), val 0.89; "
         "LoRA 63% (1016.6 s), 0.90; DoRA 75% (1205.5 s), 0.90; QLoRA 0.86 with a 0.46 GB model vs 2.88 GB.",
     ]
+
+
+def _adapter_dropout(results: Results) -> str | None:
+    """Which adapter dropout each run had: it costs time (a mask per adapted layer and step) and regularises."""
+    by_value: dict[Any, list[str]] = {}
+    for run in results.runs:
+        value = run.options.get("lora_dropout")
+        if value is not None:
+            by_value.setdefault(value, []).append(run.run_name)
+    if not by_value:
+        return None
+    parts = "; ".join(f"{value:g} for {', '.join(names)}" for value, names in by_value.items())
+    return (f"Adapter dropout: {parts}. peftlab compare runs adapters without dropout unless --lora-dropout or "
+            "--set says otherwise, as the seed experiment's hand-written LoRA and DoRA did (peftlab train defaults "
+            "to 0.05); with dropout each adapted layer draws a mask over its input every step, and DoRA does a "
+            "second product with the frozen weight.")
 
 
 def _key_value_table(values: dict[str, Any]) -> Block:

@@ -25,6 +25,9 @@ train_loss_curve       [{"step": int, "loss": float}]         training loss per 
 train_accuracy         [{"epoch": int, "accuracy": float}]    training accuracy per epoch
 train_time_s           float | null                           wall-clock training time, seconds
 time_per_step_s        float | null                           seconds per optimizer step
+step_time_split_s      {"forward", "backward", "optimizer"}   seconds per step in each phase (the rest of a
+                       | null                                 step is data and bookkeeping); null where not
+                                                              measured (GPU runs, results from before it)
 examples_per_s         float | null                           training throughput
 peak_memory_mb         float | null                           peak memory while training, MB
 trainable_params       int | null
@@ -106,6 +109,7 @@ class RunRecord:
     train_accuracy: list[EpochAccuracy] = field(default_factory=list)
     train_time_s: float | None = None
     time_per_step_s: float | None = None
+    step_time_split_s: dict[str, float] | None = None
     examples_per_s: float | None = None
     peak_memory_mb: float | None = None
     trainable_params: int | None = None
@@ -135,7 +139,7 @@ class RunRecord:
     def from_dict(cls, data: Any, where: str) -> RunRecord:
         if not isinstance(data, dict):
             raise ResultsFormatError(f"{where}: a run record must be an object, got {type(data).__name__}")
-        missing = [key for key in _RECORD_KEYS if key not in data]
+        missing = [key for key in _RECORD_KEYS if key not in data and key not in _OPTIONAL_KEYS]
         if missing:
             raise ResultsFormatError(f"{where}: missing keys {', '.join(missing)}")
         where = f"{where} ({data['run_name']!r})" if isinstance(data["run_name"], str) else where
@@ -148,11 +152,15 @@ class RunRecord:
             _require(isinstance(data[key], dict), where, key, "an object", data[key])
         for key in _NUMBER_KEYS:
             _require(data[key] is None or _is_number(data[key]), where, key, "a number or null", data[key])
+        split = data.get("step_time_split_s")
+        _require(split is None or (isinstance(split, dict) and all(_is_number(v) for v in split.values())),
+                 where, "step_time_split_s", "null or an object of numbers", split)
         curves = {key: _read_curve(data[key], where, key, keys) for key, keys in _CURVE_KEYS.items()}
         return cls(
-            **{key: data[key] for key in _RECORD_KEYS if key not in curves and key != "latency_ms"},
+            **{key: data[key] for key in _RECORD_KEYS if key not in (*curves, *_OPTIONAL_KEYS, "latency_ms")},
             **curves,
             latency_ms=_read_latency(data["latency_ms"], where),
+            step_time_split_s=split,
         )
 
 
@@ -247,6 +255,8 @@ _NUMBER_KEYS = (
     "total_params", "adapter_size_bytes", "model_size_bytes", "steps",
 )
 _RECORD_KEYS = tuple(name for name in RunRecord.__dataclass_fields__)
+#: Keys added after version 1 was first written: a file without them still reads (as null).
+_OPTIONAL_KEYS = ("step_time_split_s",)
 
 
 def _is_number(value: Any) -> bool:
@@ -293,6 +303,7 @@ def _csv_row(run: RunRecord) -> dict[str, Any]:
         "final_train_accuracy": last_train_accuracy,
         "train_time_s": run.train_time_s,
         "time_per_step_s": run.time_per_step_s,
+        **{f"step_{phase}_s": seconds for phase, seconds in (run.step_time_split_s or {}).items()},
         "examples_per_s": run.examples_per_s,
         "peak_memory_mb": run.peak_memory_mb,
         "trainable_params": run.trainable_params,

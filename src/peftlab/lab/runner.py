@@ -276,6 +276,7 @@ def execute(spec_path: Path) -> RunRecord:
                         for epoch, accuracy in enumerate(metrics["train_accuracy"], 1)],
         train_time_s=metrics["train_time_s"],
         time_per_step_s=metrics["time_per_step_s"],
+        step_time_split_s=metrics["time_split_per_step_s"],
         examples_per_s=metrics["examples_per_s"],
         peak_memory_mb=metrics["peak_memory_mb"],
         trainable_params=metrics["trainable_params"],

@@ -53,6 +53,7 @@ from peftlab.train.fsdp import (
 from peftlab.train.evaluate import batch_totals, evaluate, label_count, model_inputs, shard_batches
 from peftlab.train.hooks import HookRunner, TrainingProgress, discover_hooks
 from peftlab.train.options import METHOD_OPTIONS, OptionsError, TrainOptions
+from peftlab.train.phase_clock import PhaseClock, split_per_step
 from peftlab.train.build import build_model, load_datasets, make_collator, save_trained
 from peftlab.train.run_folder import claim_output_folder
 
@@ -249,8 +250,10 @@ class TrainingRun:
         self.hooks.on_step_begin(progress)
         self.ddp_model.train()
         totals = torch.zeros(3, dtype=torch.float64)
+        clock = PhaseClock(self.state.setdefault("phase_time_s", {}), enabled=device.type == "cpu")
         for i, batch in enumerate(batches):
             with self.processes.no_sync(self.ddp_model, skip=i < len(batches) - 1):
+                clock.mark()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.options.bf16):
                     logits = self.ddp_model(**model_inputs(batch, device)).logits
                 result = batch_totals(task, logits, batch["labels"].to(device))
@@ -259,11 +262,14 @@ class TrainingRun:
                 extra = self.hooks.extra_loss(progress)
                 if extra is not None:
                     loss = loss + extra / len(batches)
+                clock.lap("forward")
                 loss.backward()
+                clock.lap("backward")
             totals += torch.tensor([result.loss_sum.item(), result.count, result.correct], dtype=torch.float64)
         loss_sum, count, correct = self.processes.sum(totals).tolist()
         step_loss = loss_sum / max(count, 1.0)
         self._stop_if_diverged("loss", step_loss)
+        clock.mark()
         if self.options.max_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], self.options.max_grad_norm
@@ -274,6 +280,7 @@ class TrainingRun:
         self.hooks.after_optimizer_step(progress)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        clock.lap("optimizer")
         self.state["epoch_correct"] += int(correct)
         self.state["epoch_count"] += int(count)
         examples = sum(len(indices) for indices in global_batches)
@@ -376,6 +383,7 @@ class TrainingRun:
             "val_curve": state["val_curve"],
             "train_accuracy": state["train_accuracy"],
             "time_per_step_s": train_time / max(state["step"], 1),
+            "time_split_per_step_s": split_per_step(state.get("phase_time_s", {}), state["step"]),
             "examples_per_s": state["examples_seen"] / train_time if train_time else 0.0,
             "world_size": self.processes.world_size,
             "strategy": self.processes.strategy,
