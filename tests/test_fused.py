@@ -6,6 +6,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab import LoraConfig, get_peft_model
+from peftlab.methods.adalora import AdaLoraConfig
 from peftlab.methods.dropout_mask import DropMask, drop_positions
 from peftlab.quant.linear4bit import Linear4bit
 
@@ -122,3 +123,26 @@ def test_drop_positions_draw_more_gaps_when_the_first_ones_fall_short():
     ample = drop_positions(10_000, 0.5, torch.device("cpu"))
     assert len(short) > 4000 and bool((short[1:] > short[:-1]).all()) and int(short[-1]) < 10_000
     assert abs(len(short) - len(ample)) < 500
+
+
+def test_adalora_with_dropout_runs_fused_and_matches_plain_autograd_with_the_same_mask():
+    torch.manual_seed(0)
+    config = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=["0"], lora_dropout=0.3,
+                           init_lora_weights=False, total_step=100)
+    layer = get_peft_model(nn.Sequential(nn.Linear(12, 10)).double(), config).base_model[0]
+    adapter = layer.adapters["default"]
+    x = torch.randn(20, 12, dtype=torch.double, requires_grad=True)
+    torch.manual_seed(1)
+    fused = layer(x)
+    assert "LoraLinearFunction" in type(fused.grad_fn).__name__
+    torch.manual_seed(1)
+    keep = torch.full((240,), 1 / 0.7, dtype=torch.double)
+    keep[DropMask.sample(20, 12, 0.3, x.device).positions] = 0
+    x_d = x * keep.view(20, 12)
+    w, bias = layer.view.weight(), layer.view.bias
+    reference = x @ w.T + bias + adapter.scaling * (x_d @ (adapter.lora_A * adapter.lora_E).T) @ adapter.lora_B.T
+    params = [x, adapter.lora_A, adapter.lora_E, adapter.lora_B]
+    weights = torch.randn_like(fused)
+    for got, want in zip(torch.autograd.grad((fused * weights).sum(), params),
+                         torch.autograd.grad((reference * weights).sum(), params)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)

@@ -158,9 +158,9 @@ class AdaLoraAdapter(LoraAdapter):
         return add_low_rank(base_out, u, self.lora_B, self.scaling)
 
     def fused_forward(self, x: torch.Tensor, base: BaseLayerView) -> torch.Tensor | None:
-        if (self.dropout is not None and self.training) or not can_fuse(x, base, self.lora_A, self.lora_B):
+        if not can_fuse(x, base, self.lora_A, self.lora_B):
             return None
-        return LoraLinearFunction.apply(x, self._down(), self.lora_B, self.scaling, base)
+        return LoraLinearFunction.apply(x, self._down(), self.lora_B, self.scaling, base, self.active_dropout())
 
     def delta_weight(self, base):
         return self.scaling * (self.lora_B @ self._down())
