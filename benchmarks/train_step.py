@@ -18,6 +18,16 @@ training steps above the RSS once the model was built (Linux ``/proc``; the peak
 
 ``--dropout`` is the adapters' ``lora_dropout`` (peftlab and HF alike; the model's own dropout
 layers run as in training either way).
+
+The step-time table of issue 12 (2 threads, wall clock; one row per command; for another peftlab,
+e.g. an older commit checked out in ../wt-before, put its src first: PYTHONPATH=../wt-before/src):
+
+    python benchmarks/train_step.py --model smollm2-135m --targets all-linear --batch 4 --length 128 \
+        --steps 6 --warmup 2 --threads 2 --no-memory
+    python benchmarks/train_step.py --model minilm-l6 --targets query,key,value,dense --batch 32 --length 64 \
+        --steps 10 --warmup 2 --threads 2 --no-memory
+    python benchmarks/train_step.py --model minilm-l6 --targets query,key,value,dense --batch 32 --length 64 \
+        --steps 10 --warmup 2 --threads 2 --no-memory --dropout 0.05
 """
 
 from __future__ import annotations
