@@ -339,3 +339,13 @@ def test_every_method_of_the_table_runs_in_compare(tmp_path, shared_flags):
         assert run["status"] == "ok" and run["steps"] == STEPS and 0 <= run["val_accuracy"] <= 1, name
         assert 0 < run["trainable_params"] < 0.25 * run["total_params"], name  # MoRA's r=8 on 64-wide layers: 17%
         assert all(run["latency_ms"][kind] > 0 for kind in ("base", "adapter", "merged")), name
+    # Where the rank went: every rank of DyLoRA's one adapter evaluated, the budget of dora_rank/AdaLoRA per layer.
+    assert [point["rank"] for point in runs["dylora"]["accuracy_per_rank"]] == list(range(1, 9))  # r = 8 by default
+    assert all(0 <= point["accuracy"] <= 1 for point in runs["dylora"]["accuracy_per_rank"])
+    for name in ("dora_rank", "adalora"):
+        ranks = runs[name]["rank_per_layer"]
+        assert ranks and all(isinstance(rank, int) and rank >= 0 for rank in ranks.values()), name
+    assert sum(runs["dora_rank"]["rank_per_layer"].values()) == 8 * len(runs["dora_rank"]["rank_per_layer"])
+    assert all(run["rank_per_layer"] == {} for name, run in runs.items() if name not in ("dora_rank", "adalora"))
+    assert (out / "plots" / "accuracy_per_rank.png").is_file() and (out / "plots" / "rank_per_layer.png").is_file()
+    assert "Rank per layer" in (out / "report.md").read_text() and "Accuracy per rank" in (out / "report.md").read_text()

@@ -1,4 +1,5 @@
-"""What the lab measures beside training: where it ran, sizes on disk and in memory, inference latency.
+"""What the lab measures beside training: where it ran, sizes on disk and in memory, inference latency,
+and where a method put its rank (rank per layer; accuracy at each rank of an adapter that runs at several).
 
 Latency is the median time of one forward pass over an evaluation batch, after a warm-up pass,
 for three models built from a finished run's saved files:
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peftlab.lab.results import Latency
+from peftlab.lab.results import Latency, RankAccuracy
 
 if TYPE_CHECKING:
     from peftlab.train.options import TrainOptions
@@ -133,3 +134,28 @@ def measure_inference(options: TrainOptions, num_labels: int | None, examples: l
         print(f"peftlab: cannot merge this adapter, so no merged latency: {error}", file=sys.stderr)
         return Latency(base=base_ms, adapter=adapter_ms, merged=None), base_bytes
     return Latency(base=base_ms, adapter=adapter_ms, merged=forward_latency_ms(adapted, batch)), base_bytes
+
+
+def measure_ranks(options: TrainOptions, num_labels: int | None, eval_data: Any,
+                  device: torch.device) -> tuple[dict[str, int], list[RankAccuracy]]:
+    """Where a finished run's adapter holds its rank: ``{layer: live rank}`` for methods that move
+    their budget (AdaLoRA, dora_rank), and the validation accuracy at each rank the adapter can run at
+    (DyLoRA: one trained adapter, evaluated at every rank). Empty for the others."""
+    if options.is_full_fine_tuning:
+        return {}, []
+    from peftlab.train.build import load_trained, make_collator
+    from peftlab.train.distributed import Processes
+    from peftlab.train.evaluate import evaluate, shard_batches
+
+    model, tokenizer = load_trained(options.model, options.out, options.task, num_labels, options.quantization)
+    name = model.active_adapter
+    method = model.method_of(name)
+    ranks = method.rank_per_layer(model, name) or {}
+    accuracies: list[RankAccuracy] = []
+    processes = Processes(0, 1, device, owns_group=False)
+    key = "eval_accuracy" if options.task == "seq-cls" else "eval_token_accuracy"
+    for rank in method.inference_ranks(model, name) or []:
+        model.set_rank(rank)
+        batches = shard_batches(eval_data, make_collator(options, tokenizer), processes, options.eval_batch_size)
+        accuracies.append({"rank": rank, "accuracy": evaluate(model.to(device), batches, options.task, processes, options.bf16)[key]})
+    return ranks, accuracies

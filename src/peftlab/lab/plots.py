@@ -55,6 +55,12 @@ def render_plots(results: Results, plots_dir: Path) -> list[Plot]:
          lambda p: plot_accuracy_vs_params(results, p),
          "Validation accuracy against the number of trained parameters (log scale); up and left is better."),
     ]
+    candidates += [
+        ("Accuracy per rank", "accuracy_per_rank.png", lambda p: plot_accuracy_per_rank(results, p),
+         "Validation accuracy of one trained adapter evaluated at each rank it can run at (DyLoRA)."),
+        ("Rank per layer", "rank_per_layer.png", lambda p: plot_rank_per_layer(results, p),
+         "Live rank of each adapted layer after training: where AdaLoRA and dora_rank put their rank budget."),
+    ]
     for variable in results.sweep_variables:
         candidates.append(
             (f"Sweep over {variable}", f"sweep_{_file_safe(variable)}.png",
@@ -259,6 +265,50 @@ def plot_sweep(results: Results, variable: str, path: Path) -> Path | None:
     time_ax.set_title(f"Training time vs {variable}")
     accuracy_ax.legend(fontsize=8, loc="best")
     _footnote_left_out(fig, results, runs, among=[run for run in results.runs if variable in run.sweep])
+    return _save(fig, path)
+
+
+def plot_accuracy_per_rank(results: Results, path: Path) -> Path | None:
+    """Validation accuracy of one trained adapter evaluated at each rank (DyLoRA), a line per run."""
+    runs = [run for run in results.ok_runs if run.accuracy_per_rank]
+    if not runs:
+        return None
+    colors = _run_colors(results)
+    fig = _figure(height=5.2)
+    ax = fig.subplots()
+    for run in runs:
+        ax.plot([point["rank"] for point in run.accuracy_per_rank], [point["accuracy"] for point in run.accuracy_per_rank],
+                color=colors[run.run_name], marker="o", markersize=4, linewidth=1.8, label=run.run_name)
+    _pad_y(ax, [point["accuracy"] for run in runs for point in run.accuracy_per_rank])
+    ax.grid(True, alpha=0.3)
+    ax.set_xlabel("rank at inference")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Accuracy per rank, one trained adapter each")
+    _legend(ax, len(runs))
+    _footnote_left_out(fig, results, runs)
+    return _save(fig, path)
+
+
+def plot_rank_per_layer(results: Results, path: Path) -> Path | None:
+    """Live rank of each adapted layer after training, for methods that move their rank budget."""
+    runs = [run for run in results.ok_runs if run.rank_per_layer]
+    if not runs:
+        return None
+    colors = _run_colors(results)
+    layers = list(dict.fromkeys(layer for run in runs for layer in run.rank_per_layer))
+    fig = _figure(height=4.0 + 0.12 * len(layers))
+    ax = fig.subplots()
+    width = 0.8 / len(runs)
+    for i, run in enumerate(runs):
+        ax.barh([j + i * width for j in range(len(layers))], [run.rank_per_layer.get(layer, 0) for layer in layers],
+                height=width, color=colors[run.run_name], label=run.run_name)
+    ax.set_yticks([j + 0.4 - width / 2 for j in range(len(layers))], layers, fontsize=7)
+    ax.invert_yaxis()
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_xlabel("live rank after training")
+    ax.set_title("Where the rank budget went, per layer")
+    _legend(ax, len(runs))
+    _footnote_left_out(fig, results, runs)
     return _save(fig, path)
 
 

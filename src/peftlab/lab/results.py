@@ -38,9 +38,16 @@ latency_ms             {"base", "adapter", "merged"} | null   inference latency 
                                                               is null when the adapter cannot be merged
 steps                  int | null                             optimizer steps taken
 options                {option: value}                        the run's resolved options
+rank_per_layer         {layer path: int}                      (optional) live rank of each layer after
+                                                              training, for methods that move their rank
+                                                              budget (AdaLoRA, dora_rank); {} otherwise
+accuracy_per_rank      [{"rank": int, "accuracy": float}]     (optional) validation accuracy of the one
+                                                              trained adapter at each rank it runs at
+                                                              (DyLoRA); [] otherwise
 =====================  =====================================  ==========================================
 
-Curves may be null or [] on a failed run; they are written back as []. Keys not listed here are
+Curves may be null or [] on a failed run; they are written back as []. The optional keys may be
+absent (files written before they existed) and read as empty. Keys not listed here are
 ignored, so a version may gain keys without breaking older readers; anything else that changes the
 meaning of the file bumps ``peftlab_results_version``. MB means 2**20 bytes throughout the lab.
 """
@@ -85,6 +92,11 @@ class EpochAccuracy(TypedDict):
     accuracy: float
 
 
+class RankAccuracy(TypedDict):
+    rank: int
+    accuracy: float
+
+
 @dataclass
 class Latency:
     """Inference latency per batch in ms: the base model, with the adapter, and merged (None: can't merge)."""
@@ -119,6 +131,8 @@ class RunRecord:
     latency_ms: Latency | None = None
     steps: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    rank_per_layer: dict[str, int] = field(default_factory=dict)
+    accuracy_per_rank: list[RankAccuracy] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -140,6 +154,7 @@ class RunRecord:
         if not isinstance(data, dict):
             raise ResultsFormatError(f"{where}: a run record must be an object, got {type(data).__name__}")
         missing = [key for key in _RECORD_KEYS if key not in data and key not in _OPTIONAL_KEYS]
+        data = {**{key: None for key in _OPTIONAL_KEYS}, **data}
         if missing:
             raise ResultsFormatError(f"{where}: missing keys {', '.join(missing)}")
         where = f"{where} ({data['run_name']!r})" if isinstance(data["run_name"], str) else where
@@ -150,6 +165,9 @@ class RunRecord:
                  data["error"])
         for key in ("sweep", "options"):
             _require(isinstance(data[key], dict), where, key, "an object", data[key])
+        data["rank_per_layer"] = data["rank_per_layer"] or {}
+        _require(all(isinstance(v, int) and not isinstance(v, bool) for v in data["rank_per_layer"].values()),
+                 where, "rank_per_layer", "an object of integers", data["rank_per_layer"])
         for key in _NUMBER_KEYS:
             _require(data[key] is None or _is_number(data[key]), where, key, "a number or null", data[key])
         split = data.get("step_time_split_s")
@@ -161,6 +179,7 @@ class RunRecord:
             **curves,
             latency_ms=_read_latency(data["latency_ms"], where),
             step_time_split_s=split,
+            rank_per_layer=data["rank_per_layer"],
         )
 
 
@@ -249,6 +268,7 @@ _CURVE_KEYS = {
     "val_curve": ("step", "accuracy"),
     "train_loss_curve": ("step", "loss"),
     "train_accuracy": ("epoch", "accuracy"),
+    "accuracy_per_rank": ("rank", "accuracy"),
 }
 _NUMBER_KEYS = (
     "val_accuracy", "train_time_s", "time_per_step_s", "examples_per_s", "peak_memory_mb", "trainable_params",
@@ -256,7 +276,7 @@ _NUMBER_KEYS = (
 )
 _RECORD_KEYS = tuple(name for name in RunRecord.__dataclass_fields__)
 #: Keys added after version 1 was first written: a file without them still reads (as null).
-_OPTIONAL_KEYS = ("step_time_split_s",)
+_OPTIONAL_KEYS = ("step_time_split_s", "rank_per_layer", "accuracy_per_rank")
 
 
 def _is_number(value: Any) -> bool:

@@ -245,7 +245,7 @@ def execute(spec_path: Path) -> RunRecord:
     """Train the run described by ``spec_path``, measure it, and write record.json beside the spec."""
     import transformers
 
-    from peftlab.lab.measure import measure_inference, saved_model_bytes
+    from peftlab.lab.measure import measure_inference, measure_ranks, saved_model_bytes
     from peftlab.train.build import load_datasets
     from peftlab.train.distributed import pick_device
     from peftlab.train.loop import run_training
@@ -263,6 +263,7 @@ def execute(spec_path: Path) -> RunRecord:
     num_labels = getattr(train_data, "num_labels", None)
     batch = [eval_data[i] for i in range(min(options.eval_batch_size, len(eval_data)))]
     latency, model_bytes = measure_inference(options, num_labels, batch, pick_device(options.device))
+    rank_per_layer, accuracy_per_rank = measure_ranks(options, num_labels, eval_data, pick_device(options.device))
     accuracy_key = "eval_accuracy" if options.task == "seq-cls" else "eval_token_accuracy"
     record = RunRecord(
         method=spec["method"],
@@ -286,6 +287,8 @@ def execute(spec_path: Path) -> RunRecord:
         latency_ms=latency,
         steps=metrics["steps"],
         options=metrics["options"],
+        rank_per_layer=rank_per_layer,
+        accuracy_per_rank=accuracy_per_rank,
     )
     atomic_write_text(spec_path.parent / "record.json", json.dumps(record.to_dict(), indent=1) + "\n")
     return record

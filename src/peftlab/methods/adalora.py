@@ -352,6 +352,9 @@ class AdaLoraMethod(Method):
         # An adapter loaded for inference does not train, so nothing to allocate.
         return [] if model.peft_config[adapter_name].inference_mode else [RankAllocator(model, adapter_name)]
 
+    def rank_per_layer(self, model, adapter_name):
+        return rank_per_layer(model, adapter_name)
+
     def export_config(self, model, adapter_name, config):
         data = config.to_hf_dict()
         layers = list(model.adapters_of(adapter_name))
