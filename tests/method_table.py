@@ -31,8 +31,10 @@ class MethodCase:
     #: needs on top of the shared ones (HF has no preset names such as "dora").
     hf: str | None = "LoraConfig"
     hf_fields: dict[str, Any] = field(default_factory=dict)
-    #: Adapter tensors (parameter names) that the method never trains.
+    #: Adapter tensors (parameter names) that the method never trains, and all the adapter's
+    #: parameters of one layer, trained or frozen (default: ``per_layer``).
     frozen: tuple[str, ...] = ()
+    stored_per_layer: Callable[[int, int, int], int] | None = None
     #: The config fields that give a small adapter of rank ``r`` (the suites use r = 4 and 2).
     rank_fields: Callable[[int], dict[str, Any]] = _lora_scale
     #: Runs on a 4-bit NF4 base (peftlab.quant.quantize_model).
@@ -41,6 +43,8 @@ class MethodCase:
     lora_rank_pattern: bool = True
     #: Refuses a second trainable adapter (AdaLoRA, as HF): the suites add the others for inference.
     one_trainable_adapter: bool = False
+    #: The method its saved files load as, where that is another's (LoRA-FA's files are LoRA's).
+    loads_as: str | None = None
 
     def config(self, rank: int = 4, **fields: Any) -> AdapterConfig:
         return make_method_config(self.name, **self.rank_fields(rank), **fields)
@@ -73,6 +77,8 @@ METHOD_TABLE = [
     MethodCase("dylora", lambda fan_in, fan_out, r: r * (fan_in + fan_out), hf=None),
     MethodCase("dora_rank", lambda fan_in, fan_out, r: math.ceil(1.5 * r) * (fan_in + fan_out + 1), hf=None,
                rank_fields=lambda r: {"r": r, "lora_alpha": 2 * r, "total_step": 10}),
+    MethodCase("lora_fa", lambda fan_in, fan_out, r: r * fan_out, frozen=("lora_A",),
+               stored_per_layer=lambda fan_in, fan_out, r: r * (fan_in + fan_out), loads_as="lora"),
 ]
 METHOD_CASES = {case.name: case for case in METHOD_TABLE}
 WITH_HF_TWIN = [case for case in METHOD_TABLE if case.hf is not None]

@@ -149,7 +149,8 @@ def test_save_load_round_trip(model_name, method, tmp_path):
     # Loaded for inference: nothing trains unless is_trainable=True.
     assert loaded.get_nb_trainable_parameters()[0] == 0
     trainable = PeftModel.from_pretrained(fresh_base(model_name), tmp_path, is_trainable=True)
-    assert trainable.get_nb_trainable_parameters()[0] == model.get_nb_trainable_parameters()[0]
+    loads_as = METHOD_CASES[method].loads_as or method
+    assert trainable.get_nb_trainable_parameters()[0] == make(model_name, loads_as, modules_to_save=MODELS[model_name][2]).get_nb_trainable_parameters()[0]
 
 
 def test_seq_cls_round_trip_brings_back_the_classifier(tmp_path):
@@ -207,13 +208,14 @@ def test_trainable_parameter_count(model_name, method, with_rank_pattern):
         pytest.skip(f"{method} has no LoRA rank_pattern")
     pattern = RANK_PATTERNS[model_name] if with_rank_pattern else {}
     model = make(model_name, method, perturbed=False, **({"rank_pattern": pattern} if pattern else {}))
-    expected = 0
+    expected = stored = 0
     for path, (fan_in, fan_out) in _layer_shapes(model_name).items():
         r = next((rank for key, rank in pattern.items() if path == key or path.endswith("." + key)), 4)
         expected += case.per_layer(fan_in, fan_out, r)
+        stored += (case.stored_per_layer or case.per_layer)(fan_in, fan_out, r)
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable == expected
-    assert total == expected + sum(p.numel() for p in _base(model_name).parameters())
+    assert total == stored + sum(p.numel() for p in _base(model_name).parameters())
 
 
 def _dora_layers(model_name: str):

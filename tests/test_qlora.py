@@ -154,13 +154,14 @@ def test_parameter_count(model_name, method):
     """Trainable: r·(in+out) per layer (+ out for DoRA's magnitude); total: that plus every base value,
     a 4-bit weight counting by its in·out values (as HF peft counts bitsandbytes weights)."""
     model = make(model_name, method, perturbed=False)
-    expected = 0
+    case, expected, stored = METHOD_CASES[method], 0, 0
     for _, layer in model.adapted_layers():
         fan_in, fan_out = layer.view.in_features, layer.view.out_features
-        expected += METHOD_CASES[method].per_layer(fan_in, fan_out, 4)
+        expected += case.per_layer(fan_in, fan_out, 4)
+        stored += (case.stored_per_layer or case.per_layer)(fan_in, fan_out, 4)
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable == expected
-    assert total == expected + sum(p.numel() for p in _dense_base(model_name).parameters())
+    assert total == stored + sum(p.numel() for p in _dense_base(model_name).parameters())
 
 
 def _reference(layer, x: torch.Tensor, method: str) -> torch.Tensor:

@@ -81,6 +81,8 @@ class LoraConfig(AdapterConfig):
 
 class LoraMethod(Method):
     config_class = LoraConfig
+    #: The per-layer module (None: LoRA's, or DoRA's where ``use_dora``); a LoRA variant sets its own.
+    adapter_class: type[Adapter] | None = None
     options = {
         "r": MethodOption(int, "adapter rank", "positive", lambda v: v > 0),
         "lora_alpha": MethodOption(float, "LoRA scale numerator, s = alpha / r", "positive", lambda v: v > 0, relative_to="r"),
@@ -117,11 +119,12 @@ class LoraMethod(Method):
 
     def make_adapter(self, config, view, path, state):
         r, alpha = config.rank_and_alpha(path)
+        adapter_class = self.adapter_class or LoraAdapter
         if config.use_dora:
             from peftlab.methods.dora import DoraAdapter
 
-            return DoraAdapter(view, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
-        return LoraAdapter(view, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+            adapter_class = DoraAdapter
+        return adapter_class(view, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
 
     def rename_saved_keys(self, tensors):
         # Older HF versions wrote DoRA's magnitude with a ".weight" suffix.
