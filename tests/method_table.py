@@ -79,6 +79,7 @@ METHOD_TABLE = [
                rank_fields=lambda r: {"r": r, "lora_alpha": 2 * r, "total_step": 10}),
     MethodCase("lora_fa", lambda fan_in, fan_out, r: r * fan_out, frozen=("lora_A",),
                stored_per_layer=lambda fan_in, fan_out, r: r * (fan_in + fan_out), loads_as="lora"),
+    MethodCase("loraplus", lambda fan_in, fan_out, r: r * (fan_in + fan_out)),  # LoRA + its optimizer groups
 ]
 METHOD_CASES = {case.name: case for case in METHOD_TABLE}
 WITH_HF_TWIN = [case for case in METHOD_TABLE if case.hf is not None]

@@ -46,6 +46,9 @@ class LoraConfig(AdapterConfig):
     init_lora_weights: bool | str = True
     rank_pattern: dict = default_field({})
     alpha_pattern: dict = default_field({})
+    #: LoRA+ (``loraplus.py``): B's learning rate over A's, and the rate of adapters on embeddings.
+    loraplus_lr_ratio: float | None = None
+    loraplus_lr_embedding: float = 1e-6
 
     peft_type = "LORA"
     default_target_modules = LORA_DEFAULT_TARGET_MODULES
@@ -53,6 +56,7 @@ class LoraConfig(AdapterConfig):
         "lora_bias", "use_qalora", "layer_replication", "trainable_token_indices", "alora_invocation_tokens",
         "target_parameters", "use_bdlora",
     )
+    peftlab_only_fields = ("loraplus_lr_ratio", "loraplus_lr_embedding")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,6 +72,10 @@ class LoraConfig(AdapterConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}; 0 turns dropout off.")
         if self.bias != "none":
             raise ValueError(f"bias={self.bias!r} is not supported: peftlab trains no base biases; use bias='none'.")
+        if self.loraplus_lr_ratio is not None:
+            from peftlab.methods.loraplus import check_ratio
+
+            check_ratio(self.loraplus_lr_ratio)
         if self.init_lora_weights not in INIT_CHOICES:
             raise ValueError(f"init_lora_weights={self.init_lora_weights!r}: choose one of {INIT_CHOICES}.")
 
@@ -87,6 +95,9 @@ class LoraMethod(Method):
         "r": MethodOption(int, "adapter rank", "positive", lambda v: v > 0),
         "lora_alpha": MethodOption(float, "LoRA scale numerator, s = alpha / r", "positive", lambda v: v > 0, relative_to="r"),
         "lora_dropout": MethodOption(float, "dropout on the adapter input", "in [0, 1)", lambda v: 0 <= v < 1),
+        "loraplus_lr_ratio": MethodOption(
+            float, "LoRA+: B's learning rate over A's (the loraplus method: 16; unset: plain LoRA)", "positive", lambda v: v > 0
+        ),
     }
     #: Adapters start at zero and have few parameters, so they want a learning rate ~20-50x that of
     #: full fine-tuning (LoRA paper; HF peft's examples: 1e-3 to 2e-4 vs 2e-5 to 5e-5). r = 8 with
@@ -125,6 +136,17 @@ class LoraMethod(Method):
 
             adapter_class = DoraAdapter
         return adapter_class(view, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+
+    def param_groups(self, model, adapter_name, lr, weight_decay):
+        config = model.peft_config[adapter_name]
+        if config.loraplus_lr_ratio is None:
+            return super().param_groups(model, adapter_name, lr, weight_decay)
+        from peftlab.methods.loraplus import loraplus_param_groups
+
+        own = {id(p) for _, p in model.adapter_parameters(adapter_name)}
+        named = [(n, p) for n, p in model.named_parameters() if id(p) in own and p.requires_grad]
+        groups = loraplus_param_groups(model, named, lr, config.loraplus_lr_ratio, config.loraplus_lr_embedding, weight_decay)
+        return [group for group in groups if group["params"]]
 
     def rename_saved_keys(self, tensors):
         # Older HF versions wrote DoRA's magnitude with a ".weight" suffix.

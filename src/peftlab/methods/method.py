@@ -125,12 +125,13 @@ class Method:
 
     def __init__(
         self, name: str, *, preset: dict[str, Any] | None = None, quantization: str | None = None,
-        loads_peft_type: bool = True,
+        loads_peft_type: bool = True, run_defaults: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.preset = dict(preset or {})  # config fields this name fixes, e.g. {"use_dora": True}
         self.quantization = quantization  # the base is quantized first ("nf4" for qlora)
         self.loads_peft_type = loads_peft_type
+        self.run_defaults = {**type(self).run_defaults, **(run_defaults or {})}  # this name's own
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
