@@ -9,7 +9,8 @@ in place into a tensor autograd gave it) and an extra add of the two input gradi
 
 which is the least work LoRA can do: five skinny products and nothing else over ``[N, out]``
 beyond the frozen layer's own. The frozen weight is never saved: the backward asks the base view
-for ``g W`` (a 4-bit base dequantises again instead of keeping a full-size copy alive).
+for ``g W`` (a 4-bit base dequantises again instead of keeping a full-size copy alive). The input
+``x`` is kept only for ``gA``: with A frozen (LoRA-FA) the node keeps ``u`` ([N, r]) and no ``x``.
 DoRA adds ``y = g ⊙ z + b`` on top, with ``z = x Wᵀ + s · u Bᵀ`` and a detached row norm.
 
 Dropout on the adapter input (``x_d = x ⊙ keep / (1-p)``, mask drawn as in ``dropout_mask.py``):
@@ -61,7 +62,7 @@ class LoraLinearFunction(torch.autograd.Function):
         mask = _sample_mask(x2, dropout)
         u = torch.mm(x2 if mask is None else mask.apply(x2), a.t())
         out.view(-1, out.shape[-1]).addmm_(u, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, a, b, u)
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, a, b, u)
         ctx.scale, ctx.view, ctx.x_shape, ctx.mask = scale, view, x.shape, mask
         return out
 

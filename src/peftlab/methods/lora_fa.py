@@ -4,8 +4,9 @@
 
 Only B trains, and B's gradient needs only ``u = drop(x) Aᵀ`` ([N, r]) while x's gradient needs
 only the weights. So the layer keeps ``u`` for backward and never the input ``x`` ([N, in]) that
-LoRA keeps for A's gradient: the activation memory the paper is about. With dropout it also
-keeps the dropout mask, as one byte per input value (autograd's dropout keeps a float copy).
+LoRA keeps for A's gradient: the activation memory the paper is about. LoRA's fused node
+(``fused.py``) keeps ``x`` only when A trains, so LoRA-FA runs on it unchanged (with dropout it
+also keeps the mask, as the positions of the dropped entries, as LoRA does).
 
 The files are plain LoRA files (``peft_type`` LORA; they load in HF peft and here as LoRA, where
 ``is_trainable=True`` trains A too). On an ``nn.Embedding``, HF's LoRA starts with A = 0, which a
@@ -25,8 +26,6 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from peftlab.base import BaseLayerView
-from peftlab.methods.fused import can_fuse
 from peftlab.methods.lora import LoraAdapter, LoraConfig, LoraMethod
 from peftlab.methods.registry import register_method
 
@@ -51,48 +50,6 @@ class LoraFaAdapter(LoraAdapter):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.lora_B]
-
-    def fused_forward(self, x: torch.Tensor, base: BaseLayerView) -> torch.Tensor | None:
-        if self.lora_A.requires_grad or not can_fuse(x, base, self.lora_A, self.lora_B):
-            return None  # A made trainable by hand: LoRA's path, which keeps x for A's gradient
-        p = self.dropout.p if self.dropout is not None and self.training else 0.0
-        return LoraFaLinearFunction.apply(x, self.lora_B, self.lora_A, self.scaling, p, base)
-
-
-class LoraFaLinearFunction(torch.autograd.Function):
-    """``base(x) + s · (drop(x) Aᵀ) Bᵀ`` for a frozen A, keeping ``u`` (and a bool mask), never x.
-
-    backward:  g_B = s · gᵀ u;   g_x = g W + (s · g B) A ⊙ mask / (1 − p)
-    """
-
-    @staticmethod
-    def forward(ctx, x, b, a, scale: float, p: float, view: BaseLayerView):
-        x2 = x.reshape(-1, x.shape[-1])
-        with torch.no_grad():
-            out = view.forward(x)
-        keep = None
-        if p > 0:
-            keep = torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1 - p)
-            x2 = x2 * keep / (1 - p)  # a temporary: only u and the mask are kept
-        u = torch.mm(x2, a.t())
-        out.view(-1, out.shape[-1]).addmm_(u, b.t(), alpha=scale)
-        ctx.save_for_backward(a, b, u, keep)
-        ctx.scale, ctx.p, ctx.view, ctx.x_shape = scale, p, view, x.shape
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        a, b, u, keep = ctx.saved_tensors
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = grad_b = None
-        if ctx.needs_input_grad[0]:
-            adapter_part = torch.mm(torch.mm(g2, b), a).mul_(ctx.scale)
-            if keep is not None:
-                adapter_part.mul_(keep).div_(1 - ctx.p)
-            grad_x = ctx.view.input_grad(g2).add_(adapter_part).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            grad_b = torch.mm(g2.t(), u).mul_(ctx.scale)
-        return grad_x, grad_b, None, None, None, None
 
 
 class LoraFaMethod(LoraMethod):
