@@ -11,6 +11,16 @@ machine disturbs far less than wall time.
 Memory: each variant runs alone in a fresh child process; the figure is the peak RSS during three
 training steps above the RSS once the model was built (Linux ``/proc``; the peak is reset with
 ``clear_refs`` then), with glibc's mmap threshold fixed so that freed memory leaves the process.
+"saved MB" is what autograd keeps for backward over one forward (saved-tensor hooks, each storage
+once, parameters left out): the activation memory a method like LoRA-FA cuts.
+
+Variants: ``floor``, ``full``, ``peftlab-<method>`` for any registered method (``peftlab train
+--method`` names: lora, dora, lora_fa, loraplus, vera, ...) and ``hf-<method>`` where HF peft has
+it (:data:`HF_TWINS`). Each adapter variant steps with its library's optimizer for the method:
+peftlab's ``make_optimizer`` (the method's groups), HF's ``create_lorafa_optimizer`` /
+``create_loraplus_optimizer`` for lora_fa / loraplus, AdamW otherwise.
+
+    python benchmarks/train_step.py --variants floor,peftlab-lora,peftlab-lora_fa,hf-lora_fa --no-time
 
     python benchmarks/train_step.py --model minilm-l6 --targets query,value --batch 32 --length 64
     python benchmarks/train_step.py --model smollm2-135m --targets all-linear --batch 8 --length 128
@@ -34,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -46,6 +57,12 @@ from pathlib import Path
 import torch
 
 VARIANTS = ("floor", "full", "peftlab-lora", "hf-lora", "peftlab-dora", "hf-dora")
+#: peftlab method -> (HF peft config class, its fields that make the same adapter).
+HF_TWINS = {
+    "lora": ("LoraConfig", {}), "rslora": ("LoraConfig", {"use_rslora": True}), "dora": ("LoraConfig", {"use_dora": True}),
+    "lora_fa": ("LoraConfig", {}), "loraplus": ("LoraConfig", {}), "vera": ("VeraConfig", {}),
+}
+LORAPLUS_RATIO = 16.0
 
 
 def load_base(model_name: str):
@@ -82,20 +99,36 @@ def build_variant(name: str, base, causal: bool, targets: str, r: int, dropout: 
         return model, None
     if name == "full":
         model.requires_grad_(True)
-    else:
-        lib, method = name.split("-")
-        options = dict(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=target_modules, task_type=task,
-                       use_dora=method == "dora")
-        if lib == "peftlab":
-            import peftlab
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+    lib, method = name.split("-", 1)
+    shared = dict(target_modules=target_modules, task_type=task)
+    if lib == "peftlab":
+        import peftlab
+        from peftlab.optim import make_optimizer
 
-            model = peftlab.get_peft_model(model, peftlab.LoraConfig(**options))
-        else:
-            import peft
+        fields = _size_fields(peftlab.METHODS[method].options, r, dropout)
+        model = peftlab.get_peft_model(model, peftlab.make_method_config(method, **fields, **shared))
+        return model, make_optimizer(model, "adamw", lr=1e-4, weight_decay=0.01)  # torch AdamW's default, as the others
+    import peft
+    import peft.optimizers
 
-            model = peft.get_peft_model(model, peft.LoraConfig(**options))
-    params = [p for p in model.parameters() if p.requires_grad]
-    return model, torch.optim.AdamW(params, lr=1e-4)
+    hf_class, preset = HF_TWINS[method]
+    config_class = getattr(peft, hf_class)
+    fields = _size_fields({f.name for f in dataclasses.fields(config_class)}, r, dropout)
+    model = peft.get_peft_model(model, config_class(**fields, **preset, **shared))
+    if method == "lora_fa":
+        return model, peft.optimizers.create_lorafa_optimizer(model, r=r, lora_alpha=2 * r, lr=1e-4)
+    if method == "loraplus":
+        return model, peft.optimizers.create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=LORAPLUS_RATIO)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def _size_fields(names, r: int, dropout: float) -> dict:
+    """Rank, alpha = 2r and adapter dropout under the names a method's config has."""
+    fields = {"r": r, "lora_alpha": 2 * r}
+    fields = {k: v for k, v in fields.items() if k in names}
+    fields.update({name: dropout for name in names if name.endswith("_dropout") and name != "module_dropout"})
+    return fields
 
 
 def step(model, optimizer, batch: dict) -> None:
@@ -127,7 +160,25 @@ def child_memory(args) -> None:
     before = _rss_kb("VmRSS")
     for _ in range(3):  # the first step allocates the optimizer state: counted, as in training
         step(model, optimizer, batch)
-    print(json.dumps({"variant": args.child, "peak_above_model_mb": (_rss_kb("VmHWM") - before) / 1024, "peak_rss_mb": _rss_kb("VmHWM") / 1024}))
+    peak = _rss_kb("VmHWM")
+    print(json.dumps({"variant": args.child, "peak_above_model_mb": (peak - before) / 1024, "peak_rss_mb": peak / 1024,
+                      "saved_for_backward_mb": saved_for_backward_mb(model, optimizer, batch)}))
+
+
+def saved_for_backward_mb(model, optimizer, batch: dict) -> float:
+    """MB autograd keeps for backward over one training step's forward: each storage once, no parameters."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        step(model, optimizer, batch)
+    return sum(storages.values()) / 2**20
 
 
 def measure_memory(args, variants) -> dict:
@@ -196,14 +247,15 @@ def main() -> None:
     times = {} if args.no_time else measure_time(args, variants)
     memory = {} if args.no_memory else measure_memory(args, variants)
     floor = statistics.median(times["floor"]) if "floor" in times else None
-    print(f"\n{'variant':<14}{'median s/step':>14}{'x floor':>9}{'vs HF peft':>11}{'peak MB above model':>21}")
+    print(f"\n{'variant':<18}{'median s/step':>14}{'x floor':>9}{'vs HF peft':>11}{'peak MB above model':>21}{'saved MB':>10}")
     for name in variants:
         med = statistics.median(times[name]) if name in times else None
         ratio = f"{med / floor:.2f}" if med and floor else "-"
         twin = name.replace("peftlab-", "hf-")
         vs_hf = f"{med / statistics.median(times[twin]):.2f}" if med and name.startswith("peftlab-") and twin in times else ""
         mem = f"{memory[name]['peak_above_model_mb']:.0f}" if name in memory else ""
-        print(f"{name:<14}{med or float('nan'):>14.3f}{ratio:>9}{vs_hf:>11}{mem:>21}")
+        saved = f"{memory[name]['saved_for_backward_mb']:.1f}" if name in memory else ""
+        print(f"{name:<18}{med or float('nan'):>14.3f}{ratio:>9}{vs_hf:>11}{mem:>21}{saved:>10}")
 
 
 if __name__ == "__main__":

@@ -190,11 +190,7 @@ def publish(results: Results, out: Path) -> None:
 
 def launch(run: PlannedRun, folder: Path, log: Log) -> RunRecord:
     """Run one planned run in a child process, echoing its output; its record, or a failed one."""
-    shutil.rmtree(folder, ignore_errors=True)  # a rerun starts clean: no stale record or checkpoint
-    folder.mkdir(parents=True)
-    spec = {**run.to_dict(), "options": {**run.options, "out": str(folder / "train"), "resume": None}}
-    (folder / "spec.json").write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
-    command = [sys.executable, "-m", "peftlab.lab.runner", "--run-spec", str(folder / "spec.json")]
+    command = [sys.executable, "-m", "peftlab.lab.runner", "--run-spec", str(write_spec(run, folder))]
     tail: collections.deque[str] = collections.deque(maxlen=ERROR_TAIL_LINES)
     with open(folder / "output.log", "w", encoding="utf-8") as transcript:
         child = subprocess.Popen(
@@ -219,6 +215,15 @@ def launch(run: PlannedRun, folder: Path, log: Log) -> RunRecord:
     if returncode == 0 and record_path.is_file():
         return RunRecord.from_dict(json.loads(record_path.read_text(encoding="utf-8")), str(record_path))
     return failed_record(run, _failure_summary(returncode, list(tail)))
+
+
+def write_spec(run: PlannedRun, folder: Path) -> Path:
+    """A clean run folder (a rerun leaves no stale record or checkpoint) with the run's spec.json."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    spec = {**run.to_dict(), "options": {**run.options, "out": str(folder / "train"), "resume": None}}
+    (folder / "spec.json").write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
+    return folder / "spec.json"
 
 
 def _failure_summary(returncode: int, tail: list[str]) -> str:
