@@ -167,19 +167,23 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def full_trainable_parameters(model: nn.Module) -> Iterator[None]:
-    """Inside, every trainable parameter is a whole, plain tensor (gathered from its shards).
+    """Inside, every trainable parameter, and every parameter of an adapter (LoRA-FA's frozen A is
+    saved too), is a whole, plain tensor (gathered from its shards).
 
-    A collective: every process enters it. Frozen parameters stay sharded, so only the trainable
-    tensors' memory is added. Used to write an adapter or checkpoint from a sharded model.
+    A collective: every process enters it. The frozen base stays sharded, so only the adapters'
+    memory is added. Used to write an adapter or checkpoint from a sharded model.
     """
+    from peftlab.methods.adapter import Adapter
+
+    in_adapters = {id(p) for module in model.modules() if isinstance(module, Adapter) for p in module.parameters()}
     gathered: dict[int, nn.Parameter] = {}
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     for module in model.modules():
         for name, param in list(module._parameters.items()):
-            if param is None or not param.requires_grad or not isinstance(param, DTensor):
+            if param is None or not isinstance(param, DTensor) or not (param.requires_grad or id(param) in in_adapters):
                 continue
             if id(param) not in gathered:
-                gathered[id(param)] = nn.Parameter(param.full_tensor(), requires_grad=True)
+                gathered[id(param)] = nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
             swapped.append((module, name, param))
             module._parameters[name] = gathered[id(param)]
     try:
