@@ -19,6 +19,11 @@ Both start from the input wrapped around to ``n = ⌈in / r̂⌉`` whole blocks 
 Everything is linear in x, so ``ΔW`` exists as an ``[out, in]`` matrix: merging builds it by
 running the update on the identity (``ΔWᵀ = update(I_in)``), which is exact for every
 ``in``/``out`` (the official type-6 merge fails when ``in <= r̂``). Saved per layer: ``mora_M``.
+
+Training runs base and update as one autograd node (:class:`MoraLinearFunction`): block by block on
+views of ``x`` and of the output, adding in place, with RoPE folded into per-block ``M R_i`` (r̂²
+work per block instead of passes over the activations). Sharing costs ``N·r̂²`` per layer; RoPE
+``N·min(in, out)·r̂``, as much as a LoRA of rank r̂/2 when in = out: inherent to the type.
 """
 
 from __future__ import annotations
