@@ -190,7 +190,8 @@ def test_every_plot_is_a_real_png_linked_from_the_markdown(fixture: str, request
 def test_the_comparison_plots_are_all_there(report: tuple[Path, Path]) -> None:
     names = {path.name for path in (report[0].parent / "plots").glob("*.png")}
     assert names == {"relative_time.png", "loss_curves.png", "val_accuracy.png", "val_curves.png",
-                     "model_size.png", "peak_memory.png", "accuracy_vs_params.png"}
+                     "model_size.png", "peak_memory.png", "accuracy_vs_params.png", "pareto_time.png",
+                     "pareto_memory.png"}
 
 
 def test_sweep_gets_one_plot_per_swept_option(sweep_report: tuple[Path, Path]) -> None:

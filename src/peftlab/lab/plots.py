@@ -35,6 +35,8 @@ class Plot:
 
 def render_plots(results: Results, plots_dir: Path) -> list[Plot]:
     """Every plot that has data, in report order."""
+    from peftlab.lab.pareto_plots import plot_pareto  # it draws with this module's helpers
+
     plots_dir.mkdir(parents=True, exist_ok=True)
     baseline = results.time_baseline()
     baseline_name = "full fine-tuning" if baseline and baseline.method == "full" else "the slowest run"
@@ -52,8 +54,14 @@ def render_plots(results: Results, plots_dir: Path) -> list[Plot]:
         ("Peak memory", "peak_memory.png", lambda p: plot_peak_memory(results, p),
          "Peak memory while training, MB."),
         ("Accuracy vs trainable parameters", "accuracy_vs_params.png",
-         lambda p: plot_accuracy_vs_params(results, p),
-         "Validation accuracy against the number of trained parameters (log scale); up and left is better."),
+         lambda p: plot_pareto(results, "trainable_params", p),
+         "Validation accuracy against the number of trained parameters (log scale); up and left is better. "
+         "Outlined points joined by the dashed line are the Pareto front: no other run is as accurate with "
+         "fewer parameters."),
+        ("Accuracy vs training time", "pareto_time.png", lambda p: plot_pareto(results, "train_time_s", p),
+         "Validation accuracy against training wall-clock time; outlined points are the Pareto front."),
+        ("Accuracy vs peak memory", "pareto_memory.png", lambda p: plot_pareto(results, "peak_memory_mb", p),
+         "Validation accuracy against peak training memory; outlined points are the Pareto front."),
     ]
     candidates += [
         ("Accuracy per rank", "accuracy_per_rank.png", lambda p: plot_accuracy_per_rank(results, p),
@@ -150,31 +158,6 @@ def plot_model_size(results: Results, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_accuracy_vs_params(results: Results, path: Path) -> Path | None:
-    runs = [run for run in _runs_with(results, "val_accuracy") if run.trainable_params]
-    if not runs:
-        return None
-    colors = _method_colors(results)
-    fig = _figure(height=5.2)
-    ax = fig.subplots()
-    for method in dict.fromkeys(run.method for run in runs):
-        own = [run for run in runs if run.method == method]
-        ax.scatter([run.trainable_params for run in own], [run.val_accuracy for run in own], s=60,
-                   color=colors[method], label=method, zorder=3, edgecolor="white")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda count, _: format_count(count)))
-    _pad_log_x(ax, [run.trainable_params for run in runs])
-    _pad_y(ax, [run.val_accuracy for run in runs])
-    _label_points(ax, [(run.trainable_params, run.val_accuracy, run.run_name) for run in runs])
-    ax.grid(True, which="major", alpha=0.3)
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("Accuracy vs trainable parameters")
-    ax.legend(title="method", fontsize=9, loc="best")
-    _footnote_left_out(fig, results, runs)
-    return _save(fig, path)
-
-
 def plot_loss_curves(results: Results, path: Path, smoothing: float = 0.0) -> Path | None:
     """All runs' training loss on one axis; smoothing is the EMA weight in [0, 1), 0 draws the raw loss."""
     if not 0 <= smoothing < 1:
@@ -204,8 +187,9 @@ def plot_loss_curves(results: Results, path: Path, smoothing: float = 0.0) -> Pa
 
 
 def plot_val_curves(results: Results, path: Path) -> Path | None:
+    """None when no run was evaluated more than once: one point per run is the final-accuracy plot again."""
     runs = [run for run in results.ok_runs if run.val_curve]
-    if not runs:
+    if not any(len(run.val_curve) > 1 for run in runs):
         return None
     colors = _run_colors(results)
     fig = _figure(height=5.2)

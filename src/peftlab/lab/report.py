@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from peftlab.lab.findings import findings
+from peftlab.lab.method_notes import describe_method
 from peftlab.lab.plots import Plot, format_count, format_mb, render_plots
 from peftlab.lab.results import BYTES_PER_MB, Results, RunRecord
 from peftlab.train.phase_clock import PHASES
@@ -129,11 +131,16 @@ def _report_blocks(results: Results, plots: Sequence[Plot]) -> list[Block]:
     if not results.ok_runs:
         blocks.append(Paragraph("All runs failed: there are no metrics or plots to show. "
                                 "The errors are listed under “Failed runs”."))
+    sentences = findings(results)
+    if sentences:
+        blocks += [Heading(2, "Findings"), BulletList(sentences)]
     columns = _columns(results, terminal=False)
     blocks += [
         Heading(2, "Results"),
         Table([column.header for column in columns], [[column.cell(run) for column in columns] for run in results.runs],
               numeric=[column.numeric for column in columns], failed_rows=[not run.ok for run in results.runs]),
+        Heading(2, "Methods"),
+        _methods_table(results),
     ]
     if failed:
         blocks.append(Heading(2, "Failed runs"))
@@ -147,6 +154,12 @@ def _report_blocks(results: Results, plots: Sequence[Plot]) -> list[Block]:
     blocks += [Heading(2, "Environment"), _key_value_table(results.environment)]
     blocks += [Heading(2, "Config (shared by all runs)"), _key_value_table(results.config)]
     return blocks
+
+
+def _methods_table(results: Results) -> Table:
+    methods = list(dict.fromkeys(run.method for run in results.runs))
+    return Table(["method", "what it is"], [[method, describe_method(method)] for method in methods],
+                 numeric=[False, False], failed_rows=[False] * len(methods))
 
 
 def _how_to_read(results: Results) -> list[str]:

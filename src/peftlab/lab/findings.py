@@ -1,0 +1,115 @@
+"""The sentences a comparison report opens with: what its numbers show, each computed from the records.
+
+    lora reached 98% of full fine-tuning's accuracy (0.882 vs 0.900) with 1.5% of its trainable
+    parameters, in 70% of its training time and with 45% of its peak memory.
+
+Which sentences appear depends on the records: the most accurate run; for each run on the Pareto front
+of accuracy against trainable parameters, its accuracy, parameters, time and memory as a share of the
+reference (full fine-tuning, else the most accurate run); the fastest and the leanest run; runs that
+another run beats on accuracy, parameters, time and memory at once; failed runs. A number a run lacks
+leaves its clause out (a run without all three costs is in no dominance claim); nothing is said
+without the numbers behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from peftlab.lab.pareto import COSTS, dominates, front_names, run_points
+from peftlab.lab.results import Results, RunRecord
+from peftlab.train.options import FULL_FINE_TUNING
+
+#: Dominated runs named in the sentence; the rest are counted.
+DOMINATED_LISTED = 6
+
+
+def findings(results: Results) -> list[str]:
+    """The report's opening sentences, most telling first; [] when no run has a validation accuracy."""
+    runs = [run for run in results.ok_runs if run.val_accuracy is not None]
+    if not runs:
+        return []
+    reference = _full_run(runs)
+    best = max(runs, key=lambda run: run.val_accuracy)  # the first of equals: run order breaks ties
+    sentences = [_best_sentence(best, reference)]
+    anchor = reference or best
+    anchor_name = "full fine-tuning" if reference else f"the most accurate run ({best.run_name})"
+    for name in front_names(runs, ["trainable_params"]):
+        run = _named(runs, name)
+        if run is not anchor:
+            sentences.append(_share_sentence(run, anchor, anchor_name))
+    sentences += _extreme_sentence(runs, "train_time_s", "trained fastest", "{:,.1f} s", anchor, anchor_name)
+    sentences += _extreme_sentence(runs, "peak_memory_mb", "used the least peak memory", "{:,.0f} MB", anchor,
+                                   anchor_name)
+    sentences += _dominated_sentences(runs)
+    failed = [run.run_name for run in results.runs if not run.ok]
+    if failed:
+        sentences.append(f"{len(failed)} run{'s' if len(failed) > 1 else ''} failed and {'are' if len(failed) > 1 else 'is'} "
+                         f"in no comparison above: {', '.join(failed)}.")
+    return sentences
+
+
+def share(value: float, of: float) -> str:
+    """``value`` as a percentage of ``of``, with the precision its size needs: 98%, 7.5%, 0.19%."""
+    percent = 100 * value / of
+    if percent >= 10:
+        return f"{percent:.0f}%"
+    return f"{percent:.1f}%" if percent >= 1 else f"{percent:.2g}%"
+
+
+def _full_run(runs: Sequence[RunRecord]) -> RunRecord | None:
+    full = [run for run in runs if run.method == FULL_FINE_TUNING]
+    return next((run for run in full if run.run_name == FULL_FINE_TUNING), full[0] if full else None)
+
+
+def _named(runs: Sequence[RunRecord], name: str) -> RunRecord:
+    return next(run for run in runs if run.run_name == name)
+
+
+def _best_sentence(best: RunRecord, reference: RunRecord | None) -> str:
+    sentence = f"{best.run_name} reached the highest validation accuracy, {best.val_accuracy:.3f}"
+    if reference is not None and reference is not best:
+        points = 100 * (best.val_accuracy - reference.val_accuracy)
+        sentence += f", {points:+.1f} points over full fine-tuning ({reference.val_accuracy:.3f})"
+    return sentence + "."
+
+
+def _share_sentence(run: RunRecord, anchor: RunRecord, anchor_name: str) -> str:
+    accuracy = (f"{share(run.val_accuracy, anchor.val_accuracy)} of {anchor_name}'s accuracy "
+                f"({run.val_accuracy:.3f} vs {anchor.val_accuracy:.3f})" if anchor.val_accuracy
+                else f"an accuracy of {run.val_accuracy:.3f}")
+    clauses = []
+    for key, words in (("trainable_params", "with {} of its trainable parameters"),
+                       ("train_time_s", "in {} of its training time"),
+                       ("peak_memory_mb", "with {} of its peak memory")):
+        mine, theirs = getattr(run, key), getattr(anchor, key)
+        if mine is not None and theirs:
+            clauses.append(words.format(share(mine, theirs)))
+    return f"{run.run_name} reached {accuracy}" + (" " + ", ".join(clauses) if clauses else "") + "."
+
+
+def _extreme_sentence(runs: Sequence[RunRecord], key: str, verb: str, style: str, anchor: RunRecord,
+                      anchor_name: str) -> list[str]:
+    measured = [run for run in runs if getattr(run, key) is not None]
+    if len(measured) < 2:
+        return []
+    lowest = min(measured, key=lambda run: getattr(run, key))
+    value, anchor_value = getattr(lowest, key), getattr(anchor, key)
+    relative = f", {share(value, anchor_value)} of {anchor_name}'s" if lowest is not anchor and anchor_value else ""
+    return [f"{lowest.run_name} {verb} ({style.format(value)}{relative}), at accuracy {lowest.val_accuracy:.3f}."]
+
+
+def _dominated_sentences(runs: Sequence[RunRecord]) -> list[str]:
+    """One sentence naming the runs another run beats on every count at once, each with its most accurate
+    dominator: on these numbers there is no reason to pick them."""
+    points = run_points(runs, list(COSTS))
+    named = []
+    for point in points:
+        winners = [other for other in points if dominates(other, point)]
+        if winners:
+            named.append(f"{point.name} (by {max(winners, key=lambda other: other.accuracy).name})")
+    if not named:
+        return []
+    listed = ", ".join(named[:DOMINATED_LISTED]) + (f" and {len(named) - DOMINATED_LISTED} more"
+                                                    if len(named) > DOMINATED_LISTED else "")
+    return [f"{len(named)} of {len(points)} runs are dominated -- another run is at least as accurate with no "
+            f"more trainable parameters, training time or peak memory, and better on one of them: {listed}."]
