@@ -19,12 +19,14 @@ the decoder-LM version. The seed experiment (GPT-2 Large on SST-2), on a GPU wit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import textwrap
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from peftlab.lab.extra_eval import check_eval_datasets
 from peftlab.lab.results import load_results
 from peftlab.methods import METHODS
 from peftlab.lab.sweep import (
@@ -83,6 +85,9 @@ class CompareCommand:
         plan.add_argument("--resume", dest="compare_resume", type=Path, metavar="DIR",
                           help="continue the comparison in DIR: skip runs that finished, rerun failed and missing "
                                "ones (with no other flags, as first planned)")
+        plan.add_argument("--eval-dataset", dest="eval_datasets", action="append", default=[], metavar="FILE",
+                          help="after training, also score every run on this labelled file, folder or named dataset "
+                               "(out-of-domain accuracy; repeatable); its labels must be among the trained classes")
         plan.add_argument("--config", metavar="FILE.yaml",
                           help="shared training options from a YAML file (its method, out and resume are ignored)")
         add_train_arguments(parser.add_argument_group("training options shared by every run (as in peftlab train)"),
@@ -117,7 +122,7 @@ def _as_flags(options: dict[str, Any]) -> list[str]:
 
 def _plan_flags_given(args: argparse.Namespace) -> bool:
     return bool(args.methods is not None or args.overrides or args.sweeps or args.config
-                or any(hasattr(args, name) for name in SHARED_OPTIONS))
+                or args.eval_datasets or any(hasattr(args, name) for name in SHARED_OPTIONS))
 
 
 def plan_from_args(args: argparse.Namespace) -> tuple[list[PlannedRun], dict[str, Any]]:
@@ -135,7 +140,11 @@ def plan_from_args(args: argparse.Namespace) -> tuple[list[PlannedRun], dict[str
                 overrides.setdefault(method, {}).setdefault(name, value)
     axes = [parse_sweep(text) for text in args.sweeps]
     runs = plan_runs(shared, methods, overrides, axes)
-    config = {**shared, "methods": methods, "set": args.overrides or None, "sweep": args.sweeps or None}
+    if args.eval_datasets:
+        check_eval_datasets(TrainOptions(**runs[0].options), args.eval_datasets)
+        runs = [dataclasses.replace(run, eval_datasets=tuple(args.eval_datasets)) for run in runs]
+    config = {**shared, "methods": methods, "set": args.overrides or None, "sweep": args.sweeps or None,
+              "eval_datasets": args.eval_datasets or None}
     return runs, config
 
 

@@ -142,6 +142,12 @@ def _report_blocks(results: Results, plots: Sequence[Plot]) -> list[Block]:
         Heading(2, "Methods"),
         _methods_table(results),
     ]
+    eval_sets = list(dict.fromkeys(name for run in results.runs for name in run.eval_datasets))
+    if eval_sets:
+        blocks += [Heading(2, "In-domain vs out-of-domain accuracy"),
+                   Paragraph("Each run scored after training on its validation set (in-domain) and on each "
+                             "--eval-dataset; in brackets, the change from in-domain in accuracy points."),
+                   _eval_datasets_table(results, eval_sets)]
     if failed:
         blocks.append(Heading(2, "Failed runs"))
         for run in failed:
@@ -160,6 +166,20 @@ def _methods_table(results: Results) -> Table:
     methods = list(dict.fromkeys(run.method for run in results.runs))
     return Table(["method", "what it is"], [[method, describe_method(method)] for method in methods],
                  numeric=[False, False], failed_rows=[False] * len(methods))
+
+
+def _eval_datasets_table(results: Results, eval_sets: list[str]) -> Table:
+    def cell(run: RunRecord, name: str) -> str:
+        accuracy = run.eval_datasets.get(name)
+        if accuracy is None:
+            return NO_VALUE
+        change = f" ({100 * (accuracy - run.val_accuracy):+.1f})" if run.val_accuracy is not None else ""
+        return f"{accuracy:.3f}{change}"
+
+    rows = [[run.run_name, _number(run.val_accuracy, "{:.3f}"), *(cell(run, name) for name in eval_sets)]
+            for run in results.runs]
+    return Table(["run", "in-domain (validation)", *eval_sets], rows, numeric=[False] + [True] * (len(eval_sets) + 1),
+                 failed_rows=[not run.ok for run in results.runs])
 
 
 def _how_to_read(results: Results) -> list[str]:

@@ -44,6 +44,8 @@ rank_per_layer         {layer path: int}                      (optional) live ra
 accuracy_per_rank      [{"rank": int, "accuracy": float}]     (optional) validation accuracy of the one
                                                               trained adapter at each rank it runs at
                                                               (DyLoRA); [] otherwise
+eval_datasets          {dataset: float}                       accuracy on each --eval-dataset, 0..1, keyed
+                                                              as given; {} when none (optional key)
 =====================  =====================================  ==========================================
 
 Curves may be null or [] on a failed run; they are written back as []. The optional keys may be
@@ -133,6 +135,7 @@ class RunRecord:
     options: dict[str, Any] = field(default_factory=dict)
     rank_per_layer: dict[str, int] = field(default_factory=dict)
     accuracy_per_rank: list[RankAccuracy] = field(default_factory=list)
+    eval_datasets: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -173,6 +176,9 @@ class RunRecord:
         split = data.get("step_time_split_s")
         _require(split is None or (isinstance(split, dict) and all(_is_number(v) for v in split.values())),
                  where, "step_time_split_s", "null or an object of numbers", split)
+        eval_datasets = data.get("eval_datasets") or {}
+        _require(isinstance(eval_datasets, dict) and all(_is_number(v) for v in eval_datasets.values()),
+                 where, "eval_datasets", "an object of numbers", eval_datasets)
         curves = {key: _read_curve(data[key], where, key, keys) for key, keys in _CURVE_KEYS.items()}
         return cls(
             **{key: data[key] for key in _RECORD_KEYS if key not in (*curves, *_OPTIONAL_KEYS, "latency_ms")},
@@ -180,6 +186,7 @@ class RunRecord:
             latency_ms=_read_latency(data["latency_ms"], where),
             step_time_split_s=split,
             rank_per_layer=data["rank_per_layer"],
+            eval_datasets=eval_datasets,
         )
 
 
@@ -275,8 +282,8 @@ _NUMBER_KEYS = (
     "total_params", "adapter_size_bytes", "model_size_bytes", "steps",
 )
 _RECORD_KEYS = tuple(name for name in RunRecord.__dataclass_fields__)
-#: Keys added after version 1 was first written: a file without them still reads (as null).
-_OPTIONAL_KEYS = ("step_time_split_s", "rank_per_layer", "accuracy_per_rank")
+#: Keys added after version 1 was first written: a file without them still reads (as null or empty).
+_OPTIONAL_KEYS = ("step_time_split_s", "rank_per_layer", "accuracy_per_rank", "eval_datasets")
 
 
 def _is_number(value: Any) -> bool:
@@ -335,6 +342,7 @@ def _csv_row(run: RunRecord) -> dict[str, Any]:
         "latency_adapter_ms": latency.adapter,
         "latency_merged_ms": latency.merged,
         "steps": run.steps,
+        **{f"eval_{key}_accuracy": accuracy for key, accuracy in run.eval_datasets.items()},
         **{f"option_{key}": _csv_scalar(value) for key, value in run.options.items()},
     }
     return {key: "" if value is None or (isinstance(value, float) and math.isnan(value)) else value

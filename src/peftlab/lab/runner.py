@@ -250,6 +250,7 @@ def execute(spec_path: Path) -> RunRecord:
     """Train the run described by ``spec_path``, measure it, and write record.json beside the spec."""
     import transformers
 
+    from peftlab.lab.extra_eval import evaluate_eval_datasets
     from peftlab.lab.measure import measure_inference, measure_ranks, saved_model_bytes
     from peftlab.train.build import load_datasets
     from peftlab.train.distributed import pick_device
@@ -270,6 +271,8 @@ def execute(spec_path: Path) -> RunRecord:
     latency, model_bytes = measure_inference(options, num_labels, batch, pick_device(options.device))
     rank_per_layer, accuracy_per_rank = measure_ranks(options, num_labels, eval_data, pick_device(options.device))
     accuracy_key = "eval_accuracy" if options.task == "seq-cls" else "eval_token_accuracy"
+    eval_datasets = evaluate_eval_datasets(options, spec.get("eval_datasets") or [], num_labels,
+                                           getattr(train_data, "label_names", None), accuracy_key)
     record = RunRecord(
         method=spec["method"],
         run_name=spec["run_name"],
@@ -294,6 +297,7 @@ def execute(spec_path: Path) -> RunRecord:
         options=metrics["options"],
         rank_per_layer=rank_per_layer,
         accuracy_per_rank=accuracy_per_rank,
+        eval_datasets=eval_datasets,
     )
     atomic_write_text(spec_path.parent / "record.json", json.dumps(record.to_dict(), indent=1) + "\n")
     return record

@@ -95,13 +95,15 @@ class PlannedRun:
     method: str
     sweep: dict[str, Any]  # option -> the value as written, e.g. {"lora_alpha": "2r"}
     options: dict[str, Any]  # TrainOptions keyword arguments, method included
+    eval_datasets: tuple[str, ...] = ()  # extra labelled sets scored after training (--eval-dataset)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "eval_datasets": list(self.eval_datasets)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PlannedRun:
-        return cls(**{key: data[key] for key in ("run_name", "method", "sweep", "options")})
+        return cls(**{key: data[key] for key in ("run_name", "method", "sweep", "options")},
+                   eval_datasets=tuple(data.get("eval_datasets") or ()))
 
 
 def known_methods() -> list[str]:
