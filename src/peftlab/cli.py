@@ -1,4 +1,4 @@
-"""The ``peftlab`` command: ``peftlab train | eval | merge | export | compare | report``.
+"""The ``peftlab`` command: ``peftlab train | eval | merge | export | compare | report | study``.
 
 Each subcommand is an object with ``help`` (its description), ``add_arguments(parser)`` and
 ``run(args) -> exit code``, named in :data:`SUBCOMMANDS` as ``"module:attribute"``. Only the
@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("peftlab.train.commands:export", "write an adapter as plain LoRA for serving engines (vLLM, SGLang)"),
     "compare": ("peftlab.lab.cli:compare", "fine-tune several methods on the same model, data and seed; report them"),
     "report": ("peftlab.lab.cli:report", "rewrite a comparison's report (markdown, HTML, plots) from its results.json"),
+    "study": ("peftlab.lab.study:study", "test a rule of thumb (alpha, rank) over seeds; print verdicts"),
 }
 
 
