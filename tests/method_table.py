@@ -45,6 +45,8 @@ class MethodCase:
     one_trainable_adapter: bool = False
     #: The method its saved files load as, where that is another's (LoRA-FA's files are LoRA's).
     loads_as: str | None = None
+    #: The rank its files hold, as a multiple of the rank trained (Delta-LoRA saves the rank-2r LoRA it equals).
+    saved_rank_factor: int = 1
 
     def config(self, rank: int = 4, **fields: Any) -> AdapterConfig:
         return make_method_config(self.name, **self.rank_fields(rank), **fields)
@@ -80,6 +82,11 @@ METHOD_TABLE = [
     MethodCase("lora_fa", lambda fan_in, fan_out, r: r * fan_out, frozen=("lora_A",),
                stored_per_layer=lambda fan_in, fan_out, r: r * (fan_in + fan_out), loads_as="lora"),
     MethodCase("loraplus", lambda fan_in, fan_out, r: r * (fan_in + fan_out)),  # LoRA + its optimizer groups
+    # K = 0: the weight moves from the first step, so every suite sees the moved-weight path; alpha 2r/3:
+    # with λ = 2 the product counts (1+λ)·s, so the adapter then moves the logits as LoRA's (alpha 2r) does.
+    MethodCase("delta_lora", lambda fan_in, fan_out, r: r * (fan_in + fan_out), hf=None,
+               rank_fields=lambda r: {"r": r, "lora_alpha": 2 * r / 3, "delta_start_step": 0}, loads_as="lora",
+               saved_rank_factor=2),
 ]
 METHOD_CASES = {case.name: case for case in METHOD_TABLE}
 WITH_HF_TWIN = [case for case in METHOD_TABLE if case.hf is not None]

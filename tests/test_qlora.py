@@ -245,7 +245,10 @@ def test_merge_into_4bit_warns_once_with_the_measured_error(model_name, method):
     assert f"re-quantized {len(targets)} 4-bit layer(s)" in str(message) and "dequantize=True" in str(message)
     measured = max(max_diff(merged.get_submodule(p).dequantize(), t) for p, t in targets.items())
     assert message.max_abs_error == pytest.approx(measured, rel=1e-3, abs=1e-6)
-    assert 0 < measured < 0.1
+    assert measured > 0
+    # Rounding to NF4 errs by at most about half its widest step (0.28 of a block's absmax), whatever the
+    # method made of the weight (Delta-LoRA moves it 3x as far as LoRA).
+    assert all(max_diff(merged.get_submodule(p).dequantize(), t) < 0.2 * t.abs().max() for p, t in targets.items())
     assert all(isinstance(merged.get_submodule(p), Linear4bit) for p in targets)
     # Lossy, but small next to what the adapter does (0.06 to 0.32 of it for the table's methods here).
     adapter_effect = max_diff(expected, logits(_dequantised_base(model_name), batch))
