@@ -279,7 +279,7 @@ def test_cli_train_and_eval(bert_dir, sentiment_dir, tmp_path, capsys):
 @pytest.mark.parametrize("fields,message", [
     ({"lora_dropout": 0.1}, "Delta-LoRA takes no dropout on the adapter path.*set it to 0"),
     ({"delta_start_step": -1}, "delta_start_step must be a non-negative integer"),
-    ({"delta_start_step": 2.5}, "delta_start_step must be a non-negative integer"),
+    ({"delta_start_step": 2.5}, "delta_start_step must be an integer"),
     ({"delta_lambda": -1.0}, "delta_lambda must be a non-negative number"),
     ({"use_dora": True}, "no DoRA variant"),
 ])

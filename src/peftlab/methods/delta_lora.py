@@ -64,13 +64,12 @@ class DeltaLoraConfig(LoraConfig):
             )
         if self.use_dora:
             raise ValueError("Delta-LoRA moves the weight by the change of a LoRA product; it has no DoRA variant. Set use_dora=False.")
-        start = self.delta_start_step
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        if self.delta_start_step < 0:  # the types are checked by AdapterConfig
             raise ValueError(
                 f"delta_start_step must be a non-negative integer (optimizer steps before the weight starts to move; "
-                f"0 moves it from the first step), got {start!r}."
+                f"0 moves it from the first step), got {self.delta_start_step}."
             )
-        if isinstance(self.delta_lambda, bool) or not math.isfinite(self.delta_lambda) or self.delta_lambda < 0:
+        if not math.isfinite(self.delta_lambda) or self.delta_lambda < 0:
             raise ValueError(f"delta_lambda must be a non-negative number (the paper uses 2), got {self.delta_lambda!r}.")
 
     def as_exported_lora(self) -> LoraConfig:
