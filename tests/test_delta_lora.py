@@ -200,10 +200,11 @@ def test_saved_rank_2r_lora_reproduces_the_trained_model_in_hf_peft(tmp_path, va
     model.eval().save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (saved["peft_type"], saved["r"], saved["lora_alpha"], saved["lora_dropout"]) == ("LORA", 8, 8, 0.0)
-    if variant == "rank_pattern":
-        assert saved["rank_pattern"] == saved["alpha_pattern"] == {"v_proj": 4}
+    # One rank for every module (serving engines take no rank_pattern): v_proj's 2·2 zero-padded to 8.
+    assert saved["rank_pattern"] == saved["alpha_pattern"] == {}
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    assert all(t.shape[0] in (8, 4) for k, t in tensors.items() if "lora_A" in k or "lora_embedding_A" in k)
+    assert all(t.shape[0] == 8 for k, t in tensors.items() if "lora_A" in k or "lora_embedding_A" in k)
+    assert "exact" in (tmp_path / "README.md").read_text()
 
     batch = tiny_batch(base, seed=7)
     trained = logits(model, batch)
@@ -293,7 +294,8 @@ def test_bad_config_is_refused(fields, message):
     (["--delta-start-step", "-1"], "delta_start_step must be a non-negative integer"),
 ])
 def test_bad_flags_are_one_line_errors(bert_dir, sentiment_dir, tmp_path, capsys, flags, message):
-    argv = ["train", "--model", str(bert_dir), "--dataset", str(sentiment_dir), "--out", str(tmp_path), "--method", "delta_lora"]
+    argv = ["train", "--model", str(bert_dir), "--dataset", str(sentiment_dir), "--out", str(tmp_path), "--method", "delta_lora",
+            "--max-length", "16"]
     assert main(argv + flags) == 2
     assert message in capsys.readouterr().err
 
@@ -301,7 +303,7 @@ def test_bad_flags_are_one_line_errors(bert_dir, sentiment_dir, tmp_path, capsys
 def test_loading_the_file_as_delta_lora_says_how_to_load_it(tmp_path):
     model = get_peft_model(tiny_llama(), delta_config(["q_proj"], 0))
     model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="saved as the plain rank-2r LoRA adapter it equals: load it without config="):
+    with pytest.raises(ValueError, match="DeltaLoraConfig adapters are saved as the plain LoRA adapter their trained model equals: leave config out"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path, config=delta_config(["q_proj"], 0))
 
 

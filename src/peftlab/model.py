@@ -409,18 +409,20 @@ class PeftModel(nn.Module):
         names = list(selected_adapters or self.peft_config)
         for name in names:
             self._check_known(name)
-        if as_lora:
+        exported = [name for name in names if as_lora or self.method_of(name).saves_as_lora]
+        if exported:
             from peftlab.export import build_lora_export, write_lora_export
 
             # Every adapter is checked before anything is written: a refusal leaves the folder as it was.
-            exports = {name: build_lora_export(self, name, rank, max_rank) for name in names}
+            exports = {name: build_lora_export(self, name, rank, max_rank) for name in exported}
             for name, export in exports.items():
                 write_lora_export(export, save_directory, name, saved_base_facts(self.base_model))
-            return
         for name in names:
-            io.write_adapter(
-                io.adapter_dir(save_directory, name), self._config_to_save(name), self.adapter_state_dict(name), saved_base_facts(self.base_model)
-            )
+            if name not in exported:
+                io.write_adapter(
+                    io.adapter_dir(save_directory, name), self._config_to_save(name), self.adapter_state_dict(name),
+                    saved_base_facts(self.base_model),
+                )
 
     @classmethod
     def from_pretrained(
@@ -542,6 +544,11 @@ def load_config(model_id: str | os.PathLike, is_trainable: bool = False, config:
         raise ValueError(
             f"the adapter in {model_id} is a {data['peft_type']} adapter but the config given is {type(config).__name__} "
             f"({config.peft_type}); leave config out to load it as the file says."
+        )
+    elif method_for(config).saves_as_lora:
+        raise ValueError(
+            f"{type(config).__name__} adapters are saved as the plain LoRA adapter their trained model equals: leave "
+            "config out to load it (as LoRA). To continue training, resume from a training checkpoint."
         )
     return config.replace(inference_mode=not is_trainable)
 

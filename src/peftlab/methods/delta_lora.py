@@ -22,15 +22,15 @@ trained model *is* the original base plus a plain LoRA adapter of rank 2r with s
 
     lora_A = [A; A_K],   lora_B = [(1+λ)s·B, −λs·B_K]
 
-That is what ``save_pretrained`` writes (peft_type LORA, ``r = lora_alpha = 2r``), so HF peft,
-vLLM or peftlab load the trained model as ordinary LoRA. Before step K the forward is LoRA's and
-the file's second half is zero. To continue training, resume from a checkpoint: it holds A, B and
-the snapshot (the hook's state).
+These are the adapter's exact ``low_rank`` factors, and ``save_pretrained`` always writes that
+plain-LoRA export (``Method.saves_as_lora``; ``r = lora_alpha = 2r``), so HF peft, vLLM or peftlab
+load the trained model as ordinary LoRA. Before step K the forward is LoRA's and the file's second
+half is zero. To continue training, resume from a checkpoint: it holds A, B and the snapshot (the
+hook's state).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -52,7 +52,7 @@ class DeltaLoraConfig(LoraConfig):
     #: How far W moves per unit change of ``s·BA`` (the paper's λ).
     delta_lambda: float = 2.0
 
-    # Its files are the plain LoRA it equals (see the module docstring).
+    # Its files are the plain LoRA it equals (see the module docstring): these never reach them.
     peftlab_only_fields = (*LoraConfig.peftlab_only_fields, "delta_start_step", "delta_lambda")
 
     def __post_init__(self) -> None:
@@ -71,15 +71,6 @@ class DeltaLoraConfig(LoraConfig):
             )
         if not math.isfinite(self.delta_lambda) or self.delta_lambda < 0:
             raise ValueError(f"delta_lambda must be a non-negative number (the paper uses 2), got {self.delta_lambda!r}.")
-
-    def as_exported_lora(self) -> LoraConfig:
-        """The config of the rank-2r LoRA adapter this one saves as (scale 1: ``lora_alpha = r``)."""
-        doubled = {key: 2 * rank for key, rank in self.rank_pattern.items()}
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(LoraConfig)}
-        return LoraConfig(**{
-            **shared, "r": 2 * self.r, "lora_alpha": 2 * self.r, "rank_pattern": doubled, "alpha_pattern": dict(doubled),
-            "lora_dropout": 0.0, "use_rslora": False,
-        })
 
 
 def rank_2r_factors(a, b, a_start, b_start, scale: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,15 +165,9 @@ class DeltaLoraAdapter(LoraAdapter):
         a2, b2 = self.rank_2r_factors()
         return b2 @ a2
 
-    def saved_tensors(self):
-        """The rank-2r LoRA factors under LoRA's keys: the file is the trained model as plain LoRA."""
-        return dict(zip(super().saved_tensors(), self.rank_2r_factors()))
-
-    def load_saved_tensors(self, tensors):
-        raise ValueError(
-            "a Delta-LoRA adapter is saved as the plain rank-2r LoRA adapter it equals: load it without config= "
-            "(it loads as LoRA, the trained model exactly). To continue training, resume from a checkpoint."
-        )
+    def low_rank(self, base):
+        """The rank-2r factors the forward uses, so the saved LoRA computes bit for bit what this does."""
+        return tuple(t.detach() for t in self.rank_2r_factors())
 
 
 class DeltaStartHook(TrainingHook):
@@ -230,6 +215,7 @@ class DeltaStartHook(TrainingHook):
 
 class DeltaLoraMethod(LoraMethod):
     config_class = DeltaLoraConfig
+    saves_as_lora = True
     # lora_dropout is declared so that `--lora-dropout 0.1` reaches the config and its specific error.
     options = {
         **LoraMethod.options,
@@ -254,9 +240,6 @@ class DeltaLoraMethod(LoraMethod):
     def training_hooks(self, model, adapter_name):
         config = model.peft_config[adapter_name]
         return [DeltaStartHook(dict(model.adapters_of(adapter_name)), config.delta_start_step)]
-
-    def export_config(self, model, adapter_name, config):
-        return config.as_exported_lora().to_hf_dict()
 
 
 # Its files are plain LoRA's: they load as LoRA.

@@ -65,7 +65,11 @@ One instance per name: ``LoraMethod("dora", preset={"use_dora": True})`` is DoRA
 may share a config class if they are instances of one Method class (presets of one
 implementation); a method whose files are another method's format (LoRA-FA writes plain LoRA
 files) sets ``loads_peft_type=False``, and its files load as that other method. Two methods that
-both load one ``peft_type`` are an error at import.
+both load one ``peft_type`` are an error at import. A method whose trained model is exactly a
+plain LoRA adapter of some rank, but whose training state is more (Delta-LoRA: the moved weight
+as a second pair of factors), sets ``saves_as_lora = True``: ``save_pretrained`` then always
+writes its ``as_lora=True`` export (built from ``as_low_rank``), which loads as LoRA; its
+training state travels in checkpoints (the hooks' state), never in adapter files.
 
 Command-line options: ``options`` names the config fields ``peftlab train`` shows as flags
 (``lora_alpha`` -> ``--lora-alpha``) and ``run_defaults`` gives their values for a training run
@@ -122,6 +126,8 @@ class Method:
     options: ClassVar[dict[str, MethodOption]] = {}
     #: Training-run defaults (``lr`` and values of ``options``) for options the user left unset.
     run_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3}
+    #: Its adapter files are always its exact plain-LoRA export (see the module docstring).
+    saves_as_lora: ClassVar[bool] = False
 
     def __init__(
         self, name: str, *, preset: dict[str, Any] | None = None, quantization: str | None = None,
