@@ -1,0 +1,142 @@
+"""Shifted sparse attention (S²-Attn, LongLoRA: Chen et al. 2023, arXiv 2309.12307), for training.
+
+The sequence is cut into groups of G tokens (G = L/4 by default) and each query attends causally
+within its group only. Heads ``[H//2, H)`` use groups shifted by G/2, so information flows between
+neighbouring groups across layers:
+
+    heads [0, H//2)    groups [0, G) [G, 2G) ... [L-G, L)
+    heads [H//2, H)    groups [0, G/2) [G/2, 3G/2) ... [L-G/2, L)
+
+The official ``roll`` version rolls the shifted heads by -G/2, so its last group holds the tail
+*and* the first G/2 tokens, which then see the tail: a leak from the future. Here the shifted
+heads get G/2 masked slots on both ends instead, so no group wraps around. A length that is no
+multiple of G gets masked slots at the end (as right padding would), and keys that the batch's
+padding mask hides are masked too, so the real tokens of a right-padded row compute what they
+would unpadded. With a single group (G >= L) nothing is shifted: every head attends fully, which
+is ordinary causal attention.
+
+It plugs into transformers through its own registries, under the name :data:`S2_ATTENTION`:
+``AttentionInterface`` gets :func:`s2_attention_forward` and ``AttentionMaskInterface`` the sdpa
+mask; in eval mode the function is sdpa's own, so inference is ordinary full attention.
+
+    previous = enable_s2_attention(model, group_size_ratio=0.25)   # training now uses S²-Attn
+    disable_s2_attention(model, previous)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+#: The attention implementation name registered with transformers.
+S2_ATTENTION = "peftlab_s2"
+#: The attention module attribute holding its group size ratio (G = ratio · L, rounded up to even).
+GROUP_RATIO_ATTRIBUTE = "s2_group_size_ratio"
+
+
+def group_size(length: int, ratio: float) -> int:
+    """G for a sequence of ``length``: ``ratio · length`` rounded up to an even number (the shift is G/2)."""
+    return max(2, 2 * math.ceil(length * ratio / 2))
+
+
+def key_validity(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """``[B, L]``: which keys the batch's padding leaves visible, from transformers' 4-D causal mask
+    (None: no padding). Refuses a mask that is not causal-with-padding (packed sequences, left padding)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool or attention_mask.shape[-2:] != (length, length):
+        raise ValueError("S²-Attn needs transformers' boolean sdpa mask of one causal sequence per row.")
+    valid = attention_mask[:, 0].any(dim=-2)
+    causal = torch.ones(length, length, dtype=torch.bool, device=valid.device).tril()
+    if not torch.equal(attention_mask[:, 0], causal & valid[:, None, :]):
+        raise ValueError(
+            "S²-Attn trains on right-padded rows of one sequence each; this batch's attention mask is something else "
+            "(left padding, packed sequences or a custom mask). Pad on the right (peftlab's collator does)."
+        )
+    return valid
+
+
+def _grouped_causal(q, k, v, valid, size: int, scale: float, dropout: float) -> torch.Tensor:
+    """Causal attention inside consecutive groups of ``size`` along the sequence; ``valid``: [B, L] or None."""
+    b, h, length, _ = q.shape
+    n = length // size
+    causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
+    if valid is None:
+        mask = causal
+    else:  # a hidden key is never seen; a query always sees itself, so no row is empty (its output is dropped)
+        diagonal = torch.eye(size, dtype=torch.bool, device=q.device)
+        mask = causal & (valid.view(b, 1, n, 1, size) | diagonal)
+    q, k, v = (t.reshape(b, h, n, size, t.shape[-1]) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    return out.reshape(b, h, length, out.shape[-1])
+
+
+def shifted_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, size: int, scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """S²-Attn on ``[B, H, L, D]`` (k, v with H heads), groups of ``size`` (even); returns ``[B, H, L, D]``."""
+    if size < 2 or size % 2:
+        raise ValueError(f"S²-Attn's group size must be an even number >= 2 (half of it is the shift), got {size}.")
+    length = q.shape[2]
+    padded = math.ceil(length / size) * size
+    if padded != length or valid is not None:  # masked slots at the end stand for a length that is no multiple
+        valid = torch.ones(q.shape[0], length, dtype=torch.bool, device=q.device) if valid is None else valid
+        q, k, v = (F.pad(t, (0, 0, 0, padded - length)) for t in (q, k, v))
+        valid = F.pad(valid, (0, padded - length), value=False)
+    if padded == size:  # one group: nothing to shift, plain causal attention
+        return _grouped_causal(q, k, v, valid, size, scale, dropout)[:, :, :length]
+    half, heads = size // 2, q.shape[1] // 2
+    plain = _grouped_causal(q[:, :heads], k[:, :heads], v[:, :heads], valid, size, scale, dropout)
+    # The shifted heads: G/2 masked slots on each end, so the groups start at G/2 and none wraps around.
+    shifted_valid = torch.ones(q.shape[0], padded, dtype=torch.bool, device=q.device) if valid is None else valid
+    shifted_valid = F.pad(shifted_valid, (half, half), value=False)
+    q2, k2, v2 = (F.pad(t[:, heads:], (0, 0, half, half)) for t in (q, k, v))
+    shifted = _grouped_causal(q2, k2, v2, shifted_valid, size, scale, dropout)[:, :, half : half + padded]
+    return torch.cat([plain, shifted], dim=1)[:, :, :length]
+
+
+def s2_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """transformers' attention-function signature: S²-Attn in training, sdpa (full attention) otherwise."""
+    ratio = getattr(module, GROUP_RATIO_ATTRIBUTE, None)
+    if not module.training or ratio is None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    length = query.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = shifted_sparse_attention(
+        query, key, value, key_validity(attention_mask, length), group_size(length, ratio), scale, dropout
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def enable_s2_attention(model, group_size_ratio: float = 0.25) -> str:
+    """Train ``model`` (a transformers model whose attention calls the registry) with S²-Attn, groups of
+    ``group_size_ratio · L``; returns the attention implementation it had, for :func:`disable_s2_attention`."""
+    if not 0 < group_size_ratio <= 1:
+        raise ValueError(f"group_size_ratio must be in (0, 1] (G = ratio · L; 1 is full attention), got {group_size_ratio}.")
+    attention = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "o_proj") and hasattr(m, "config")]
+    if not attention:
+        raise ValueError(f"{type(model).__name__} has no attention module with q_proj/o_proj for S²-Attn to run in.")
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(S2_ATTENTION)
+    for module in attention:
+        setattr(module, GROUP_RATIO_ATTRIBUTE, group_size_ratio)
+    return previous
+
+
+def disable_s2_attention(model, previous: str) -> None:
+    model.set_attn_implementation(previous)
+    for module in model.modules():
+        if hasattr(module, GROUP_RATIO_ATTRIBUTE):
+            delattr(module, GROUP_RATIO_ATTRIBUTE)
+
+
+ALL_ATTENTION_FUNCTIONS.register(S2_ATTENTION, s2_attention_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(S2_ATTENTION, sdpa_mask)
