@@ -2,7 +2,8 @@
 
 The floor is what any adapter method must pay: the frozen backbone's forward plus the backward to
 its inputs (``inputs_embeds`` that require grad), with no weight gradients and no optimizer.
-Each variant is one full training step (forward, loss, backward, AdamW step, zero_grad).
+Each variant is one full training step (forward, loss, backward, AdamW step, zero_grad), with the
+method's training hooks where it has them (AdaLoRA's allocation, DyLoRA's rank draw, ...).
 
 Time: every variant lives in this one process and the steps are interleaved round-robin, so
 machine noise hits all of them alike; the figure is the median over the timed steps.
@@ -61,7 +62,18 @@ VARIANTS = ("floor", "full", "peftlab-lora", "hf-lora", "peftlab-dora", "hf-dora
 HF_TWINS = {
     "lora": ("LoraConfig", {}), "rslora": ("LoraConfig", {"use_rslora": True}), "dora": ("LoraConfig", {"use_dora": True}),
     "lora_fa": ("LoraConfig", {}), "loraplus": ("LoraConfig", {}), "vera": ("VeraConfig", {}),
+    "adalora": ("AdaLoraConfig", {}),
 }
+#: The schedule length the timed steps report to training hooks: far beyond them, so AdaLoRA stays in its
+#: pruning phase (a budget and a mask at every step, HF's deltaT=1) for every timed step.
+TOTAL_STEPS = 10**6
+
+
+def _method_fields(method: str, r: int) -> dict:
+    """Fields that size a method with no single ``r``: AdaLoRA at HF's proportions, 1.5r pruned to r."""
+    if method == "adalora":
+        return {"init_r": 3 * r // 2, "target_r": r, "lora_alpha": 2 * r, "total_step": TOTAL_STEPS}
+    return {}
 LORAPLUS_RATIO = 16.0
 
 
@@ -90,37 +102,63 @@ def make_batch(model, causal: bool, batch: int, length: int, seed: int = 0) -> d
 
 
 def build_variant(name: str, base, causal: bool, targets: str, r: int, dropout: float = 0.0):
-    """A ready-to-step (model, optimizer) pair; the floor gets no optimizer."""
+    """A ready-to-step (model, optimizer, hooks); the floor gets no optimizer. ``hooks`` are the
+    method's training hooks (peftlab's HookRunner, as the training loop runs them; HF's AdaLoRA
+    allocator) or None, so a method that works between steps pays for it here too."""
     model = copy.deepcopy(base)
     task = "CAUSAL_LM" if causal else "SEQ_CLS"
     target_modules = targets if targets == "all-linear" else targets.split(",")
     if name == "floor":
         model.requires_grad_(False)
-        return model, None
+        return model, None, None
     if name == "full":
         model.requires_grad_(True)
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-4), None
     lib, method = name.split("-", 1)
     shared = dict(target_modules=target_modules, task_type=task)
     if lib == "peftlab":
         import peftlab
         from peftlab.optim import make_optimizer
+        from peftlab.train.hooks import HookRunner, discover_hooks
 
-        fields = _size_fields(peftlab.METHODS[method].options, r, dropout)
+        fields = {**_size_fields(peftlab.METHODS[method].options, r, dropout), **_method_fields(method, r)}
         model = peftlab.get_peft_model(model, peftlab.make_method_config(method, **fields, **shared))
-        return model, make_optimizer(model, "adamw", lr=1e-4, weight_decay=0.01)  # torch AdamW's default, as the others
+        optimizer = make_optimizer(model, "adamw", lr=1e-4, weight_decay=0.01)  # torch AdamW's default, as the others
+        return model, optimizer, HookRunner(discover_hooks(model))
     import peft
     import peft.optimizers
 
     hf_class, preset = HF_TWINS[method]
     config_class = getattr(peft, hf_class)
-    fields = _size_fields({f.name for f in dataclasses.fields(config_class)}, r, dropout)
+    fields = {**_size_fields({f.name for f in dataclasses.fields(config_class)}, r, dropout), **_method_fields(method, r)}
     model = peft.get_peft_model(model, config_class(**fields, **preset, **shared))
     if method == "lora_fa":
-        return model, peft.optimizers.create_lorafa_optimizer(model, r=r, lora_alpha=2 * r, lr=1e-4)
+        return model, peft.optimizers.create_lorafa_optimizer(model, r=r, lora_alpha=2 * r, lr=1e-4), None
     if method == "loraplus":
-        return model, peft.optimizers.create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=LORAPLUS_RATIO)
-    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        optimizer = peft.optimizers.create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=LORAPLUS_RATIO)
+        return model, optimizer, None
+    hooks = HfAdaLoraAllocation(model) if method == "adalora" else None
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4), hooks
+
+
+class HfAdaLoraAllocation:
+    """HF's AdaLoRA step work in HookRunner's shape: its regulariser is inside HF's forward (it has a
+    task_type), its allocation is ``update_and_allocate`` after the optimizer step."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def on_step_begin(self, progress) -> None:
+        pass
+
+    def extra_loss(self, progress):
+        return None
+
+    def after_backward(self, progress) -> None:
+        pass
+
+    def after_optimizer_step(self, progress) -> None:
+        self.model.base_model.update_and_allocate(progress.step)
 
 
 def _size_fields(names, r: int, dropout: float) -> dict:
@@ -131,15 +169,28 @@ def _size_fields(names, r: int, dropout: float) -> dict:
     return fields
 
 
-def step(model, optimizer, batch: dict) -> None:
+def step(model, optimizer, batch: dict, hooks=None, index: int = 0) -> None:
+    """One training step, with the method's hooks at the points the training loop calls them."""
     if optimizer is None:  # the floor: backward to the input embeddings only
         embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
         out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
         out.loss.backward()
         return
-    out = model(**batch)
-    out.loss.backward()
+    if hooks is None:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return
+    from peftlab.hooks import TrainingProgress
+
+    progress = TrainingProgress(step=index, total_steps=TOTAL_STEPS, epoch=0.0)
+    hooks.on_step_begin(progress)
+    loss = model(**batch).loss
+    extra = hooks.extra_loss(progress)
+    (loss if extra is None else loss + extra).backward()
+    hooks.after_backward(progress)
     optimizer.step()
+    hooks.after_optimizer_step(progress)
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -153,19 +204,19 @@ def _rss_kb(field: str) -> int:
 def child_memory(args) -> None:
     torch.set_num_threads(args.threads)
     base, causal = load_base(args.model)
-    model, optimizer = build_variant(args.child, base, causal, args.targets, args.r, args.dropout)
+    model, optimizer, hooks = build_variant(args.child, base, causal, args.targets, args.r, args.dropout)
     del base
     batch = make_batch(model, causal, args.batch, args.length)
     Path("/proc/self/clear_refs").write_text("5")
     before = _rss_kb("VmRSS")
-    for _ in range(3):  # the first step allocates the optimizer state: counted, as in training
-        step(model, optimizer, batch)
+    for index in range(3):  # the first step allocates the optimizer state: counted, as in training
+        step(model, optimizer, batch, hooks, index)
     peak = _rss_kb("VmHWM")
     print(json.dumps({"variant": args.child, "peak_above_model_mb": (peak - before) / 1024, "peak_rss_mb": peak / 1024,
-                      "saved_for_backward_mb": saved_for_backward_mb(model, optimizer, batch)}))
+                      "saved_for_backward_mb": saved_for_backward_mb(model, optimizer, batch, hooks)}))
 
 
-def saved_for_backward_mb(model, optimizer, batch: dict) -> float:
+def saved_for_backward_mb(model, optimizer, batch: dict, hooks=None) -> float:
     """MB autograd keeps for backward over one training step's forward: each storage once, no parameters."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
@@ -177,7 +228,7 @@ def saved_for_backward_mb(model, optimizer, batch: dict) -> float:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        step(model, optimizer, batch)
+        step(model, optimizer, batch, hooks, index=3)
     return sum(storages.values()) / 2**20
 
 
@@ -201,18 +252,18 @@ def measure_time(args, variants) -> dict[str, list[float]]:
     base, causal = load_base(args.model)
     batch = make_batch(base, causal, args.batch, args.length)
     built = {name: build_variant(name, base, causal, args.targets, args.r, args.dropout) for name in variants}
-    for name, (model, optimizer) in built.items():
+    for name, (model, optimizer, hooks) in built.items():
         model.train()
-        for _ in range(args.warmup):
-            step(model, optimizer, batch)
+        for index in range(args.warmup):
+            step(model, optimizer, batch, hooks, index)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(args.steps):
         # Rotate the order each round so no variant always runs right after the same neighbour.
         order = variants[i % len(variants):] + variants[: i % len(variants)]
         for name in order:
-            model, optimizer = built[name]
+            model, optimizer, hooks = built[name]
             start = clock()
-            step(model, optimizer, batch)
+            step(model, optimizer, batch, hooks, args.warmup + i)
             times[name].append(clock() - start)
         print(f"  round {i + 1}/{args.steps}", file=sys.stderr, end="\r")
     return times
