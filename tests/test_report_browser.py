@@ -21,7 +21,7 @@ spec.loader.exec_module(browser_check)
 if browser_check.find_chromium() is None:
     pytest.skip("no Chromium on PATH (apt-get install -y chromium)", allow_module_level=True)
 
-PLOT_COUNT = 7  # the synthetic results have data for every non-sweep plot
+PLOT_COUNT = 9  # the synthetic results have data for every non-sweep plot (the three Pareto plots included)
 TRUNCATED_PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAA"
 
 
