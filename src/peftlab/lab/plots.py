@@ -191,20 +191,7 @@ def plot_val_curves(results: Results, path: Path) -> Path | None:
     runs = [run for run in results.ok_runs if run.val_curve]
     if not any(len(run.val_curve) > 1 for run in runs):
         return None
-    colors = _run_colors(results)
-    fig = _figure(height=5.2)
-    ax = fig.subplots()
-    for run in runs:
-        ax.plot([point["step"] for point in run.val_curve], [point["accuracy"] for point in run.val_curve],
-                color=colors[run.run_name], marker="o", markersize=4, linewidth=1.8, label=run.run_name)
-    _pad_y(ax, [point["accuracy"] for run in runs for point in run.val_curve])
-    ax.grid(True, alpha=0.3)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("Validation accuracy during training")
-    _legend(ax, len(runs))
-    _footnote_left_out(fig, results, runs)
-    return _save(fig, path)
+    return _accuracy_lines(results, runs, "val_curve", "step", "optimizer step", "Validation accuracy during training", path)
 
 
 def plot_sweep(results: Results, variable: str, path: Path) -> Path | None:
@@ -257,17 +244,24 @@ def plot_accuracy_per_rank(results: Results, path: Path) -> Path | None:
     runs = [run for run in results.ok_runs if run.accuracy_per_rank]
     if not runs:
         return None
+    return _accuracy_lines(results, runs, "accuracy_per_rank", "rank", "rank at inference",
+                           "Accuracy per rank, one trained adapter each", path)
+
+
+def _accuracy_lines(results: Results, runs: list, series: str, x: str, xlabel: str, title: str, path: Path) -> Path:
+    """Validation accuracy against ``x``, a line per run, from each run's list of points ``run.<series>``."""
     colors = _run_colors(results)
     fig = _figure(height=5.2)
     ax = fig.subplots()
     for run in runs:
-        ax.plot([point["rank"] for point in run.accuracy_per_rank], [point["accuracy"] for point in run.accuracy_per_rank],
+        points = getattr(run, series)
+        ax.plot([point[x] for point in points], [point["accuracy"] for point in points],
                 color=colors[run.run_name], marker="o", markersize=4, linewidth=1.8, label=run.run_name)
-    _pad_y(ax, [point["accuracy"] for run in runs for point in run.accuracy_per_rank])
+    _pad_y(ax, [point["accuracy"] for run in runs for point in getattr(run, series)])
     ax.grid(True, alpha=0.3)
-    ax.set_xlabel("rank at inference")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation accuracy")
-    ax.set_title("Accuracy per rank, one trained adapter each")
+    ax.set_title(title)
     _legend(ax, len(runs))
     _footnote_left_out(fig, results, runs)
     return _save(fig, path)
