@@ -118,15 +118,9 @@ class MergeCommand:
         add_train_arguments(parser, only=("model", "task", "quantize"))
 
     def run(self, args: argparse.Namespace) -> int:
-        from peftlab.train.build import base_of, load_trained
-
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise OptionsError(f"--out {out} is a file; give a folder for the merged model.")
-        _refuse_the_adapter_folder(out, args.adapter, "transformers would load the merged model with the adapter applied a second time")
-        model_name, task = base_of(getattr(args, "model", None), args.adapter, getattr(args, "task", None))
+        out = _output_folder(args, "the merged model", "transformers would load the merged model with the adapter applied a second time")
         quantization = _quantization(args)
-        model, tokenizer = load_trained(model_name, args.adapter, task, quantization=quantization)
+        model_name, model, tokenizer = _load_adapter_on_its_base(args, quantization)
         merged = model.merge_and_unload(dequantize=quantization is not None)
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -151,14 +145,9 @@ class ExportCommand:
     def run(self, args: argparse.Namespace) -> int:
         from peftlab.export import build_lora_export, write_lora_export
         from peftlab.model import saved_base_facts
-        from peftlab.train.build import base_of, load_trained
 
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise OptionsError(f"--out {out} is a file; give a folder for the exported adapter.")
-        _refuse_the_adapter_folder(out, args.adapter, "the export would replace the adapter it is made from")
-        model_name, task = base_of(getattr(args, "model", None), args.adapter, getattr(args, "task", None))
-        model, _ = load_trained(model_name, args.adapter, task, quantization=_quantization(args))
+        out = _output_folder(args, "the exported adapter", "the export would replace the adapter it is made from")
+        _, model, _ = _load_adapter_on_its_base(args, _quantization(args))
         export = build_lora_export(model, rank=args.rank, max_rank=args.max_rank)
         write_lora_export(export, out, metadata=saved_base_facts(model.base_model))
         notice(f"exported {args.adapter} as plain LoRA (r = {export.rank}) to {out}: {export.summary()}")
@@ -186,3 +175,21 @@ train = TrainCommand()
 evaluate = EvalCommand()
 merge = MergeCommand()
 export = ExportCommand()
+
+
+def _output_folder(args: argparse.Namespace, what: str, why_not_the_adapters: str) -> Path:
+    """``--out`` of merge/export: a folder (or nothing yet), never the adapter's own folder."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OptionsError(f"--out {out} is a file; give a folder for {what}.")
+    _refuse_the_adapter_folder(out, args.adapter, why_not_the_adapters)
+    return out
+
+
+def _load_adapter_on_its_base(args: argparse.Namespace, quantization):
+    """(base model name, the adapted model, tokenizer) for ``--adapter``, its base and task from the run."""
+    from peftlab.train.build import base_of, load_trained
+
+    model_name, task = base_of(getattr(args, "model", None), args.adapter, getattr(args, "task", None))
+    model, tokenizer = load_trained(model_name, args.adapter, task, quantization=quantization)
+    return model_name, model, tokenizer
