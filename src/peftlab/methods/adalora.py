@@ -39,7 +39,7 @@ from peftlab.hooks import TrainingHook, TrainingProgress
 from peftlab.methods.fused import LoraLinearFunction, can_fuse
 from peftlab.methods.lora import LoraAdapter, LoraConfig, add_low_rank
 from peftlab.methods.lora_targets import ADALORA_DEFAULT_TARGET_MODULES
-from peftlab.methods.method import Method, MethodOption, UnsupportedBaseError
+from peftlab.methods.method import ADAPTER_DROPOUT, Method, MethodOption, UnsupportedBaseError
 from peftlab.methods.registry import register_method
 
 if TYPE_CHECKING:
@@ -320,7 +320,7 @@ class AdaLoraMethod(Method):
         "init_r": MethodOption(int, "AdaLoRA: initial rank of every layer", "positive", lambda v: v > 0),
         "target_r": MethodOption(int, "AdaLoRA: average rank left after pruning", "positive", lambda v: v > 0),
         "lora_alpha": MethodOption(float, "LoRA scale numerator, s = alpha / r", "positive", lambda v: v > 0, relative_to="r"),
-        "lora_dropout": MethodOption(float, "dropout on the adapter input", "in [0, 1)", lambda v: 0 <= v < 1),
+        "lora_dropout": ADAPTER_DROPOUT,
         "tinit": MethodOption(int, "AdaLoRA: steps before pruning starts", "an integer >= 0", lambda v: v >= 0),
         "tfinal": MethodOption(int, "AdaLoRA: steps at the final budget", "an integer >= 0", lambda v: v >= 0),
         "orth_reg_weight": MethodOption(float, "AdaLoRA: orthogonal regulariser weight", ">= 0", lambda v: v >= 0),

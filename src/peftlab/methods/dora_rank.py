@@ -39,7 +39,7 @@ from peftlab.config import AdapterConfig
 from peftlab.hooks import TrainingHook, TrainingProgress
 from peftlab.methods.lora import LoraAdapter, _check_positive
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
-from peftlab.methods.method import Method, MethodOption, UnsupportedBaseError
+from peftlab.methods.method import ADAPTER_DROPOUT, Method, MethodOption, UnsupportedBaseError
 from peftlab.methods.registry import register_method
 
 
@@ -188,7 +188,7 @@ class DoraRankMethod(Method):
     options = {
         "r": MethodOption(int, "average rank per layer after pruning (starts at 1.5 r)", "positive", lambda v: v > 0),
         "lora_alpha": MethodOption(float, "scale numerator, s = alpha / init_r", "positive", lambda v: v > 0, relative_to="r"),
-        "lora_dropout": MethodOption(float, "dropout on the adapter input", "in [0, 1)", lambda v: 0 <= v < 1),
+        "lora_dropout": ADAPTER_DROPOUT,
     }
     #: The official defaults (alpha 8, dropout 0.1) with LoRA's learning rate.
     run_defaults = {"lr": 1e-3, "r": 8, "lora_alpha": 8, "lora_dropout": 0.1}

@@ -27,7 +27,7 @@ from peftlab.config import AdapterConfig
 from peftlab.hooks import TrainingHook, TrainingProgress
 from peftlab.methods.lora import LoraAdapter, _check_positive
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
-from peftlab.methods.method import Method, MethodOption
+from peftlab.methods.method import ADAPTER_DROPOUT, Method, MethodOption
 from peftlab.methods.registry import register_method
 
 
@@ -116,7 +116,7 @@ class DyLoraMethod(Method):
     options = {
         "r": MethodOption(int, "adapter rank (the largest; DyLoRA works at every rank up to it)", "positive", lambda v: v > 0),
         "lora_alpha": MethodOption(float, "LoRA scale numerator, s = alpha / b at rank b", "positive", lambda v: v > 0, relative_to="r"),
-        "lora_dropout": MethodOption(float, "dropout on the adapter input", "in [0, 1)", lambda v: 0 <= v < 1),
+        "lora_dropout": ADAPTER_DROPOUT,
     }
     #: LoRA's run defaults; at any b the scale alpha / b is 2r / b >= 2.
     run_defaults = {"lr": 1e-3, "r": 8, "lora_alpha": 16, "lora_dropout": 0.05}

@@ -28,7 +28,7 @@ from peftlab.config import AdapterConfig, check_regex, default_field
 from peftlab.methods.adapter import Adapter
 from peftlab.methods.fused import LoraLinearFunction, can_fuse
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
-from peftlab.methods.method import Method, MethodOption, UnsupportedBaseError
+from peftlab.methods.method import ADAPTER_DROPOUT, Method, MethodOption, UnsupportedBaseError
 from peftlab.methods.registry import register_method
 
 INIT_CHOICES = (True, False, "gaussian")
@@ -94,7 +94,7 @@ class LoraMethod(Method):
     options = {
         "r": MethodOption(int, "adapter rank", "positive", lambda v: v > 0),
         "lora_alpha": MethodOption(float, "LoRA scale numerator, s = alpha / r", "positive", lambda v: v > 0, relative_to="r"),
-        "lora_dropout": MethodOption(float, "dropout on the adapter input", "in [0, 1)", lambda v: 0 <= v < 1),
+        "lora_dropout": ADAPTER_DROPOUT,
         "loraplus_lr_ratio": MethodOption(
             float, "LoRA+: B's learning rate over A's (the loraplus method: 16; unset: plain LoRA)", "positive", lambda v: v > 0
         ),

@@ -117,6 +117,10 @@ class MethodOption:
         return f"{name} must be {self.requirement}, got {value}."
 
 
+
+#: The adapter-input dropout option the LoRA-family methods show as ``--lora-dropout``.
+ADAPTER_DROPOUT = MethodOption(float, "dropout on the adapter input", "in [0, 1)", lambda v: 0 <= v < 1)
+
 class Method:
     """One PEFT method as the core sees it; see the module docstring for the order of the calls."""
 
