@@ -224,13 +224,13 @@ def test_undecodable_bytes_name_the_file_and_line(tmp_path: Path) -> None:
         ("train.jsonl", '{"text": "a", "label": 1}\n{"text": "b",\n', "line 2: not valid JSON"),
         ("train.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n', "line 2: no 'label' value"),
         ("train.jsonl", '{"text": 7, "label": 1}\n', "line 1: 'text' should be a string"),
-        ("train.txt", "a\n", "unsupported file type '.txt'"),
+        ("train.xml", "<a/>\n", "unsupported file type '.xml'"),
     ],
 )
 def test_malformed_files_name_the_line(tmp_path: Path, name: str, content: str, message: str) -> None:
     write(tmp_path / name, content)
     with pytest.raises(DataError, match=message):
-        load_dataset_spec(tmp_path / name if name.endswith(".txt") else tmp_path, "train")
+        load_dataset_spec(tmp_path / name if name.endswith(".xml") else tmp_path, "train")
 
 
 def test_unknown_dataset_split_or_missing_split_file(tmp_path: Path) -> None:

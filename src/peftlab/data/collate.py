@@ -11,6 +11,10 @@ tokens and EOS and is -100 (ignored by the loss) on the prompt and the padding::
 
 Prompt and response are tokenised apart, so the boundary is exact: put any separator (a space, a
 newline) in the text itself. Rows are padded on the right, which training wants.
+
+Causal LM on plain text: windows ``{"input_ids", "score_from"}`` of one token stream (see
+:mod:`.text`), all of one length, stacked as they are; ``labels`` copies the tokens from
+``score_from`` on and is -100 before.
 """
 
 from __future__ import annotations
@@ -86,6 +90,8 @@ class CausalLMCollator:
         return prompt_ids[:prompt_kept] + response_ids[:response_kept], prompt_kept
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if batch and "input_ids" in batch[0]:
+            return _stack_windows(batch)
         rows = [self.encode(item["prompt"], item["response"]) for item in batch]
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -97,3 +103,11 @@ class CausalLMCollator:
             # Labels come from positions, not token ids, so a pad token equal to EOS is still learnt.
             labels[row, prompt_length : len(ids)] = input_ids[row, prompt_length : len(ids)]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _stack_windows(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    input_ids = torch.tensor([item["input_ids"] for item in batch], dtype=torch.long)
+    labels = input_ids.clone()
+    for row, item in enumerate(batch):
+        labels[row, : item["score_from"]] = IGNORE_INDEX
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}

@@ -7,6 +7,8 @@
     a directory     train.{csv,tsv,jsonl} and validation.* (or dev.*, val.*)
     a file          one .csv, .tsv or .jsonl file, split 90/10 into train/validation (fixed seed),
                     or taken whole (``held_out=False``: a file given to ``peftlab eval``)
+    plain text      "shakespeare" or a .txt file: causal LM on windows of one token stream, cut
+                    with the model's tokenizer (see :mod:`.text`)
 
 Columns: ``text`` (or ``sentence``) and ``label`` for classification; ``prompt`` and ``response``
 for causal LM. Labels are class ids (ints, or strings of digits) or class names; names get ids in
@@ -22,12 +24,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..assets import TASKS
+from transformers import PreTrainedTokenizerBase
+
+from ..assets import TASKS, TEXT_ALIASES
 from .errors import DataError
 from .files import Row, Table, expected_split_files, read_table, split_files
 from .splits import SPLITS, hold_out, sample
 from .sst2 import LABEL_NAMES as SST2_LABEL_NAMES
 from .sst2 import load_rt_snippets, load_sst2
+from .text import TokenWindows, is_plain_text, load_text_windows
 
 TEXT_COLUMNS = ("text", "sentence")
 NAMED_DATASETS = ("sst2", "rt-snippets")
@@ -73,7 +78,7 @@ class CausalLMDataset:
         )
 
 
-TextDataset = ClassificationDataset | CausalLMDataset
+TextDataset = ClassificationDataset | CausalLMDataset | TokenWindows
 
 
 def load_dataset_spec(
@@ -87,6 +92,9 @@ def load_dataset_spec(
     num_labels: int | None = None,
     label_names: Sequence[str] | None = None,
     held_out: bool = True,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_length: int | None = None,
+    stride: int | None = None,
 ) -> TextDataset:
     """Load ``split`` ("train" or "validation") of a named dataset or of a file or directory.
 
@@ -95,12 +103,24 @@ def load_dataset_spec(
     ``task``: "seq-cls" or "causal-lm"; by default inferred from the columns. ``num_labels``: the
     classifier's size; labels outside ``0 .. num_labels - 1`` are an error. ``label_names``: the
     classes a trained model knows, in id order; a label name not among them is an error.
-    ``held_out=False``: a single file is taken whole instead of split.
+    ``held_out=False``: a single file is taken whole instead of split. Plain text needs the
+    model's ``tokenizer`` and the window length ``max_length`` (``stride``: see :mod:`.text`);
+    ``max_samples`` then counts windows.
     """
     if split not in SPLITS:
         raise DataError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if task is not None and task not in TASKS:
         raise DataError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}")
+    if is_plain_text(name_or_path):
+        if task not in (None, "causal-lm"):
+            raise DataError(f"{name_or_path} is plain text, which a causal LM learns to continue; "
+                            f"use --task causal-lm (not {task}), or give labelled data for classification")
+        if tokenizer is None or max_length is None:
+            raise ValueError("plain text is cut into windows of tokens: pass the model's tokenizer and max_length")
+        windows = load_text_windows(name_or_path, split, tokenizer, max_length, stride, held_out)
+        return windows.select(sample(len(windows), max_samples, seed))
+    if stride is not None:
+        raise DataError(f"a stride applies to plain text (a .txt file or {', '.join(TEXT_ALIASES)}), not to {name_or_path}")
     table, label_tables, dataset_names = _read_split(name_or_path, split, data_dir, held_out)
     if not table.rows:
         raise DataError(f"{table.source} has no {split} examples; add rows below the header")
@@ -144,8 +164,8 @@ def _read_split(
         source = f"{path} (held-out {split} split: {len(chosen)} of {len(whole.rows)} rows)"
         return Table(whole.columns, [whole.rows[i] for i in chosen], source), [whole], None
     raise DataError(
-        f"Unknown dataset {name!r}: not a file or directory, nor one of {', '.join(NAMED_DATASETS)}. "
-        f"Pass a .csv, .tsv or .jsonl file, or a directory with train and validation files."
+        f"Unknown dataset {name!r}: not a file or directory, nor one of {', '.join(NAMED_DATASETS + tuple(TEXT_ALIASES))}. "
+        f"Pass a .csv, .tsv, .jsonl or .txt file, or a directory with train and validation files."
     )
 
 

@@ -11,8 +11,9 @@ from typing import Any
 
 from torch import nn
 
-from peftlab.assets import load_model_and_tokenizer
+from peftlab.assets import load_model_and_tokenizer, load_tokenizer
 from peftlab.data import CausalLMCollator, ClassificationCollator, TextDataset, load_dataset_spec
+from peftlab.data.text import is_plain_text
 from peftlab.hf_compat import saved_num_labels
 from peftlab.io import LABEL_NAMES_KEY, QUANTIZATION_KEY, read_adapter_config, read_adapter_metadata
 from peftlab.methods import make_method_config
@@ -27,21 +28,31 @@ def load_datasets(options: TrainOptions) -> tuple[TextDataset, TextDataset]:
     """The training subset (``max_train_samples`` drawn with ``seed``) and the validation split."""
     train = load_dataset_spec(
         options.dataset, "train", data_dir=options.data_dir, max_samples=options.max_train_samples,
-        seed=options.seed, task=options.task,
+        seed=options.seed, task=options.task, **_text_windowing(options),
     )
     validation = load_eval_dataset(options, getattr(train, "num_labels", None))
     return train, validation
 
 
 def load_eval_dataset(
-    options: TrainOptions, num_labels: int | None, label_names: tuple[str, ...] | None = None, held_out: bool = True
+    options: TrainOptions, num_labels: int | None, label_names: tuple[str, ...] | None = None, held_out: bool = True,
+    stride: int | None = None,
 ) -> TextDataset:
     """The validation split (a single file: its held-out part, or all of it with ``held_out=False``);
-    ``label_names``: the classes a trained classifier knows, which the labels must be among."""
+    ``label_names``: the classes a trained classifier knows, which the labels must be among;
+    ``stride``: where plain-text windows start (see :mod:`peftlab.data.text`)."""
     return load_dataset_spec(
         options.dataset, "validation", data_dir=options.data_dir, max_samples=options.max_eval_samples,
         seed=options.seed, task=options.task, num_labels=num_labels, label_names=label_names, held_out=held_out,
+        stride=stride, **_text_windowing(options),
     )
+
+
+def _text_windowing(options: TrainOptions) -> dict[str, Any]:
+    """Plain text is cut into windows of the model's tokens: its tokenizer and the window length."""
+    if not is_plain_text(options.dataset):
+        return {}
+    return {"tokenizer": load_tokenizer(options.model), "max_length": options.max_length}
 
 
 def make_collator(options: TrainOptions, tokenizer) -> Any:

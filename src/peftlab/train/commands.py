@@ -47,6 +47,9 @@ class EvalCommand:
         parser.add_argument("--adapter", metavar="DIR", help="adapter folder written by `peftlab train`")
         parser.add_argument("--rank", type=int, metavar="B",
                             help="evaluate the adapter at rank B (methods trained for several ranks: dylora)")
+        parser.add_argument("--stride", type=int, metavar="S",
+                            help="plain text: start a window of --max-length tokens every S tokens, each scoring only "
+                                 "its last S (a sliding-window perplexity; default: --max-length, windows that do not overlap)")
         add_train_arguments(parser, only=EVAL_OPTIONS)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -61,7 +64,7 @@ class EvalCommand:
         file_given = hasattr(args, "dataset") and Path(options.dataset).is_file()
         num_labels = saved_num_labels(args.adapter) if args.adapter and task == "seq-cls" else None
         label_names = trained_label_names(args.adapter, model_name) if task == "seq-cls" else None
-        data = load_eval_dataset(options, num_labels, label_names, held_out=not file_given)
+        data = load_eval_dataset(options, num_labels, label_names, held_out=not file_given, stride=args.stride)
         notice(f"evaluating {len(data)} examples of {getattr(data, 'source', options.dataset)}")
         processes = start_processes(options.device)
         try:
@@ -76,7 +79,8 @@ class EvalCommand:
         finally:
             processes.close()
         if processes.is_main:
-            _print_json({**metrics, "examples": len(data)})
+            context = {"max_length": options.max_length} if task == "causal-lm" else {}
+            _print_json({**metrics, "examples": len(data), **context})
         return 0
 
 

@@ -85,7 +85,7 @@ def evaluate(
     """Metrics over this process's ``batches``, summed over all processes.
 
     seq-cls: ``eval_accuracy`` and ``eval_loss``; causal-lm: ``eval_loss`` (mean per token),
-    ``eval_perplexity`` = exp(eval_loss), and ``eval_token_accuracy``.
+    ``eval_perplexity`` = exp(eval_loss), ``eval_token_accuracy`` and ``eval_tokens`` (tokens scored).
     """
     was_training = model.training
     model.eval()
@@ -103,5 +103,6 @@ def evaluate(
         raise ValueError("the evaluation set has nothing to score: no examples, or no response tokens for causal LM.")
     loss = loss_sum / count
     if task == "causal-lm":
-        return {"eval_loss": loss, "eval_perplexity": math.exp(loss) if loss < 700 else math.inf, "eval_token_accuracy": correct / count}
+        return {"eval_loss": loss, "eval_perplexity": math.exp(loss) if loss < 700 else math.inf,
+                "eval_token_accuracy": correct / count, "eval_tokens": int(count)}
     return {"eval_accuracy": correct / count, "eval_loss": loss}

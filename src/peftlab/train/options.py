@@ -92,7 +92,7 @@ class RunOptions:
     # -- model and data ----------------------------------------------------------------------------
     model: str = _option("minilm-l6", "offline alias (minilm-l6, smollm2-135m), local model folder, or hub id")
     task: str = _option("seq-cls", "what the model learns", choices=TASKS)
-    dataset: str = _option("sst2", "sst2, rt-snippets, a .csv/.tsv/.jsonl file, or a folder with train.* and validation.*")
+    dataset: str = _option("sst2", "sst2, rt-snippets, a .csv/.tsv/.jsonl file, a folder with train.* and validation.*, or plain text for causal LM (shakespeare, a .txt file)")
     data_dir: str | None = _option(None, "folder with SST-2's GLUE files (train.tsv, validation.tsv)")
     max_train_samples: int | None = _option(None, "train on this many examples, drawn with --seed (default: all)")
     max_eval_samples: int | None = _option(None, "evaluate on this many validation examples (default: all)")
