@@ -47,6 +47,10 @@ class AdapterConfig:
     unsupported_hf_fields: ClassVar[tuple[str, ...]] = ()
     #: ``target_modules`` when none are given, by ``config.model_type`` (HF peft's table for the method).
     default_target_modules: ClassVar[dict[str, list[str] | str]] = {}
+    #: For a config whose files are another method's ``peft_type`` plus fields of its own (HF loads
+    #: them as that method, warning about the extra keys): the field whose presence marks its files,
+    #: so that peftlab loads them as this class and not as the plain method (which would drop them).
+    file_marker: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -123,7 +127,7 @@ class AdapterConfig:
 
         folder = Path(pretrained_model_name_or_path) / (subfolder or "")
         data = read_adapter_config(folder)
-        config_class = config_class_for(data["peft_type"])
+        config_class = config_class_for(data["peft_type"], data)
         if not issubclass(config_class, cls):
             raise ValueError(f"{folder} holds a {data['peft_type']} adapter, not a {cls.__name__}; load it with {config_class.__name__}.")
         return config_class.from_dict(data)

@@ -106,11 +106,12 @@ class PeftModel(nn.Module):
             )
         if not adapter_name or "." in adapter_name or adapter_name == BASE_ROW:
             raise ValueError(f"invalid adapter name {adapter_name!r}: use a non-empty name without '.', not {BASE_ROW!r}.")
+        method = method_for(config)
+        method.check_model(self, config)
         if config.target_modules is None:
             config = config.replace(target_modules=_default_targets(self.base_model, config))
         if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
             config = config.replace(target_modules=expand_all_linear(self.base_model, config))
-        method = method_for(config)
         targets = {path: self._base_view(path) for path in select_targets(self.base_model, config)}
         for path, view in targets.items():
             method.check_base(config, view, path)
@@ -151,11 +152,34 @@ class PeftModel(nn.Module):
             if not paths and name in explicit:
                 raise ValueError(f"modules_to_save {name!r} matches no module of the model.")
             for path in paths:
-                module = self.base_model.get_submodule(path)
-                if not isinstance(module, TrainedCopy):
-                    module = TrainedCopy(module)
-                    _set_module(self.base_model, path, module)
-                module.add(adapter_name)
+                self._trained_copy_at(path).add(adapter_name)
+        if getattr(config, "ensure_weight_tying", False):
+            self._tie_output_embedding_copy(adapter_name)
+
+    def _trained_copy_at(self, path: str) -> TrainedCopy:
+        module = self.base_model.get_submodule(path)
+        if not isinstance(module, TrainedCopy):
+            module = TrainedCopy(module)
+            _set_module(self.base_model, path, module)
+        return module
+
+    def _tie_output_embedding_copy(self, adapter_name: str) -> None:
+        """HF's ``ensure_weight_tying``: where the model ties its output embedding to its input embedding
+        and the input embedding trains as a copy, the output layer gets a copy holding that same trained
+        tensor, so the two stay one (in training, in the files, and after merge_and_unload)."""
+        get_input = getattr(self.base_model, "get_input_embeddings", None)
+        get_output = getattr(self.base_model, "get_output_embeddings", None)
+        inputs, outputs = (get_input() if get_input else None), (get_output() if get_output else None)
+        if not isinstance(inputs, TrainedCopy) or adapter_name not in inputs.copies or outputs is None:
+            return
+        original = outputs.original_module if isinstance(outputs, TrainedCopy) else outputs
+        if getattr(original, "weight", None) is not inputs.original_module.weight:
+            return  # not tied: nothing to keep together
+        path = next(p for p, m in self.base_model.named_modules() if m is outputs)
+        copy = self._trained_copy_at(path)
+        if adapter_name in copy.copies:
+            copy.remove(adapter_name)
+        copy.add(adapter_name, weight=inputs.copies[adapter_name].weight)
 
     def _remove_adapter_modules(self, adapter_name: str) -> None:
         if adapter_name in self.peft_config:
@@ -247,6 +271,9 @@ class PeftModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """The plain model with merged adapters kept and unmerged ones dropped."""
+        for name in self.peft_config:
+            state = self.method_state[name] if name in self.method_state else None
+            self.method_of(name).unload(self, name, state)
         for path, layer in list(self.adapted_layers()):
             _set_module(self.base_model, path, layer.base_layer)
         for path, copy in list(self.trained_copies()):
@@ -481,6 +508,7 @@ class PeftModel(nn.Module):
                 )
             if saved[key].is_floating_point() and not torch.isfinite(saved[key]).all():
                 raise ValueError(f"{source} holds NaN or infinite values in {key}: the adapter is broken; retrain it or restore a good copy.")
+        _check_tied_tensors_agree(expected, saved, source)
         own = method.export_tensors(self, adapter_name)
         method.load_tensors(self, adapter_name, {key: saved[key] for key in own})
         with torch.no_grad():  # trained copies and embedding weights: plain parameters
@@ -498,6 +526,19 @@ class PeftModel(nn.Module):
                 inner = f"{path}.base_layer" if isinstance(layer, AdaptedLayer) else path
                 weights[f"{io.KEY_PREFIX}{inner}.weight"] = self.base_model.get_submodule(inner).weight
         return weights
+
+
+def _check_tied_tensors_agree(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], source: str) -> None:
+    """Keys that are one tensor in the model (a tied embedding and output layer) must hold one value in
+    the file; otherwise whichever loaded last would win, silently."""
+    first_key: dict[int, str] = {}
+    for key, tensor in expected.items():
+        other = first_key.setdefault(id(tensor), key)
+        if other != key and not torch.equal(saved[other], saved[key]):
+            raise ValueError(
+                f"{source}: {other} and {key} are one tied tensor in this model but differ in the file; it was "
+                "saved from a model whose embeddings were not tied. Load it on an untied base, or re-save it tied."
+            )
 
 
 @contextlib.contextmanager
@@ -538,12 +579,19 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def load_config(model_id: str | os.PathLike, is_trainable: bool = False, config: AdapterConfig | None = None) -> AdapterConfig:
     data = io.read_adapter_config(io.Path(model_id))
+    saved_class = config_class_for(data["peft_type"], data)
     if config is None:
-        config = config_class_for(data["peft_type"]).from_dict(data)
+        config = saved_class.from_dict(data)
     elif config.peft_type != data["peft_type"]:
         raise ValueError(
             f"the adapter in {model_id} is a {data['peft_type']} adapter but the config given is {type(config).__name__} "
             f"({config.peft_type}); leave config out to load it as the file says."
+        )
+    elif saved_class.file_marker and not isinstance(config, saved_class):
+        raise ValueError(
+            f"the adapter in {model_id} is a {saved_class.__name__} adapter (its adapter_config.json has "
+            f"{saved_class.file_marker!r}), which a {type(config).__name__} would load without that part; leave config "
+            f"out, or give a {saved_class.__name__}."
         )
     elif method_for(config).saves_as_lora:
         raise ValueError(

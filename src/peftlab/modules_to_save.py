@@ -23,8 +23,11 @@ class TrainedCopy(nn.Module):
         self.active: str | None = None
         self.disabled = False
 
-    def add(self, name: str) -> None:
-        trained = copy.deepcopy(self.original_module)
+    def add(self, name: str, weight: nn.Parameter | None = None) -> None:
+        """A trained copy for adapter ``name``; with ``weight``, the copy's weight is that tensor (an
+        output embedding tied to the input embedding's trained copy) instead of a copy of its own."""
+        memo = {} if weight is None else {id(self.original_module.weight): weight}
+        trained = copy.deepcopy(self.original_module, memo)
         trained.requires_grad_(True)
         self.copies[name] = trained
 

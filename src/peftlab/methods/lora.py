@@ -46,6 +46,8 @@ class LoraConfig(AdapterConfig):
     init_lora_weights: bool | str = True
     rank_pattern: dict = default_field({})
     alpha_pattern: dict = default_field({})
+    #: HF's field: a tied output embedding shares the input embedding's trained copy (``modules_to_save``).
+    ensure_weight_tying: bool = False
     #: LoRA+ (``loraplus.py``): B's learning rate over A's, and the rate of adapters on embeddings.
     loraplus_lr_ratio: float | None = None
     loraplus_lr_embedding: float = 1e-6

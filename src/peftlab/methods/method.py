@@ -22,6 +22,8 @@ is all a new method needs. Every hook below but ``make_adapter`` has a default t
 or does what LoRA needs, so a LoRA-like method overrides little. The core calls, in order:
 
     get_peft_model / add_adapter
+        check_model(model, config)            the whole model, before its targets are resolved:
+                                              raise ValueError to refuse a model family
         check_base(config, view, path)        every targeted layer, before anything is built:
                                               raise UnsupportedBaseError to refuse (4-bit, Embedding)
         state = inject(model, name, config, targets)
@@ -60,6 +62,10 @@ or does what LoRA needs, so a LoRA-like method overrides little. The core calls,
                                               default None: a fixed rank
     delete_adapter
         remove(model, name, state)            undo what inject did outside method_state
+    merge_and_unload / unload
+        unload(model, name, state)            the plain model is handed out: undo what must not
+                                              outlive peftlab (LongLoRA's training attention) and
+                                              keep what the trained model is (its RoPE scale)
 
 One instance per name: ``LoraMethod("dora", preset={"use_dora": True})`` is DoRA. Several names
 may share a config class if they are instances of one Method class (presets of one
@@ -155,6 +161,9 @@ class Method:
 
     # -- building ---------------------------------------------------------------------------------
 
+    def check_model(self, model: PeftModel, config: AdapterConfig) -> None:
+        """Raise ValueError if the method cannot run on this model at all (its family, its other adapters)."""
+
     def check_base(self, config: AdapterConfig, view: BaseLayerView, path: str) -> None:
         """Raise :class:`UnsupportedBaseError` naming ``path`` if the method cannot adapt this layer."""
 
@@ -181,6 +190,10 @@ class Method:
     def remove(self, model: PeftModel, adapter_name: str, state: nn.Module | None) -> None:
         """Undo anything ``inject`` did besides returning ``state`` (the core drops that). Also called
         when building the adapter failed part-way, so it must cope with a missing ``state``."""
+
+    def unload(self, model: PeftModel, adapter_name: str, state: nn.Module | None) -> None:
+        """The peftlab modules are about to be taken out (``unload``, ``merge_and_unload``): undo what
+        would make the plain model need peftlab; default: nothing."""
 
     # -- training ---------------------------------------------------------------------------------
 

@@ -75,13 +75,13 @@ def build_model(
     ``label_names`` become the classifier's ``id2label``, saved with the adapter or model so that
     ``peftlab eval`` maps class names as training did."""
     model, tokenizer = load_model_and_tokenizer(options.model, options.task, num_labels=num_labels or 2)
-    check_max_length(options.max_length, model)
     if options.task == "seq-cls" and label_names:
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {name: i for i, name in enumerate(label_names)}
     if options.quantization:
         quantize(model)
     if options.is_full_fine_tuning:
+        check_max_length(options.max_length, model)
         model.requires_grad_(True)
         return model, tokenizer, options
     if options.target_modules is None:
@@ -95,7 +95,9 @@ def build_model(
         )
     except TypeError as error:  # an option the method's config does not have
         raise OptionsError(f"method {options.method!r} does not take these options: {error}") from None
-    return get_peft_model(model, config), tokenizer, options
+    model = get_peft_model(model, config)
+    check_max_length(options.max_length, model)  # after the method: it may extend the context
+    return model, tokenizer, options
 
 
 def save_trained(model: nn.Module, tokenizer, out: Path) -> None:
