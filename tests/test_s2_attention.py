@@ -62,6 +62,18 @@ def test_a_length_off_the_group_grid_equals_right_padding():
     assert (ours - reference).abs().max() <= 1e-12
 
 
+@pytest.mark.parametrize("length", [3, 6, 8])
+def test_fixed_grid_within_one_group_is_the_padded_grid(length):
+    """On a fixed grid (LongLoRA's G) a sequence up to G long computes what it does padded to 2G on that grid:
+    the shifted heads split at G/2, and nothing depends on the padding."""
+    q, k, v = qkv(length=length)
+    padded = [F.pad(t, (0, 0, 0, 16 - length)) for t in (q, k, v)]
+    valid = torch.tensor([[True] * length + [False] * (16 - length)] * 2)
+    ours = shifted_sparse_attention(q, k, v, None, 8, 0.3, fixed_grid=True)
+    reference = shifted_sparse_attention(*padded, valid, 8, 0.3)[:, :, :length]
+    assert (ours - reference).abs().max() <= 1e-12
+
+
 def s2_llama(ratio: float):
     model = tiny_llama(hidden=32)
     enable_s2_attention(model, ratio)

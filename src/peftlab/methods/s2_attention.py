@@ -1,7 +1,8 @@
 """Shifted sparse attention (S²-Attn, LongLoRA: Chen et al. 2023, arXiv 2309.12307), for training.
 
-The sequence is cut into groups of G tokens (G = L/4 by default) and each query attends causally
-within its group only. Heads ``[H//2, H)`` use groups shifted by G/2, so information flows between
+The sequence is cut into groups of G tokens (G = L/4 of each batch's length by default, or a fixed
+number of tokens on a grid from position 0: LongLoRA fixes it, so that a row computes the same
+whatever batch it is padded in) and each query attends causally within its group only. Heads ``[H//2, H)`` use groups shifted by G/2, so information flows between
 neighbouring groups across layers:
 
     heads [0, H//2)    groups [0, G) [G, 2G) ... [L-G, L)
@@ -37,6 +38,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 S2_ATTENTION = "peftlab_s2"
 #: The attention module attribute holding its group size ratio (G = ratio · L, rounded up to even).
 GROUP_RATIO_ATTRIBUTE = "s2_group_size_ratio"
+#: The attention module attribute holding a fixed G in tokens, which wins over the ratio.
+GROUP_SIZE_ATTRIBUTE = "s2_group_size"
 
 
 def group_size(length: int, ratio: float) -> int:
@@ -76,21 +79,41 @@ def _grouped_causal(q, k, v, valid, size: int, scale: float, dropout: float) -> 
     return out.reshape(b, h, length, out.shape[-1])
 
 
+def _within_one_group(q, k, v, valid, size: int, scale: float, dropout: float) -> torch.Tensor:
+    """A sequence up to ``size`` long on the grid of ``size``-token groups: the plain heads see it all
+    causally, the shifted heads' groups split it at size/2 (what the padded path computes, without the
+    masked slots)."""
+    length, heads = q.shape[2], q.shape[1] // 2
+    position = torch.arange(length, device=q.device)
+    causal = position[None, :] <= position[:, None]
+    same_group = (position[:, None] < size // 2) == (position[None, :] < size // 2)
+    mask = torch.stack([causal] * heads + [causal & same_group] * (q.shape[1] - heads))
+    if valid is not None:  # as in _grouped_causal: hidden keys never seen, each query sees itself
+        mask = mask & (valid[:, None, None, :] | torch.eye(length, dtype=torch.bool, device=q.device))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+
+
 def shifted_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, size: int, scale: float,
-    dropout: float = 0.0,
+    dropout: float = 0.0, fixed_grid: bool = False,
 ) -> torch.Tensor:
-    """S²-Attn on ``[B, H, L, D]`` (k, v with H heads), groups of ``size`` (even); returns ``[B, H, L, D]``."""
+    """S²-Attn on ``[B, H, L, D]`` (k, v with H heads), groups of ``size`` (even); returns ``[B, H, L, D]``.
+
+    ``fixed_grid``: the groups are a grid from position 0 whatever L, so a sequence up to ``size`` long
+    still has its shifted heads split at size/2 and a row computes the same at any padding; without it
+    such a sequence is one group with nothing shifted (G = L is full attention)."""
     if size < 2 or size % 2:
         raise ValueError(f"S²-Attn's group size must be an even number >= 2 (half of it is the shift), got {size}.")
     length = q.shape[2]
+    if length <= size:
+        if fixed_grid:
+            return _within_one_group(q, k, v, valid, size, scale, dropout)
+        return _grouped_causal(q, k, v, valid, length, scale, dropout)  # one group: plain causal attention
     padded = math.ceil(length / size) * size
     if padded != length or valid is not None:  # masked slots at the end stand for a length that is no multiple
         valid = torch.ones(q.shape[0], length, dtype=torch.bool, device=q.device) if valid is None else valid
         q, k, v = (F.pad(t, (0, 0, 0, padded - length)) for t in (q, k, v))
         valid = F.pad(valid, (0, padded - length), value=False)
-    if padded == size:  # one group: nothing to shift, plain causal attention
-        return _grouped_causal(q, k, v, valid, size, scale, dropout)[:, :, :length]
     half, heads = size // 2, q.shape[1] // 2
     plain = _grouped_causal(q[:, :heads], k[:, :heads], v[:, :heads], valid, size, scale, dropout)
     # The shifted heads: G/2 masked slots on each end, so the groups start at G/2 and none wraps around.
@@ -110,17 +133,22 @@ def s2_attention_forward(module, query, key, value, attention_mask, dropout: flo
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = shifted_sparse_attention(
-        query, key, value, key_validity(attention_mask, length), group_size(length, ratio), scale, dropout
-    )
+    fixed = getattr(module, GROUP_SIZE_ATTRIBUTE, None)
+    size = fixed or group_size(length, ratio)
+    valid = key_validity(attention_mask, length)
+    out = shifted_sparse_attention(query, key, value, valid, size, scale, dropout, fixed_grid=fixed is not None)
     return out.transpose(1, 2).contiguous(), None
 
 
-def enable_s2_attention(model, group_size_ratio: float = 0.25) -> str:
+def enable_s2_attention(model, group_size_ratio: float = 0.25, fixed_group_size: int | None = None) -> str:
     """Train ``model`` (a transformers model whose attention calls the registry) with S²-Attn, groups of
-    ``group_size_ratio · L``; returns the attention implementation it had, for :func:`disable_s2_attention`."""
+    ``group_size_ratio · L`` of each batch's length L, or of ``fixed_group_size`` tokens whatever the
+    batch (an even number: then a row computes the same in any batch, at any padding); returns the
+    attention implementation it had, for :func:`disable_s2_attention`."""
     if not 0 < group_size_ratio <= 1:
         raise ValueError(f"group_size_ratio must be in (0, 1] (G = ratio · L; 1 is full attention), got {group_size_ratio}.")
+    if fixed_group_size is not None and (fixed_group_size < 2 or fixed_group_size % 2):
+        raise ValueError(f"S²-Attn's group size must be an even number >= 2 (half of it is the shift), got {fixed_group_size}.")
     attention = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "o_proj") and hasattr(m, "config")]
     if not attention:
         raise ValueError(f"{type(model).__name__} has no attention module with q_proj/o_proj for S²-Attn to run in.")
@@ -128,14 +156,16 @@ def enable_s2_attention(model, group_size_ratio: float = 0.25) -> str:
     model.set_attn_implementation(S2_ATTENTION)
     for module in attention:
         setattr(module, GROUP_RATIO_ATTRIBUTE, group_size_ratio)
+        setattr(module, GROUP_SIZE_ATTRIBUTE, fixed_group_size)
     return previous
 
 
 def disable_s2_attention(model, previous: str) -> None:
     model.set_attn_implementation(previous)
     for module in model.modules():
-        if hasattr(module, GROUP_RATIO_ATTRIBUTE):
-            delattr(module, GROUP_RATIO_ATTRIBUTE)
+        for attribute in (GROUP_RATIO_ATTRIBUTE, GROUP_SIZE_ATTRIBUTE):
+            if hasattr(module, attribute):
+                delattr(module, attribute)
 
 
 ALL_ATTENTION_FUNCTIONS.register(S2_ATTENTION, s2_attention_forward)
