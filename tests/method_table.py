@@ -88,6 +88,9 @@ METHOD_TABLE = [
                rank_fields=lambda r: {"r": r, "lora_alpha": 2 * r / 3, "delta_start_step": 0}, loads_as="lora",
                saved_rank_factor=2),
 ]
+# Not in the table: longlora. The suites run every method on GPT-2 and BERT, which have no RoPE for it to
+# extend (it refuses them), and mix several adapters on one model, while its RoPE scale and attention are the
+# model's (one LongLoRA adapter per model). test_longlora.py checks its versions of the properties on Llama.
 METHOD_CASES = {case.name: case for case in METHOD_TABLE}
 WITH_HF_TWIN = [case for case in METHOD_TABLE if case.hf is not None]
 ON_4BIT = [case for case in METHOD_TABLE if case.on_4bit]

@@ -45,11 +45,12 @@ def tiny_gpt2(seed: int = 0, hidden: int = HIDDEN) -> GPT2LMHeadModel:
     return _build(GPT2LMHeadModel, config, seed)
 
 
-def tiny_llama(seed: int = 0, hidden: int = HIDDEN) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, hidden: int = HIDDEN, tied: bool = False) -> LlamaForCausalLM:
+    """``tied``: the output layer shares the input embedding's weight (SmolLM2's ``tie_word_embeddings``)."""
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied,
     )
     return _build(LlamaForCausalLM, config, seed)
 
