@@ -261,3 +261,27 @@ def test_hf_adapter_with_lora_bias_is_refused_as_unsupported(bases, tmp_path):
     with pytest.raises(ValueError, match=r"sets lora_bias=True: an HF peft feature that peftlab does not support") as caught:
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     assert "does not fit" not in str(caught.value)
+
+
+@pytest.mark.parametrize("direction", ["hf_to_peftlab", "peftlab_to_hf"])
+def test_trained_tied_embedding_stays_tied_both_ways(tmp_path, direction):
+    """HF's ensure_weight_tying: the trained copy of a tied input embedding is the output layer's too."""
+    base = tiny_llama(tied=True)
+    batch = tiny_batch(base)
+    options = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "norm"],
+                   ensure_weight_tying=True, task_type="CAUSAL_LM")
+    if direction == "hf_to_peftlab":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**options)).eval()
+        perturb(source)
+        source.save_pretrained(tmp_path)
+        loaded = load_in_peftlab(base, tmp_path)
+    else:
+        source = get_peft_model(copy.deepcopy(base), LoraConfig(**options)).eval()
+        perturb(source)
+        source.save_pretrained(tmp_path)
+        loaded = load_in_hf(base, tmp_path)
+    ours = loaded if direction == "hf_to_peftlab" else source
+    assert ours.base_model.lm_head.weight is ours.base_model.model.embed_tokens.weight
+    assert_same_logits(loaded, source, base, batch)
