@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -30,10 +31,13 @@ def test_two_processes_train_the_same_adapter_as_one(task, request, tmp_path):
     model_dir, data_dir = (request.getfixturevalue(name) for name in (
         ("bert_dir", "sentiment_dir") if task == "seq-cls" else ("gpt2_dir", "prompt_dir")))
     run = dict(task=task, batch_size=7, grad_accum=2, max_steps=3, eval_every=2, lr=1e-2)
+    tracked = task == "seq-cls" and importlib.util.find_spec("tensorboard") is not None  # only rank 0 logs
+    if tracked:
+        run["report_to"] = ["tensorboard"]
     single = run_training(tiny_options(model_dir, data_dir, tmp_path / "one", **run))
     flags = ["--model", str(model_dir), "--dataset", str(data_dir), "--task", task, "--out", str(tmp_path / "two"),
              "--batch-size", "7", "--grad-accum", "2", "--max-steps", "3", "--eval-every", "2", "--lr", "1e-2", "--lora-dropout", "0",
-             "--max-length", "16", "--eval-batch-size", "16", "--log-every", "1"]
+             "--max-length", "16", "--eval-batch-size", "16", "--log-every", "1", *(["--report-to", "tensorboard"] * tracked)]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "peftlab", "train", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -53,3 +57,11 @@ def test_two_processes_train_the_same_adapter_as_one(task, request, tmp_path):
     # Only the first process wrote: one summary on stdout, one set of files.
     assert result.stdout.count('"eval_loss"') == 1
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    if tracked:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        [events_file] = (tmp_path / "two/tensorboard").iterdir()
+        events = EventAccumulator(str(events_file))
+        events.Reload()
+        losses = [event.value for event in events.Scalars("train/loss")]
+        assert losses == pytest.approx(two["train_loss_curve"], rel=1e-6)

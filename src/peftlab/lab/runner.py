@@ -221,7 +221,10 @@ def write_spec(run: PlannedRun, folder: Path) -> Path:
     """A clean run folder (a rerun leaves no stale record or checkpoint) with the run's spec.json."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    spec = {**run.to_dict(), "options": {**run.options, "out": str(folder / "train"), "resume": None}}
+    # In the trackers, each run is named as in the report and grouped with its comparison (by default).
+    group = run.options.get("run_group") or folder.parents[1].resolve().name
+    options = {**run.options, "out": str(folder / "train"), "resume": None, "run_name": run.run_name, "run_group": group}
+    spec = {**run.to_dict(), "options": options}
     (folder / "spec.json").write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
     return folder / "spec.json"
 

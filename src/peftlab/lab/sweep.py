@@ -43,10 +43,10 @@ from peftlab.train.options import (
 
 #: What `peftlab compare` runs when --methods is not given: the seed experiment's four.
 DEFAULT_METHODS = ("full", "lora", "dora", "qlora")
-#: Options that belong to the comparison, not to a run: each run gets its own method and folder.
-PER_RUN_OPTIONS = ("method", "out", "resume")
+#: Options that belong to the comparison, not to a run: each run gets its own method, folder and name.
+PER_RUN_OPTIONS = ("method", "out", "resume", "run_name")
 #: Options not worth a sweep axis: where output goes and how often it is written.
-NOT_SWEEPABLE = (*PER_RUN_OPTIONS, "save_every", "log_every", "device", "method_options")
+NOT_SWEEPABLE = (*PER_RUN_OPTIONS, "save_every", "log_every", "device", "method_options", "report_to", "run_group")
 #: Options of the adapter; full fine-tuning has none, so a sweep over them runs full once.
 ADAPTER_OPTIONS = (*METHOD_OPTIONS, "target_modules", "method_options", "quantize")
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from peftlab.io import atomic_write_text
 from peftlab.model import PeftModel, count_parameters
 from peftlab.optim import make_optimizer, make_scheduler
+from peftlab.trackers import TrackedRun, TrackerGroup, require_trackers
 from peftlab.train.checkpoint import (
     CheckpointError,
     checkpoints_in,
@@ -77,6 +78,7 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     torch and python RNG states are restored, so callers can run several trainings in a row.
     """
     options = options.with_method_defaults()
+    require_trackers(options.report_to)  # a missing tracker package is refused before anything loads
     with _preserved_rng():
         processes = start_processes(options.device, options.strategy)
         try:
@@ -300,6 +302,21 @@ class TrainingRun:
     # -- the run -------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        with self._start_trackers() as self.trackers:
+            return self._train()
+
+    def _start_trackers(self) -> TrackerGroup:
+        """The run's trackers, on the first process only; a run resumed in its own folder continues its tracker runs."""
+        options = self.options
+        if not (options.report_to and self.processes.is_main):
+            return TrackerGroup([])
+        run = TrackedRun(options.run_name or self.out.resolve().name, options.run_group, self.out, options.to_dict())
+        resume_ids = self.state.get("tracker_runs") if resumes_into(options) else None
+        trackers = TrackerGroup.start(options.report_to, run, resume_ids)
+        self.state["tracker_runs"] = trackers.run_ids()
+        return trackers
+
+    def _train(self) -> dict[str, Any]:
         options, state = self.options, self.state
         trainable, total = count_parameters(self.model)
         self._log(
@@ -360,6 +377,7 @@ class TrainingRun:
                                 lockstep=self.processes.sharded)
         metrics = evaluate(self.model, batches, self.options.task, self.processes, self.options.bf16)
         self.state["val_curve"].append({"step": self.state["step"], **metrics})
+        self.trackers.log("eval", metrics, self.state["step"])
         self._log("eval " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + f" at step {self.state['step']}")
 
     def _finish(self, last_eval: dict[str, Any], trainable: int, total: int) -> dict[str, Any]:
@@ -394,6 +412,7 @@ class TrainingRun:
                 save_trained(self.model, self.tokenizer, self.out)
         if self.processes.is_main:
             atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+            self.trackers.log("final", {k: v for k, v in metrics.items() if not k.startswith("eval_")}, state["step"])
             self._log(f"wrote {self.out}")
         self.processes.barrier()
         return metrics
@@ -412,6 +431,7 @@ class TrainingRun:
         }
         self.state["logged"].append(row)
         self._write_metrics_lines([row], mode="a")
+        self.trackers.log("train", row, row["step"])
         if not sys.stderr.isatty():  # no progress bar: a periodic line instead
             left = (self.total_steps - row["step"]) * row["step_time_s"]
             self._log(

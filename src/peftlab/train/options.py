@@ -31,6 +31,7 @@ import yaml
 
 from peftlab.methods import METHODS, MethodOption
 from peftlab.optim import OPTIMIZERS, SCHEDULERS
+from peftlab.trackers import NO_TRACKER, TRACKERS
 
 TASKS = ("seq-cls", "causal-lm")
 FULL_FINE_TUNING = "full"
@@ -131,6 +132,14 @@ class RunOptions:
     eval_batch_size: int = _option(64, "examples per evaluation batch")
     eval_every: int | None = _option(None, "evaluate every N optimizer steps (always at the end)")
     log_every: int = _option(10, "write a metrics.jsonl line every N optimizer steps")
+    report_to: list[str] = _option(
+        [], f"also log the metrics and options to these trackers: {', '.join(TRACKERS)}, or {NO_TRACKER} "
+        "(comma-separated or repeated; each is an extra: pip install 'peftlab[tensorboard]')",
+    )
+    run_name: str | None = _option(None, "the run's name in the trackers (default: the --out folder's name)")
+    run_group: str | None = _option(
+        None, "the trackers' group for this run: W&B group, MLflow experiment (compare and study: their folder's name)"
+    )
     save_every: int | None = _option(None, "write a checkpoint every N optimizer steps")
     resume: str | None = _option(None, "continue from a checkpoint folder, or the newest one in a run folder")
     seed: int = _option(42, "seed for initialisation, data order, sampling and dropout")
@@ -143,6 +152,7 @@ class RunOptions:
             setattr(self, spec.name, _checked(spec, hints[spec.name], getattr(self, spec.name)))
         self._take_named_method_options(hints)
         self._check_ranges()
+        self.report_to = _checked_trackers(self.report_to)
 
     def _take_named_method_options(self, hints: dict[str, Any]) -> None:
         """``--method-option r=4`` is ``--r 4``; given both ways it is an error, not one silently winning."""
@@ -216,6 +226,17 @@ class RunOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _checked_trackers(names: list[str] | str) -> list[str]:
+    """``--report-to`` as a list of distinct tracker names; ``none`` is the empty list."""
+    names = [names] if isinstance(names, str) else names  # "all-linear" handling hands a lone name back as text
+    unknown = [name for name in names if name not in (*TRACKERS, NO_TRACKER)]
+    if unknown:
+        raise OptionsError(f"unknown tracker {unknown[0]!r} in report_to; the trackers: {', '.join(TRACKERS)}, or {NO_TRACKER}.")
+    if NO_TRACKER in names and len(set(names)) > 1:
+        raise OptionsError(f"report_to: {NO_TRACKER!r} cannot be combined with trackers ({', '.join(names)}); keep one.")
+    return list(dict.fromkeys(name for name in names if name != NO_TRACKER))
 
 
 def _method_option_help(name: str, option: MethodOption) -> str:
@@ -345,6 +366,14 @@ def _key_value(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)  # YAML typing: 8 -> int, true -> bool, [a, b] -> list
 
 
+class _ExtendNames(argparse.Action):
+    """A list flag adds to the list each time it is given: ``--report-to tensorboard --report-to mlflow``."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        names = [part.strip() for part in value.split(",") if part.strip()]
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), *names])
+
+
 class _CollectKeyValues(argparse.Action):
     def __call__(self, parser, namespace, value, option_string=None):
         collected = dict(getattr(namespace, self.dest, None) or {})
@@ -367,13 +396,13 @@ def add_train_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] |
         flag = spec.metadata["flag"] or "--" + spec.name.replace("_", "-")
         default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
         kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS}
-        kwargs["help"] = spec.metadata["help"] + ("" if default in (None, {}) else f" (default: {default})")
+        kwargs["help"] = spec.metadata["help"] + ("" if default in (None, {}, []) else f" (default: {default})")
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is dict:
             kwargs.update(action=_CollectKeyValues, type=_key_value, metavar="KEY=VALUE")
         elif kind is list:
-            kwargs["metavar"] = "NAME,NAME"  # split into a list by TrainOptions
+            kwargs.update(action=_ExtendNames, metavar="NAME,NAME")
         else:
             kwargs.update(type=kind, choices=spec.metadata["choices"])
         parser.add_argument(flag, **kwargs)
