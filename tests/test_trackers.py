@@ -115,6 +115,9 @@ def test_a_tracker_whose_package_is_missing_names_the_extra(name, bert_dir, sent
     assert not out.exists()  # refused before anything was written
     code, _, stderr = run_cli("compare", "--methods", "lora", "--out", str(tmp_path / "cmp"), "--report-to", name)
     assert code == 2 and f"pip install 'peftlab[{name}]'" in stderr and not (tmp_path / "cmp").exists()
+    code, _, stderr = run_cli("compare", "--methods", "lora,dora", "--set", f"dora.report_to={name}",
+                              "--out", str(tmp_path / "one"))
+    assert code == 2 and f"pip install 'peftlab[{name}]'" in stderr and not (tmp_path / "one").exists()
 
 
 # -- one run, each tracker ----------------------------------------------------------------------------

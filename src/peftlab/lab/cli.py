@@ -29,7 +29,6 @@ from typing import Any
 from peftlab.lab.extra_eval import check_eval_datasets
 from peftlab.lab.results import load_results
 from peftlab.methods import METHODS
-from peftlab.trackers import require_trackers
 from peftlab.lab.sweep import (
     DEFAULT_METHODS,
     PER_RUN_OPTIONS,
@@ -132,7 +131,6 @@ def plan_from_args(args: argparse.Namespace) -> tuple[list[PlannedRun], dict[str
     given = {name: getattr(args, name) for name in SHARED_OPTIONS if hasattr(args, name)}
     values = {**COMPARE_DEFAULTS, **{k: v for k, v in from_file.items() if k not in PER_RUN_OPTIONS}, **given}
     shared = {k: v for k, v in TrainOptions(**values).to_dict().items() if k not in PER_RUN_OPTIONS}
-    require_trackers(shared["report_to"])  # refused here, not in every run's process
     methods = expand_methods(args.methods) if args.methods is not None else list(DEFAULT_METHODS)
     overrides = collect_overrides(args.overrides, methods)
     for method in methods:

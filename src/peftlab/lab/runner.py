@@ -43,7 +43,8 @@ from peftlab.lab.results import (
     save_results,
 )
 from peftlab.lab.sweep import PlannedRun
-from peftlab.train.options import OptionsError
+from peftlab.trackers import require_trackers
+from peftlab.train.options import OptionsError, TrainOptions
 
 PLAN_FILE = "compare.json"
 RESULTS_FILE = "results.json"
@@ -120,6 +121,8 @@ def run_comparison(
 
     Resuming, a run is done when ``out`` holds an ok record of it, planned with the same options.
     """
+    # A missing tracker package is refused here, not in every run's process.
+    require_trackers(dict.fromkeys(name for run in runs for name in TrainOptions(**run.options).report_to))
     prepare_out_dir(out, resuming)
     earlier, earlier_options = earlier_work(out) if resuming else ([], {})
     planned = {run.run_name: run for run in runs}
