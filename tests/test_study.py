@@ -1,18 +1,45 @@
-"""Issue 15 item 2: `peftlab study NAME` -- each study's grid, its verdicts from the records, the
-unknown-name error. The child process is replaced by records with given accuracies (no training)."""
+"""Issue 15 items 2-3: `peftlab study NAME` and `peftlab study all` -- each study's grid, the verdicts and
+findings from the records, the flags a study refuses, and the one report of every study. The child
+process is replaced by records with given numbers (no training)."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
+from transformers import BertConfig
 
 from peftlab.lab import runner
-from peftlab.lab.results import RunRecord
-from peftlab.lab.study import STUDIES
+from peftlab.lab.results import RunRecord, load_results
+from peftlab.lab.study import LARGE_RANK, SGD_LR, SMALL_RANK, STUDIES
 from test_compare import run_cli
 
-#: accuracy by (swept value, seed): alpha=2r clearly better; r=8 vs 2 within the spread; r=32 worse than 8.
-ACCURACY = {("r", 0): 0.80, ("r", 1): 0.81, ("2r", 0): 0.86, ("2r", 1): 0.87,
-            (2, 0): 0.84, (2, 1): 0.86, (8, 0): 0.85, (8, 1): 0.86, (32, 0): 0.80, (32, 1): 0.81}
+#: The numbers a stand-in run reports, from its sweep: each study's claim made to hold, fail or tie.
+ACCURACY_BY_SETTING = {
+    ("lora_alpha", "r"): 0.80, ("lora_alpha", "2r"): 0.86,
+    ("r", 2): 0.845, ("r", 8): 0.85, ("r", 32): 0.80,
+    ("target_modules", "attn"): 0.84, ("target_modules", "all-linear"): 0.845,
+    ("epochs", 1): 0.85, ("epochs", 3): 0.88,
+}
+SEED_NOISE = {0: 0.0, 1: 0.01, 2: 0.004, 3: 0.006, 4: 0.002}  # a spread of 1 point between seeds 0 and 1
+
+
+def stand_in_record(run) -> RunRecord:
+    sweep = run.sweep
+    accuracy = next((value for (option, setting), value in ACCURACY_BY_SETTING.items()
+                     if sweep.get(option) == setting), 0.85)
+    if "scheduler" in sweep:  # cosine: +6 points for SGD, +0.5 for AdamW
+        accuracy = {"sgd": 0.78, "adamw": 0.85}[sweep["optimizer"]] + (
+            {"sgd": 0.06, "adamw": 0.005}[sweep["optimizer"]] if sweep["scheduler"] == "cosine" else 0)
+    memory = 900.0 + 4 * sweep["seed"]
+    if sweep.get("optimizer") == "adamw" and "r" in sweep:
+        memory += 1 if sweep["r"] == SMALL_RANK else 40  # AdamW's second state: ~1 MB at r=8, ~40 MB at r=256
+    epochs = sweep.get("epochs", 1)
+    return RunRecord(method=run.method, run_name=run.run_name, status="ok", sweep=sweep, options=run.options,
+                     val_accuracy=accuracy + SEED_NOISE[sweep["seed"]], peak_memory_mb=memory, eval_examples=872,
+                     train_time_s=30.0 * epochs, trainable_params=1000 * (sweep.get("r") or 8),
+                     train_accuracy=[{"epoch": epoch, "accuracy": 0.8 + 0.05 * epoch} for epoch in range(1, epochs + 1)])
 
 
 @pytest.fixture
@@ -21,15 +48,31 @@ def launched(monkeypatch) -> list:
 
     def launch(run, folder, log):
         runs.append(run)
-        value = next(v for k, v in run.sweep.items() if k != "seed")
-        return RunRecord(method=run.method, run_name=run.run_name, status="ok", sweep=run.sweep,
-                         options=run.options, val_accuracy=ACCURACY[(value, run.sweep["seed"])])
+        return stand_in_record(run)
 
     monkeypatch.setattr(runner, "launch", launch)
     return runs
 
 
-def test_alpha_study_grid_and_verdict(tmp_path, launched) -> None:
+@pytest.fixture
+def quick_reports(monkeypatch) -> None:
+    """Results after each run without redrawing the whole comparison report: the study's own parts are checked."""
+    monkeypatch.setattr(runner, "publish", lambda results, out, head=None: runner.save_results(out / "results.json", results))
+
+
+@pytest.fixture(scope="module")
+def bert_model(tmp_path_factory) -> str:
+    """A model folder with only a config: enough to plan the targets study (attn resolves per model family)."""
+    folder = tmp_path_factory.mktemp("bert")
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(folder)
+    return str(folder)
+
+
+def verdict_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("- Claim")]
+
+
+def test_alpha_study_grid_verdict_report_and_plot(tmp_path, launched) -> None:
     code, stdout, stderr = run_cli("study", "alpha", "--out", str(tmp_path / "out"))
     assert code == 0, stderr
     assert [run.run_name for run in launched] == [
@@ -38,18 +81,129 @@ def test_alpha_study_grid_and_verdict(tmp_path, launched) -> None:
     assert [run.options["seed"] for run in launched] == [0, 1, 0, 1]
     verdict = "+6.0 points (mean of 2 seeds); seed-to-seed spread 1.0 points. Verdict: holds."
     assert verdict in stdout and verdict in (tmp_path / "out" / "verdicts.md").read_text(encoding="utf-8")
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert report.startswith("# peftlab study alpha")
+    assert report.index("## Verdicts") < report.index("## What the runs show") < report.index("## Findings")
+    assert "Validation accuracy ranged from 0.805 (lora\\_alpha=r) to 0.865 (lora\\_alpha=2r), 6.0 points apart" in report
+    assert "(plots/study.png)" in report and (tmp_path / "out" / "plots" / "study.png").stat().st_size > 10_000
+    assert "<title>peftlab study alpha</title>" in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
 
 
-def test_rank_study_gives_no_effect_and_a_confirmed_overfit(tmp_path, launched) -> None:
+def test_rank_study_gives_no_effect_and_a_confirmed_overfit(tmp_path, launched, quick_reports) -> None:
     code, stdout, _ = run_cli("study", "rank", "--out", str(tmp_path / "out"))
     assert code == 0
     assert sorted({run.options["r"] for run in launched}) == [2, 8, 32] and len(launched) == 6
-    lines = [line for line in stdout.splitlines() if line.startswith("- Claim")]
-    assert lines[0].endswith("Verdict: no effect beyond seed spread.")  # +0.5 points, spread 2.0
-    assert lines[1].endswith("Verdict: holds.")  # r=32 is 5 points less accurate, spread 1.0
+    lines = verdict_lines(stdout)
+    assert lines[0].endswith("Verdict: no effect beyond seed spread.")  # +0.5 points, spread 1.0
+    assert lines[1].endswith("Verdict: holds.")  # r=32 is 5 points less accurate
 
 
-def test_unknown_study_lists_the_known_ones(tmp_path, launched) -> None:
-    code, _, stderr = run_cli("study", "alfa", "--out", str(tmp_path / "out"))
-    assert code == 2 and f"unknown study 'alfa'; the studies are: {', '.join(STUDIES)}" in stderr
+def test_targets_study_adapts_query_value_against_every_linear_layer(tmp_path, launched, quick_reports,
+                                                                     bert_model) -> None:
+    code, stdout, _ = run_cli("study", "targets", "--model", bert_model, "--out", str(tmp_path / "out"))
+    assert code == 0
+    assert [run.options["target_modules"] for run in launched] == [["query", "value"]] * 2 + ["all-linear"] * 2
+    assert verdict_lines(stdout) == [
+        "- Claim: adapting every linear layer is more accurate than adapting only the query and value projections. "
+        "Measured: target_modules=all-linear 0.850 vs target_modules=attn 0.845, an effect of +0.5 points "
+        "(mean of 2 seeds); seed-to-seed spread 1.0 points. Verdict: no effect beyond seed spread."]
+
+
+def test_scheduler_study_runs_each_optimizer_with_its_own_lr_and_weighs_the_interaction(tmp_path, launched,
+                                                                                      quick_reports) -> None:
+    code, stdout, _ = run_cli("study", "scheduler", "--out", str(tmp_path / "out"))
+    assert code == 0
+    grid = [(run.options["optimizer"], run.options["lr"], run.options["scheduler"], run.options["seed"])
+            for run in launched]
+    assert grid == [("sgd", SGD_LR, schedule, seed) for schedule in ("constant", "cosine") for seed in (0, 1)] + [
+        ("adamw", None, schedule, seed) for schedule in ("constant", "cosine") for seed in (0, 1)]  # None: lora's lr
+    sgd, adamw, interaction = verdict_lines(stdout)
+    assert sgd.endswith("an effect of +6.0 points (mean of 2 seeds); seed-to-seed spread 1.0 points. Verdict: holds.")
+    assert adamw.endswith("an effect of +0.5 points (mean of 2 seeds); seed-to-seed spread 1.0 points. "
+                          "Verdict: holds (no effect beyond seed spread).")
+    assert interaction == (
+        "- Claim: a cosine schedule helps SGD more than AdamW. Measured: scheduler=cosine's effect is +6.0 points with "
+        "optimizer=sgd and +0.5 points with optimizer=adamw, a difference of +5.5 points (mean of 2 seeds); the two "
+        "effects' seed-to-seed spreads add up to 2.0 points. Verdict: holds.")
+
+
+def test_optimizer_memory_study_judges_peak_memory_in_a_short_run(tmp_path, launched, quick_reports) -> None:
+    code, stdout, _ = run_cli("study", "optimizer-memory", "--out", str(tmp_path / "out"))
+    assert code == 0
+    assert {(run.options["optimizer"], run.options["r"]) for run in launched} == {
+        (optimizer, r) for optimizer in ("adamw", "sgd") for r in (SMALL_RANK, LARGE_RANK)}
+    assert {run.options["max_steps"] for run in launched} == {10} and len(launched) == 8
+    small, large = verdict_lines(stdout)
+    assert small == (
+        f"- Claim: at a small rank (r = {SMALL_RANK}) SGD saves no memory over AdamW. Measured: optimizer=sgd,r=8 "
+        "902 MB vs optimizer=adamw,r=8 903 MB, an effect of -1 MB (mean of 2 seeds); seed-to-seed spread 4 MB. "
+        "Verdict: holds (no effect beyond seed spread).")
+    assert large.endswith("an effect of -40 MB (mean of 2 seeds); seed-to-seed spread 4 MB. Verdict: holds.")
+    assert "Two seeds even for memory" in (tmp_path / "out" / "verdicts.md").read_text(encoding="utf-8")
+
+
+def test_epochs_study_contradicted_and_the_overfitting_gap_reported(tmp_path, launched) -> None:
+    code, stdout, _ = run_cli("study", "epochs", "--out", str(tmp_path / "out"))
+    assert code == 0
+    assert [run.options["epochs"] for run in launched] == [1, 1, 3, 3]
+    assert verdict_lines(stdout)[0].endswith("an effect of +3.0 points (mean of 2 seeds); seed-to-seed spread "
+                                             "1.0 points. Verdict: contradicted.")
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    # last-epoch training accuracy 0.95 with 3 epochs, 0.85 with 1; validation 0.885 and 0.855
+    assert ("the overfitting gap: +6.5 points with epochs=3 (training 0.950, validation 0.885), against "
+            "-0.5 points with epochs=1 (training 0.850, validation 0.855)") in report
+    assert "The slowest setting, epochs=3, trained in 90.0 s per run, 300% of the fastest, epochs=1 (30.0 s)" in report
+
+
+def test_consistency_study_weighs_five_seeds_against_the_sampling_error(tmp_path, launched, quick_reports) -> None:
+    code, stdout, _ = run_cli("study", "consistency", "--out", str(tmp_path / "out"))
+    assert code == 0
+    assert [run.run_name for run in launched] == [f"lora[seed={seed}]" for seed in range(5)]
+    # accuracies 0.850 0.860 0.854 0.856 0.852: sd 0.38 points; sqrt(.8544 * .1456 / 872) = 1.19 points
+    assert verdict_lines(stdout) == [
+        "- Claim: results are consistent across runs: the seed moves accuracy no more than the evaluation set's "
+        "sampling error. Measured: lora over 5 seeds: mean 0.854, from 0.850 to 0.860 (range 1.0 points), standard "
+        "deviation 0.38 points, against the evaluation set's sampling error of 1.19 points (872 examples). "
+        "Verdict: holds."]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["rank", "--r", "4"], "--r is set by the study rank itself (study rank runs r=2,8,32); drop --r."),
+    (["alpha", "--seed", "3"], "--seed is set by the study alpha itself (study alpha runs seed=0,1); drop --seed."),
+    (["scheduler", "--lr", "0.001"], "--lr is set by the study scheduler itself (study scheduler runs lr=0.1); drop --lr."),
+    (["all", "--optimizer", "sgd"], "--optimizer is set by the studies scheduler, optimizer-memory itself"),
+    (["alfa"], f"unknown study 'alfa'; the studies are: {', '.join(STUDIES)} (or all)."),
+])
+def test_bad_study_flags_are_refused_before_any_run(tmp_path, launched, flags, message) -> None:
+    code, _, stderr = run_cli("study", *flags, "--out", str(tmp_path / "out"))
+    assert code == 2 and message in stderr, stderr
     assert launched == [] and not (tmp_path / "out").exists()
+
+
+def test_a_budget_option_of_a_study_is_the_users_to_change(tmp_path, launched, quick_reports) -> None:
+    code, _, _ = run_cli("study", "optimizer-memory", "--max-steps", "3", "--out", str(tmp_path / "out"))
+    assert code == 0 and {run.options["max_steps"] for run in launched} == {3}
+
+
+def test_study_all_runs_every_study_and_writes_one_report_verdicts_first(tmp_path, launched, quick_reports,
+                                                                         bert_model) -> None:
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli("study", "all", "--model", bert_model, "--out", str(out))
+    assert code == 0, stderr
+    names = list(STUDIES)
+    progress = [line for line in stdout.splitlines() if line.startswith("== study")]
+    assert [re.match(r"== study (\d+)/(\d+): (\S+)", line).groups() for line in progress] == [
+        (str(i), str(len(names)), name) for i, name in enumerate(names, start=1)]
+    assert all((out / name / "results.json").is_file() for name in names)
+    assert sum(len(load_results(out / name / "results.json").runs) for name in names) == len(launched)
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert report.startswith("# peftlab study all")
+    verdicts = report.index("## Verdicts")
+    assert verdicts < min(report.index(f"## Study {name}") for name in names)
+    total = sum(len(study.questions) for study in STUDIES.values())
+    assert f"Of {total} claims tested, " in report
+    assert report.count("![Study ") == len(names)  # a plot per study, linked from its own folder
+    assert all(f"]({name}/plots/study.png)" in report for name in names)
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.count('<img src="data:image/png;base64,') == len(names)
+    assert (out / "verdicts.md").read_text(encoding="utf-8").count("- Claim") == total

@@ -1,56 +1,112 @@
 """Issue 15 item 2 (the verdict engine of `peftlab study`): verdicts from given records, including
-"no effect beyond seed spread" and a single seed, which cannot be judged."""
+"no effect beyond seed spread", a claim of no effect, an interaction, consistency, and a single seed."""
 
 from __future__ import annotations
 
 import pytest
 
 from peftlab.lab.results import RunRecord
-from peftlab.lab.verdict import judge, judge_records
+from peftlab.lab.verdict import (
+    PEAK_MEMORY,
+    Cell,
+    Consistency,
+    Effect,
+    Interaction,
+    judge,
+    judge_consistency,
+    judge_interaction,
+)
 
 CLAIM = "alpha = 2r beats alpha = r"
 
 
-def record(alpha: str, seed: int, accuracy: float | None, ok: bool = True) -> RunRecord:
-    return RunRecord(method="lora", run_name=f"lora[lora_alpha={alpha},seed={seed}]", status="ok" if ok else "failed",
-                     sweep={"lora_alpha": alpha, "seed": seed}, val_accuracy=accuracy)
+def cells(control: list[float], treatment: list[float]) -> tuple[Cell, Cell]:
+    return Cell("lora_alpha=r", tuple(control)), Cell("lora_alpha=2r", tuple(treatment))
+
+
+def record(alpha: str, seed: int, accuracy: float | None, ok: bool = True, **sweep) -> RunRecord:
+    return RunRecord(method="lora", run_name=f"lora[{alpha},{sweep},seed={seed}]", status="ok" if ok else "failed",
+                     sweep={"lora_alpha": alpha, **sweep, "seed": seed}, val_accuracy=accuracy, eval_examples=872)
 
 
 def test_an_effect_larger_than_the_spread_holds() -> None:
-    verdict = judge(CLAIM, "lora_alpha=r", "lora_alpha=2r", [0.80, 0.81], [0.85, 0.86])
+    verdict = judge(CLAIM, *cells([0.80, 0.81], [0.85, 0.86]))
     assert verdict.outcome == "holds"
-    assert verdict.effect_points == pytest.approx(5.0) and verdict.spread_points == pytest.approx(1.0)
+    assert verdict.effect == pytest.approx(5.0) and verdict.spread == pytest.approx(1.0)
     assert verdict.text() == (
         "Claim: alpha = 2r beats alpha = r. Measured: lora_alpha=2r 0.855 vs lora_alpha=r 0.805, an effect of "
         "+5.0 points (mean of 2 seeds); seed-to-seed spread 1.0 points. Verdict: holds.")
 
 
 def test_an_effect_against_the_claim_contradicts_it() -> None:
-    assert judge(CLAIM, "r", "2r", [0.85, 0.86], [0.80, 0.81]).outcome == "contradicted"
-    # the claim that the treatment is *worse* (e.g. "more epochs overfit") holds on the same numbers
-    assert judge("more epochs overfit", "1", "5", [0.85, 0.86], [0.80, 0.81], treatment_better=False).outcome == "holds"
+    assert judge(CLAIM, *cells([0.85, 0.86], [0.80, 0.81])).outcome == "contradicted"
+    # the claim that the treatment is *lower* (e.g. "more epochs overfit") holds on the same numbers
+    assert judge("more epochs overfit", *cells([0.85, 0.86], [0.80, 0.81]), expect="lower").outcome == "holds"
 
 
 def test_an_effect_within_the_spread_is_no_effect() -> None:
-    verdict = judge(CLAIM, "r", "2r", [0.80, 0.84], [0.82, 0.83])
-    assert verdict.effect_points == pytest.approx(0.5) and verdict.spread_points == pytest.approx(4.0)
+    verdict = judge(CLAIM, *cells([0.80, 0.84], [0.82, 0.83]))
+    assert verdict.effect == pytest.approx(0.5) and verdict.spread == pytest.approx(4.0)
     assert verdict.outcome == "no effect beyond seed spread"
     assert verdict.text().endswith("seed-to-seed spread 4.0 points. Verdict: no effect beyond seed spread.")
     # exactly at the spread: still not beyond it
-    assert judge(CLAIM, "r", "2r", [0.80, 0.82], [0.82, 0.84]).outcome == "no effect beyond seed spread"
+    assert judge(CLAIM, *cells([0.80, 0.82], [0.82, 0.84])).outcome == "no effect beyond seed spread"
+
+
+def test_a_claim_of_no_effect_holds_within_the_spread_and_fails_beyond_it() -> None:
+    small = judge("SGD saves no memory", Cell("adamw", (903.0, 907.0)), Cell("sgd", (902.0, 906.0)), "same", PEAK_MEMORY)
+    assert small.outcome == "holds" and small.text() == (
+        "Claim: SGD saves no memory. Measured: sgd 904 MB vs adamw 905 MB, an effect of -1 MB (mean of 2 seeds); "
+        "seed-to-seed spread 4 MB. Verdict: holds (no effect beyond seed spread).")
+    large = judge("SGD saves no memory", Cell("adamw", (940.0, 944.0)), Cell("sgd", (902.0, 906.0)), "same", PEAK_MEMORY)
+    assert large.outcome == "contradicted" and large.text().endswith("an effect of -38 MB (mean of 2 seeds); "
+                                                                    "seed-to-seed spread 4 MB. Verdict: contradicted.")
+
+
+def test_an_interaction_must_beat_both_effects_spreads() -> None:
+    sgd = (Cell("constant", (0.78, 0.79)), Cell("cosine", (0.84, 0.85)))  # +6 points, spread 1
+    adamw = (Cell("constant", (0.85, 0.87)), Cell("cosine", (0.855, 0.865)))  # 0 points, spread 2
+    verdict = judge_interaction("cosine helps SGD more", sgd, adamw, "cosine", ("sgd", "adamw"))
+    assert verdict.outcome == "holds" and verdict.effect == pytest.approx(6.0) and verdict.spread == pytest.approx(3.0)
+    close = (Cell("constant", (0.85, 0.87)), Cell("cosine", (0.88, 0.90)))  # +3 points: 3 apart, not beyond 1 + 2
+    assert judge_interaction("c", sgd, close, "cosine", ("sgd", "adamw")).outcome == "no effect beyond seed spread"
+    assert judge_interaction("c", close[::-1], sgd, "cosine", ("a", "b")).outcome == "contradicted"
+
+
+def test_consistency_weighs_the_seed_deviation_against_the_sampling_error() -> None:
+    steady = judge_consistency("consistent", Cell("lora", (0.85, 0.86, 0.855)), 872)
+    assert steady.outcome == "holds" and steady.effect == pytest.approx(0.5)  # sd 0.5 points < 1.19
+    wild = judge_consistency("consistent", Cell("lora", (0.80, 0.86, 0.83)), 872)
+    assert wild.outcome == "contradicted" and "standard deviation 3.00 points" in wild.text()
+    unknown = judge_consistency("consistent", Cell("lora", (0.80, 0.86)), None)
+    assert unknown.outcome == "not judged" and "number of evaluation examples is not recorded" in unknown.text()
 
 
 def test_one_seed_is_not_judged_and_says_why() -> None:
-    verdict = judge(CLAIM, "r", "2r", [0.80], [0.90])
-    assert verdict.outcome == "not judged" and verdict.spread_points is None
+    verdict = judge(CLAIM, *cells([0.80], [0.90]))
+    assert verdict.outcome == "not judged" and verdict.spread is None
     assert "one seed gives no seed-to-seed spread, run at least two" in verdict.text()
+    assert judge_consistency("consistent", Cell("lora", (0.8,)), 872).outcome == "not judged"
 
 
-def test_verdict_from_records_ignores_failed_runs_and_other_values() -> None:
+def test_questions_read_their_cells_from_records_ignoring_failed_runs_and_other_values() -> None:
     runs = [record("r", 1, 0.80), record("r", 2, 0.81), record("2r", 1, 0.85), record("2r", 2, 0.86),
             record("2r", 3, None, ok=False), record("4r", 1, 0.99)]
-    verdict = judge_records(runs, CLAIM, "lora_alpha", "r", "2r")
-    assert verdict.control_accuracies == (0.80, 0.81) and verdict.treatment_accuracies == (0.85, 0.86)
-    assert verdict.outcome == "holds"
-    with pytest.raises(ValueError, match="no successful runs for lora_alpha=8r"):
-        judge_records(runs, CLAIM, "lora_alpha", "r", "8r")
+    verdict = Effect(CLAIM, "lora_alpha", "r", "2r").judge(runs)
+    assert verdict.outcome == "holds" and verdict.effect == pytest.approx(5.0)
+    missing = Effect(CLAIM, "lora_alpha", "r", "8r").judge(runs)
+    assert missing.outcome == "not judged"
+    assert missing.text() == ("Claim: alpha = 2r beats alpha = r. Measured: no successful runs for lora_alpha=8r, so "
+                              "nothing to compare. Verdict: not judged.")
+    by_optimizer = [record(alpha, seed, accuracy, optimizer=optimizer)
+                    for optimizer, base in (("sgd", 0.70), ("adamw", 0.80)) for alpha, lift in (("r", 0), ("2r", 0.1))
+                    for seed, accuracy in ((0, base + lift), (1, base + lift + 0.01))]
+    sgd_only = Effect(CLAIM, "lora_alpha", "r", "2r", where={"optimizer": "sgd"}).judge(by_optimizer)
+    assert "optimizer=sgd,lora_alpha=2r 0.805 vs optimizer=sgd,lora_alpha=r 0.705" not in sgd_only.text()
+    assert "lora_alpha=2r,optimizer=sgd 0.805 vs lora_alpha=r,optimizer=sgd 0.705" in sgd_only.text()
+    same = Interaction("2r helps sgd more", "lora_alpha", "r", "2r", "optimizer", "sgd", "adamw").judge(by_optimizer)
+    assert same.outcome == "no effect beyond seed spread" and same.effect == pytest.approx(0.0)
+    five = [record("r", seed, 0.85 + seed / 1000) for seed in range(5)]
+    assert Consistency("consistent").judge(five).text().startswith(
+        "Claim: consistent. Measured: lora_alpha=r over 5 seeds: mean 0.852")
+    assert Consistency("consistent").judge(runs).outcome == "not judged"  # several settings: not one setup

@@ -24,7 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("peftlab.train.commands:export", "write an adapter as plain LoRA for serving engines (vLLM, SGLang)"),
     "compare": ("peftlab.lab.cli:compare", "fine-tune several methods on the same model, data and seed; report them"),
     "report": ("peftlab.lab.cli:report", "rewrite a comparison's report (markdown, HTML, plots) from its results.json"),
-    "study": ("peftlab.lab.study:study", "test a rule of thumb (alpha, rank) over seeds; print verdicts"),
+    "study": ("peftlab.lab.study:study", "test rules of thumb (alpha, rank, targets, scheduler, ...; all) over seeds: verdicts and a report"),
 }
 
 

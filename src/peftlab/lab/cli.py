@@ -159,12 +159,13 @@ class ReportCommand:
 
     def run(self, args: argparse.Namespace) -> int:
         from peftlab.lab.report import format_table, write_report
+        from peftlab.lab.study_report import head_for
 
         path = args.results / "results.json" if args.results.is_dir() else args.results
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; pass a folder written by peftlab compare, or its results.json.")
         results = load_results(path)
-        md_path, html_path = write_report(results, args.report_out or path.parent)
+        md_path, html_path = write_report(results, args.report_out or path.parent, head_for(results))
         print(format_table(results))
         print(f"\nreport: {html_path} (also {md_path.name})")
         return 0

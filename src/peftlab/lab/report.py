@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from peftlab.io import atomic_write_text
 from peftlab.lab.findings import findings
 from peftlab.lab.method_notes import describe_method
 from peftlab.lab.plots import Plot, format_count, format_mb, render_plots
@@ -25,14 +26,28 @@ TITLE = "peftlab comparison report"
 NO_VALUE = "–"
 
 
-def write_report(results: Results, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+@dataclass(frozen=True)
+class ReportHead:
+    """What a report opens with before the comparison's own sections (a study's verdicts and plot)."""
+
+    title: str
+    blocks: Callable[[Results, Path], list[Block]]  # from the results, drawing any plot into the given folder
+
+
+def write_report(results: Results, out_dir: str | os.PathLike[str], head: ReportHead | None = None) -> tuple[Path, Path]:
     """Write out_dir/report.md, out_dir/plots/*.png and out_dir/report.html; return (md_path, html_path)."""
     out_dir = Path(out_dir)
     plots = render_plots(results, out_dir / "plots")
-    blocks = _report_blocks(results, plots)
+    lead = head.blocks(results, out_dir / "plots") if head else []
+    blocks = _report_blocks(results, plots, head.title if head else TITLE, lead)
+    return write_blocks(blocks, out_dir, head.title if head else TITLE)
+
+
+def write_blocks(blocks: Sequence[Block], out_dir: Path, title: str) -> tuple[Path, Path]:
+    """out_dir/report.md and out_dir/report.html from ``blocks`` (their images under out_dir), each written whole."""
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    md_path.write_text(_to_markdown(blocks, out_dir), encoding="utf-8")
-    html_path.write_text(_to_html(blocks), encoding="utf-8")
+    atomic_write_text(md_path, _to_markdown(blocks, out_dir))
+    atomic_write_text(html_path, _to_html(blocks, title))
     return md_path, html_path
 
 
@@ -119,18 +134,20 @@ def _columns(results: Results, terminal: bool) -> list[Column]:
     ]
 
 
-def _report_blocks(results: Results, plots: Sequence[Plot]) -> list[Block]:
+def _report_blocks(results: Results, plots: Sequence[Plot], title: str = TITLE,
+                   lead: Sequence[Block] = ()) -> list[Block]:
     failed = [run for run in results.runs if not run.ok]
     methods = ", ".join(dict.fromkeys(run.method for run in results.runs)) or "none"
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     blocks: list[Block] = [
-        Heading(1, TITLE),
+        Heading(1, title),
         Paragraph(f"{len(results.runs)} run{'' if len(results.runs) == 1 else 's'} "
                   f"({len(results.ok_runs)} ok, {len(failed)} failed); methods: {methods}. Generated {generated}."),
     ]
     if not results.ok_runs:
         blocks.append(Paragraph("All runs failed: there are no metrics or plots to show. "
                                 "The errors are listed under “Failed runs”."))
+    blocks += lead
     sentences = findings(results)
     if sentences:
         blocks += [Heading(2, "Findings"), BulletList(sentences)]
@@ -157,8 +174,8 @@ def _report_blocks(results: Results, plots: Sequence[Plot]) -> list[Block]:
         for plot in plots:
             blocks += [Heading(3, plot.title), Image(plot), Paragraph(plot.caption)]
     blocks += [Heading(2, "How to read this"), BulletList(_how_to_read(results))]
-    blocks += [Heading(2, "Environment"), _key_value_table(results.environment)]
-    blocks += [Heading(2, "Config (shared by all runs)"), _key_value_table(results.config)]
+    blocks += [Heading(2, "Environment"), key_value_table(results.environment)]
+    blocks += [Heading(2, "Config (shared by all runs)"), key_value_table(results.config)]
     return blocks
 
 
@@ -225,7 +242,7 @@ def _adapter_dropout(results: Results) -> str | None:
             "second product with the frozen weight.")
 
 
-def _key_value_table(values: dict[str, Any]) -> Block:
+def key_value_table(values: dict[str, Any]) -> Block:
     rows = [[key, value] for key, value in _flatten(values)]
     if not rows:
         return Paragraph("(not recorded)")
@@ -342,7 +359,7 @@ def _md_escape(text: str) -> str:
     return text
 
 
-def _to_html(blocks: Sequence[Block]) -> str:
+def _to_html(blocks: Sequence[Block], title: str = TITLE) -> str:
     body = []
     for block in blocks:
         if isinstance(block, Heading):
@@ -363,7 +380,7 @@ def _to_html(blocks: Sequence[Block]) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{html.escape(TITLE)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<main>\n"
+        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<main>\n"
         + "\n".join(body)
         + "\n</main>\n</body>\n</html>\n"
     )

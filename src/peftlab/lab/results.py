@@ -46,6 +46,8 @@ accuracy_per_rank      [{"rank": int, "accuracy": float}]     (optional) validat
                                                               (DyLoRA); [] otherwise
 eval_datasets          {dataset: float}                       accuracy on each --eval-dataset, 0..1, keyed
                                                               as given; {} when none (optional key)
+eval_examples          int | null                             validation examples val_accuracy is over
+                                                              (optional key: null when not recorded)
 =====================  =====================================  ==========================================
 
 Curves may be null or [] on a failed run; they are written back as []. The optional keys may be
@@ -136,6 +138,7 @@ class RunRecord:
     rank_per_layer: dict[str, int] = field(default_factory=dict)
     accuracy_per_rank: list[RankAccuracy] = field(default_factory=list)
     eval_datasets: dict[str, float] = field(default_factory=dict)
+    eval_examples: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -187,6 +190,7 @@ class RunRecord:
             step_time_split_s=split,
             rank_per_layer=data["rank_per_layer"],
             eval_datasets=eval_datasets,
+            eval_examples=data["eval_examples"],
         )
 
 
@@ -279,11 +283,11 @@ _CURVE_KEYS = {
 }
 _NUMBER_KEYS = (
     "val_accuracy", "train_time_s", "time_per_step_s", "examples_per_s", "peak_memory_mb", "trainable_params",
-    "total_params", "adapter_size_bytes", "model_size_bytes", "steps",
+    "total_params", "adapter_size_bytes", "model_size_bytes", "steps", "eval_examples",
 )
 _RECORD_KEYS = tuple(name for name in RunRecord.__dataclass_fields__)
 #: Keys added after version 1 was first written: a file without them still reads (as null or empty).
-_OPTIONAL_KEYS = ("step_time_split_s", "rank_per_layer", "accuracy_per_rank", "eval_datasets")
+_OPTIONAL_KEYS = ("step_time_split_s", "rank_per_layer", "accuracy_per_rank", "eval_datasets", "eval_examples")
 
 
 def _is_number(value: Any) -> bool:

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from peftlab.io import atomic_write_text
 from peftlab.lab.results import (
@@ -45,6 +45,9 @@ from peftlab.lab.results import (
 from peftlab.lab.sweep import PlannedRun
 from peftlab.trackers import require_trackers
 from peftlab.train.options import OptionsError, TrainOptions
+
+if TYPE_CHECKING:
+    from peftlab.lab.report import ReportHead
 
 PLAN_FILE = "compare.json"
 RESULTS_FILE = "results.json"
@@ -116,6 +119,7 @@ def run_comparison(
     environment: dict,
     resuming: bool = False,
     log: Log = log_to_stderr,
+    head: ReportHead | None = None,
 ) -> Results:
     """Run every planned run not already done in ``out``; return the results, also written to ``out``.
 
@@ -144,10 +148,10 @@ def run_comparison(
         durations.append(time.monotonic() - began)
         records[run.run_name] = record
         log(f"[{index}/{len(todo)}] {run.run_name}: {_outcome(record)} ({durations[-1]:.0f} s)")
-        publish(_results(runs, records, left_out, environment, config), out)
+        publish(_results(runs, records, left_out, environment, config), out, head)
     results = _results(runs, records, left_out, environment, config)
     if not todo:
-        publish(results, out)
+        publish(results, out, head)
     return results
 
 
@@ -170,15 +174,16 @@ def _results(runs: list[PlannedRun], records: dict[str, RunRecord], kept: list[R
     return Results(runs=ordered + kept, environment=environment, config=config)
 
 
-def publish(results: Results, out: Path) -> None:
-    """Write results.json, results.csv and the report, each file replaced whole so none is ever half-written."""
+def publish(results: Results, out: Path, head: ReportHead | None = None) -> None:
+    """Write results.json, results.csv and the report (opening with ``head``), each file replaced whole so
+    none is ever half-written."""
     from peftlab.lab.report import write_report  # here: the child processes need no matplotlib
 
     save_results(out / RESULTS_FILE, results)
     results_to_csv(results, out / CSV_FILE)
     with tempfile.TemporaryDirectory(dir=out, prefix=".report-") as staging:
         staging = Path(staging)
-        write_report(results, staging)
+        write_report(results, staging, head)
         plots = out / "plots"
         plots.mkdir(exist_ok=True)
         fresh = {path.name for path in (staging / "plots").glob("*")}
@@ -304,6 +309,7 @@ def execute(spec_path: Path) -> RunRecord:
         rank_per_layer=rank_per_layer,
         accuracy_per_rank=accuracy_per_rank,
         eval_datasets=eval_datasets,
+        eval_examples=len(eval_data),
     )
     atomic_write_text(spec_path.parent / "record.json", json.dumps(record.to_dict(), indent=1) + "\n")
     return record

@@ -2,76 +2,175 @@
 
     peftlab study alpha                     # lora_alpha = r vs 2r, two seeds each, on the default model
     peftlab study rank --model my-model --dataset my.csv --out runs/rank
+    peftlab study all --out runs/studies    # every study, one report with every verdict first
 
 A study is a comparison (the same runner, results.json and report as ``peftlab compare``) whose
-grid is fixed by the study, always with at least two seeds so every verdict can be weighed against
-the seed-to-seed spread (see :mod:`peftlab.lab.verdict`). The verdicts are printed and written to
-``verdicts.md`` beside the report.
+grid is fixed by the study, always over several seeds so every verdict can be weighed against the
+seed-to-seed spread (see :mod:`peftlab.lab.verdict`). The report opens with the verdicts, what the
+runs show, and a plot of the effect with each seed's value; the verdicts are also printed and
+written to ``verdicts.md``. The options a study sweeps are its own: giving one (``--r`` to the
+rank study, ``--seed`` to any) is an error, not silently overridden.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from peftlab.io import atomic_write_text
 from peftlab.lab.cli import SHARED_OPTIONS, plan_from_args
-from peftlab.lab.verdict import Verdict, judge_records
+from peftlab.lab.sweep import PlannedRun, parse_sweep
+from peftlab.lab.verdict import (
+    ACCURACY,
+    PEAK_MEMORY,
+    SEED_OPTION,
+    Consistency,
+    Effect,
+    Interaction,
+    Metric,
+    Question,
+    Verdict,
+)
 from peftlab.train.options import OptionsError, add_train_arguments
 
-#: Seeds every study runs: two, the fewest that give a spread.
-STUDY_SEEDS = "seed=0,1"
-
-
-@dataclass(frozen=True)
-class Question:
-    """One verdict of a study: does ``treatment`` beat (or, ``treatment_better=False``, lose to) ``control``?"""
-
-    claim: str
-    option: str
-    control: object
-    treatment: object
-    treatment_better: bool = True
+ALL = "all"
+#: Seeds a study runs unless it says otherwise: two, the fewest that give a spread.
+TWO_SEEDS = (0, 1)
+#: SGD's learning rate in the scheduler study. SGD needs a far larger step than AdamW, whose update is
+#: normalised per parameter; at AdamW's 1e-3 SGD barely moves an adapter that starts at zero.
+SGD_LR = 0.1
+SMALL_RANK, LARGE_RANK = 8, 256
 
 
 @dataclass(frozen=True)
 class Study:
+    """A rule of thumb as a preset grid and the questions its verdicts answer.
+
+    ``grid`` is one or more arms, each a tuple of ``--sweep`` texts; every arm runs at every seed and
+    the runs of all arms make the study. ``budget`` holds options the study starts from that the
+    user's flags may change (the swept ones they may not).
+    """
+
     name: str
-    about: str
+    about: str  # what is compared, one line
     methods: str
-    sweeps: tuple[str, ...]
+    grid: tuple[tuple[str, ...], ...]
     questions: tuple[Question, ...]
+    seeds: tuple[int, ...] = TWO_SEEDS
+    metric: Metric = ACCURACY  # what its plot shows
+    budget: dict[str, Any] = field(default_factory=dict)
+    why_seeds: str = ""  # why this many seeds, when it is not the default two
+
+    def swept_options(self) -> list[str]:
+        """The options the study sets itself: those of its grid, and the seed."""
+        return list(dict.fromkeys([*(parse_sweep(text).option for arm in self.grid for text in arm), SEED_OPTION]))
+
+    def seed_sweep(self) -> str:
+        return f"{SEED_OPTION}={','.join(map(str, self.seeds))}"
+
+
+def _memory_note() -> str:
+    return ("Two seeds even for memory, which has no training noise: batches are padded to their longest "
+            "sentence, so the data order a seed draws changes the activations' size, and on a CPU the resident "
+            "set also moves with the allocator. Ten steps suffice: the optimizer's state is allocated at the first.")
 
 
 STUDIES: dict[str, Study] = {study.name: study for study in (
-    Study("alpha", "LoRA's scale: lora_alpha = 2r against lora_alpha = r", "lora", ("lora_alpha=r,2r", STUDY_SEEDS),
-          (Question("alpha = 2r is more accurate than alpha = r", "lora_alpha", "r", "2r"),)),
-    Study("rank", "LoRA's rank: r = 2, 8, 32", "lora", ("r=2,8,32", STUDY_SEEDS),
-          (Question("a rank too small underfits: r = 8 is more accurate than r = 2", "r", 2, 8),
-           Question("a rank too large overfits: r = 32 is less accurate than r = 8", "r", 8, 32,
-                    treatment_better=False))),
+    Study("alpha", "LoRA's scale: lora_alpha = 2r against lora_alpha = r", "lora", (("lora_alpha=r,2r",),),
+          (Effect("alpha = 2r is more accurate than alpha = r", "lora_alpha", "r", "2r"),)),
+    Study("rank", "LoRA's rank: r = 2, 8, 32", "lora", (("r=2,8,32",),),
+          (Effect("a rank too small underfits: r = 8 is more accurate than r = 2", "r", 2, 8),
+           Effect("a rank too large overfits: r = 32 is less accurate than r = 8", "r", 8, 32, expect="lower"))),
+    Study("targets", "which layers LoRA adapts: the query and value projections (attn) against every linear "
+          "layer of attention and MLP (all-linear)", "lora", (("target_modules=attn,all-linear",),),
+          (Effect("adapting every linear layer is more accurate than adapting only the query and value projections",
+                  "target_modules", "attn", "all-linear"),)),
+    Study("scheduler", f"a cosine learning-rate schedule against a constant one, for SGD (lr {SGD_LR:g}) and "
+          "for AdamW (the method's default lr)", "lora",
+          ((f"optimizer=sgd", f"lr={SGD_LR:g}", "scheduler=constant,cosine"),
+           ("optimizer=adamw", "scheduler=constant,cosine")),
+          (Effect("a cosine schedule makes SGD more accurate than a constant learning rate", "scheduler", "constant",
+                  "cosine", where={"optimizer": "sgd"}),
+           Effect("a cosine schedule makes no difference to AdamW", "scheduler", "constant", "cosine", expect="same",
+                  where={"optimizer": "adamw"}),
+           Interaction("a cosine schedule helps SGD more than AdamW", "scheduler", "constant", "cosine", "optimizer",
+                       "sgd", "adamw"))),
+    Study("optimizer-memory", f"peak training memory of SGD (momentum: one state tensor per parameter) against "
+          f"AdamW (two) at r = {SMALL_RANK} and r = {LARGE_RANK}", "lora",
+          ((f"optimizer=adamw,sgd", f"r={SMALL_RANK},{LARGE_RANK}"),),
+          (Effect(f"at a small rank (r = {SMALL_RANK}) SGD saves no memory over AdamW", "optimizer", "adamw", "sgd",
+                  expect="same", metric=PEAK_MEMORY, where={"r": SMALL_RANK}),
+           Effect(f"at a large rank (r = {LARGE_RANK}) SGD needs less peak memory than AdamW", "optimizer", "adamw",
+                  "sgd", expect="lower", metric=PEAK_MEMORY, where={"r": LARGE_RANK})),
+          metric=PEAK_MEMORY, budget={"max_steps": 10}, why_seeds=_memory_note()),
+    Study("epochs", "training for 1 epoch against 3 over the same data", "lora", (("epochs=1,3",),),
+          (Effect("several epochs hurt through overfitting: 3 epochs are less accurate than 1", "epochs", 1, 3,
+                  expect="lower"),)),
+    Study("consistency", "the same LoRA run over five seeds: how far the seed alone moves the result", "lora", ((),),
+          (Consistency("results are consistent across runs: the seed moves accuracy no more than the evaluation "
+                       "set's sampling error"),),
+          seeds=(0, 1, 2, 3, 4), why_seeds="Five seeds: the spread is the result, and two would barely estimate it."),
 )}
 
 
 def study_named(name: str) -> Study:
     if name not in STUDIES:
-        raise OptionsError(f"unknown study {name!r}; the studies are: {', '.join(STUDIES)}.")
+        raise OptionsError(f"unknown study {name!r}; the studies are: {', '.join(STUDIES)} (or {ALL}).")
     return STUDIES[name]
 
 
+def studies_named(name: str) -> list[Study]:
+    return list(STUDIES.values()) if name == ALL else [study_named(name)]
+
+
 def verdicts(study: Study, runs) -> list[Verdict]:
-    return [judge_records(runs, q.claim, q.option, q.control, q.treatment, q.treatment_better)
-            for q in study.questions]
+    return [question.judge(runs) for question in study.questions]
+
+
+def check_flags(studies: Sequence[Study], args: argparse.Namespace) -> None:
+    """Refuse a flag for an option a study sets itself: it would be silently overridden."""
+    for study in studies:
+        clash = [name for name in study.swept_options() if hasattr(args, name)]
+        if clash:
+            flag = "--" + clash[0].replace("_", "-")
+            setters = [other.name for other in studies if clash[0] in other.swept_options()]
+            raise OptionsError(f"{flag} is set by the stud{'ies' if len(setters) > 1 else 'y'} {', '.join(setters)} "
+                               f"itself ({_sweeps_of(study, clash[0])}); drop {flag}.")
+
+
+def _sweeps_of(study: Study, option: str) -> str:
+    if option == SEED_OPTION:
+        return f"study {study.name} runs {study.seed_sweep()}"
+    texts = [text for arm in study.grid for text in arm if parse_sweep(text).option == option]
+    return f"study {study.name} runs {' and '.join(texts)}"
+
+
+def plan_study(study: Study, args: argparse.Namespace) -> tuple[list[PlannedRun], dict[str, Any]]:
+    """The study's runs: each arm of its grid at every seed, on the shared options of ``args``."""
+    check_flags([study], args)
+    shared = {name: getattr(args, name) for name in SHARED_OPTIONS if hasattr(args, name)}
+    base = {**study.budget, **shared, "methods": study.methods, "overrides": [], "config": None, "eval_datasets": []}
+    runs: list[PlannedRun] = []
+    config: dict[str, Any] = {}
+    for arm in study.grid:
+        arm_runs, config = plan_from_args(argparse.Namespace(**base, sweeps=[*arm, study.seed_sweep()]))
+        runs += arm_runs
+    grid = [" ".join([*arm, study.seed_sweep()]) for arm in study.grid]
+    return runs, {**config, "sweep": grid, "study": study.name}
 
 
 class StudyCommand:
-    help = "test a fine-tuning rule of thumb on your model and data: a preset sweep over seeds that ends in verdicts"
+    help = "test fine-tuning rules of thumb on your model and data: preset sweeps over seeds that end in verdicts"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.description = __doc__.split("\n\n")[0]
-        parser.add_argument("study", metavar="NAME", help=f"the study: {', '.join(STUDIES)}")
+        parser.add_argument("study", metavar="NAME", help=f"the study: {', '.join(STUDIES)}, or {ALL}")
         parser.add_argument("--out", dest="compare_out", type=Path, metavar="DIR",
                             help="output folder (default: runs/study-NAME-DATE-TIME)")
         add_train_arguments(parser.add_argument_group("training options shared by every run (as in peftlab train)"),
@@ -80,21 +179,42 @@ class StudyCommand:
     def run(self, args: argparse.Namespace) -> int:
         from peftlab.lab.measure import environment
         from peftlab.lab.runner import run_comparison
+        from peftlab.lab.study_report import study_head, write_study_all_report
 
-        study = study_named(args.study)
-        out = args.compare_out or Path("runs") / f"study-{study.name}-{datetime.now():%Y%m%d-%H%M%S}"
-        plan_args = argparse.Namespace(**vars(args), methods=study.methods, overrides=[], sweeps=list(study.sweeps),
-                                       config=None, eval_datasets=[])
-        runs, config = plan_from_args(plan_args)
-        results = run_comparison(runs, {**config, "study": study.name}, out, environment())
-        try:
-            lines = [verdict.text() for verdict in verdicts(study, results.runs)]
-        except ValueError as error:
-            raise OptionsError(f"study {study.name}: {error}; see {out / 'report.html'} for what failed.") from None
-        text = f"# Study {study.name}: {study.about}\n\n" + "\n".join(f"- {line}" for line in lines) + "\n"
-        atomic_write_text(out / "verdicts.md", text)
-        print(text + f"\nreport: {out / 'report.html'} (verdicts in {out / 'verdicts.md'})")
-        return 0 if all(run.ok for run in results.runs) else 1
+        studies = studies_named(args.study)
+        check_flags(studies, args)
+        plans = [(study, *plan_study(study, args)) for study in studies]  # every plan checked before any run
+        out = args.compare_out or Path("runs") / f"study-{args.study}-{datetime.now():%Y%m%d-%H%M%S}"
+        folders = {study.name: out / study.name if len(studies) > 1 else out for study in studies}
+        total, done, began = sum(len(runs) for _, runs, _ in plans), 0, time.monotonic()
+        outcomes = []
+        for index, (study, runs, config) in enumerate(plans, start=1):
+            if len(studies) > 1:
+                print(_progress(index, len(studies), study, runs, done, total, time.monotonic() - began), flush=True)
+            results = run_comparison(runs, config, folders[study.name], environment(), head=study_head(study))
+            done += len(runs)
+            study_verdicts = verdicts(study, results.runs)
+            text = verdicts_markdown(study, study_verdicts)
+            atomic_write_text(folders[study.name] / "verdicts.md", text)
+            print(text + f"\nreport: {folders[study.name] / 'report.html'}", flush=True)
+            outcomes.append((study, results, study_verdicts))
+        if len(studies) > 1:
+            elapsed = time.monotonic() - began
+            html_path = write_study_all_report(outcomes, out, folders, elapsed)
+            atomic_write_text(out / "verdicts.md", "\n".join(verdicts_markdown(s, v) for s, _, v in outcomes))
+            print(f"\nall {len(studies)} studies, {total} runs, in {elapsed / 60:.1f} min; report: {html_path}")
+        return 0 if all(run.ok for _, results, _ in outcomes for run in results.runs) else 1
+
+
+def verdicts_markdown(study: Study, study_verdicts: Sequence[Verdict]) -> str:
+    lines = "\n".join(f"- {verdict.text()}" for verdict in study_verdicts)
+    return f"# Study {study.name}: {study.about}\n\n{lines}\n" + (f"\n{study.why_seeds}\n" if study.why_seeds else "")
+
+
+def _progress(index: int, count: int, study: Study, runs: list, done: int, total: int, elapsed: float) -> str:
+    left = f", about {elapsed / done * (total - done) / 60:.0f} min left" if done else ""
+    return (f"== study {index}/{count}: {study.name} ({len(runs)} runs; {done} of {total} runs done "
+            f"in {elapsed / 60:.1f} min{left}) ==")
 
 
 study = StudyCommand()

@@ -1,88 +1,277 @@
-"""The verdict of a study: does a rule of thumb hold on these runs, by more than seed-to-seed noise?
+"""The verdicts of a study: does a rule of thumb hold on these runs, by more than seed-to-seed noise?
 
-A study compares a *treatment* (``lora_alpha=2r``) with a *control* (``lora_alpha=r``), each run with
-several seeds. Its verdict states the claim, the measured effect (treatment mean minus control mean,
-in accuracy points) and the seed-to-seed spread (the larger of the two arms' max-minus-min across
-seeds), and reads:
+A study's runs fall into *cells*, one per setting (``lora_alpha=2r``), each run with several seeds.
+A question compares cells on one metric (validation accuracy, or peak memory):
 
-    holds                            |effect| > spread, in the claimed direction
-    contradicted                     |effect| > spread, against it
-    no effect beyond seed spread     |effect| <= spread: these runs cannot tell the two apart
-    not judged                       an arm has fewer than two seeds, so there is no spread to beat
+    Effect        treatment vs control. The effect is the difference of the cells' means; the
+                  seed-to-seed spread is the larger of the two cells' max-minus-min across seeds.
+                  Claiming the treatment is "higher" or "lower":
+                      holds                         |effect| > spread, in the claimed direction
+                      contradicted                  |effect| > spread, against it
+                      no effect beyond seed spread  |effect| <= spread: these runs cannot tell them apart
+                  Claiming the "same" (SGD saves no memory at r = 8): holds when |effect| <= spread,
+                  contradicted beyond it.
+    Interaction   the same effect in two contexts (cosine vs constant with SGD, and with AdamW),
+                  claimed larger in the first. Each effect carries its own spread, so their
+                  difference must beat the sum of the two spreads; the three outcomes as above.
+    Consistency   one cell over several seeds: the spread is the result. "Results are consistent
+                  across runs" holds when the seed-to-seed standard deviation is at most the
+                  evaluation set's own sampling error, sqrt(p (1 - p) / n) for accuracy p on n
+                  examples (the seed then moves accuracy less than the choice of evaluation
+                  examples does), and is contradicted above it.
+
+A question is "not judged" when a cell has no successful run or fewer than two seeds (no spread to
+beat); its text says which.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from statistics import fmean
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from statistics import fmean, stdev
+from typing import Any, Literal, Protocol
 
 from peftlab.lab.results import RunRecord
 
 Outcome = Literal["holds", "contradicted", "no effect beyond seed spread", "not judged"]
+Expect = Literal["higher", "lower", "same"]
+OUTCOMES: tuple[Outcome, ...] = ("holds", "contradicted", "no effect beyond seed spread", "not judged")
 #: A study's runs are told apart by seed through this sweep option.
 SEED_OPTION = "seed"
+#: Rounding must not turn "equal to the spread" into "beyond it".
+TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A number of a run record, and how a verdict writes its values and differences."""
+
+    key: str  # the RunRecord attribute
+    name: str
+    unit: str  # of a difference: "points", "MB"
+    scale: float  # a difference in ``unit`` is scale x the difference of the raw values
+    value_style: str
+    digits: int  # of a difference
+    axis: str  # the label of a plot axis
+
+    def of(self, run: RunRecord) -> float | None:
+        return getattr(run, self.key)
+
+    def value(self, raw: float) -> str:
+        return self.value_style.format(raw)
+
+    def amount(self, difference: float, signed: bool = False) -> str:
+        """A difference already in ``unit``: "+5.0 points", "43 MB"."""
+        return f"{difference:{'+' if signed else ''},.{self.digits}f} {self.unit}"
+
+
+ACCURACY = Metric("val_accuracy", "validation accuracy", "points", 100.0, "{:.3f}", 1, "validation accuracy")
+PEAK_MEMORY = Metric("peak_memory_mb", "peak memory", "MB", 1.0, "{:,.0f} MB", 0, "peak memory while training (MB)")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """The runs of one setting: its label (``lora_alpha=2r``) and the metric's value per seed."""
+
+    label: str
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return fmean(self.values)
+
+    def spread(self, metric: Metric) -> float | None:
+        """Max minus min across seeds, in the metric's unit; None with fewer than two seeds."""
+        return None if len(self.values) < 2 else metric.scale * (max(self.values) - min(self.values))
 
 
 @dataclass(frozen=True)
 class Verdict:
     claim: str
-    control: str  # e.g. "lora_alpha=r"
-    treatment: str
-    control_accuracies: tuple[float, ...]  # one per seed
-    treatment_accuracies: tuple[float, ...]
+    measured: str  # what the runs show: the effect's size and the spread it had to beat
     outcome: Outcome
-
-    @property
-    def effect_points(self) -> float:
-        return 100 * (fmean(self.treatment_accuracies) - fmean(self.control_accuracies))
-
-    @property
-    def spread_points(self) -> float | None:
-        """The seed-to-seed spread, None when an arm has a single seed."""
-        arms = (self.control_accuracies, self.treatment_accuracies)
-        if any(len(arm) < 2 for arm in arms):
-            return None
-        return 100 * max(max(arm) - min(arm) for arm in arms)
+    effect: float | None = None  # in the metric's unit
+    spread: float | None = None  # the threshold the effect had to beat, same unit
+    note: str = ""  # said after the outcome, e.g. "(no effect beyond seed spread)" for a claim of no effect
 
     def text(self) -> str:
-        seeds = min(len(self.control_accuracies), len(self.treatment_accuracies))
-        spread = self.spread_points
-        measured = (f"{self.treatment} {fmean(self.treatment_accuracies):.3f} vs {self.control} "
-                    f"{fmean(self.control_accuracies):.3f}, an effect of {self.effect_points:+.1f} points "
-                    f"(mean of {seeds} seed{'s' if seeds > 1 else ''})")
-        noise = ("; one seed gives no seed-to-seed spread, run at least two" if spread is None
-                 else f"; seed-to-seed spread {spread:.1f} points")
-        return f"Claim: {self.claim}. Measured: {measured}{noise}. Verdict: {self.outcome}."
+        return f"Claim: {self.claim}. Measured: {self.measured}. Verdict: {self.outcome}{self.note}."
 
 
-def judge(claim: str, control: str, treatment: str, control_accuracies: Sequence[float],
-          treatment_accuracies: Sequence[float], treatment_better: bool = True) -> Verdict:
-    """The verdict on ``claim``: that ``treatment`` is more accurate than ``control`` (or, with
-    ``treatment_better=False``, less accurate)."""
-    if not control_accuracies or not treatment_accuracies:
-        raise ValueError(f"no successful runs for {control if not control_accuracies else treatment}: "
-                         "a verdict needs accuracies for both arms")
-    verdict = Verdict(claim, control, treatment, tuple(control_accuracies), tuple(treatment_accuracies), "not judged")
-    spread = verdict.spread_points
-    if spread is None:
-        return verdict
-    effect = verdict.effect_points
-    if abs(effect) <= spread + 1e-9:  # rounding must not turn "equal to the spread" into "beyond it"
-        outcome: Outcome = "no effect beyond seed spread"
-    else:
-        outcome = "holds" if (effect > 0) == treatment_better else "contradicted"
-    return Verdict(claim, control, treatment, verdict.control_accuracies, verdict.treatment_accuracies, outcome)
+def not_judged(claim: str, why: str) -> Verdict:
+    return Verdict(claim, why, "not judged")
 
 
-def judge_records(runs: Sequence[RunRecord], claim: str, option: str, control: Any, treatment: Any,
-                  treatment_better: bool = True) -> Verdict:
-    """The verdict from a study's records: the successful runs whose sweep sets ``option`` to ``control``
-    or ``treatment``, one accuracy per seed (runs without a swept seed count as one seed)."""
-    def arm(value: Any) -> list[float]:
-        return [run.val_accuracy for run in runs
-                if run.ok and run.val_accuracy is not None and run.sweep.get(option) == value]
+def judge(claim: str, control: Cell, treatment: Cell, expect: Expect = "higher", metric: Metric = ACCURACY) -> Verdict:
+    """The verdict on ``claim``: that ``treatment``'s metric is ``expect`` (higher, lower, the same) than ``control``'s."""
+    missing = _missing(control, treatment)
+    if missing:
+        return not_judged(claim, missing)
+    effect = metric.scale * (treatment.mean - control.mean)
+    measured = (f"{treatment.label} {metric.value(treatment.mean)} vs {control.label} {metric.value(control.mean)}, "
+                f"an effect of {metric.amount(effect, signed=True)} ({_seeds(control, treatment)})")
+    spreads = [control.spread(metric), treatment.spread(metric)]
+    if None in spreads:
+        return Verdict(claim, measured + "; one seed gives no seed-to-seed spread, run at least two", "not judged", effect)
+    spread = max(spreads)
+    measured += f"; seed-to-seed spread {metric.amount(spread)}"
+    return _weigh(claim, measured, effect, spread, expect)
 
-    return judge(claim, f"{option}={control}", f"{option}={treatment}", arm(control), arm(treatment),
-                 treatment_better)
+
+def judge_interaction(claim: str, first: tuple[Cell, Cell], second: tuple[Cell, Cell], treatment: str,
+                      contexts: tuple[str, str], metric: Metric = ACCURACY) -> Verdict:
+    """The verdict on ``claim``: that the effect of ``treatment`` (each pair is control, treatment) is
+    larger in the first context than in the second."""
+    missing = _missing(*first, *second)
+    if missing:
+        return not_judged(claim, missing)
+    effects = [metric.scale * (pair[1].mean - pair[0].mean) for pair in (first, second)]
+    difference = effects[0] - effects[1]
+    measured = (f"{treatment}'s effect is {metric.amount(effects[0], signed=True)} with {contexts[0]} and "
+                f"{metric.amount(effects[1], signed=True)} with {contexts[1]}, a difference of "
+                f"{metric.amount(difference, signed=True)} ({_seeds(*first, *second)})")
+    spreads = [cell.spread(metric) for cell in (*first, *second)]
+    if None in spreads:
+        return Verdict(claim, measured + "; one seed gives no seed-to-seed spread, run at least two", "not judged",
+                       difference)
+    spread = max(spreads[:2]) + max(spreads[2:])
+    measured += f"; the two effects' seed-to-seed spreads add up to {metric.amount(spread)}"
+    return _weigh(claim, measured, difference, spread, "higher")
+
+
+def judge_consistency(claim: str, cell: Cell, eval_examples: int | None) -> Verdict:
+    """The verdict on ``claim``: that one setting's accuracy varies across seeds by no more than the
+    sampling error of its ``eval_examples`` evaluation examples."""
+    missing = _missing(cell)
+    if missing:
+        return not_judged(claim, missing)
+    seeds = len(cell.values)
+    if seeds < 2:
+        return not_judged(claim, f"{cell.label} has one successful seed; the spread needs at least two")
+    deviation = 100 * stdev(cell.values)
+    measured = (f"{cell.label} over {seeds} seeds: mean {cell.mean:.3f}, from {min(cell.values):.3f} to "
+                f"{max(cell.values):.3f} (range {100 * (max(cell.values) - min(cell.values)):.1f} points), "
+                f"standard deviation {deviation:.2f} points")
+    if not eval_examples:
+        return Verdict(claim, measured + "; the number of evaluation examples is not recorded, so there is no "
+                       "sampling error to weigh it against", "not judged", deviation)
+    sampling = 100 * math.sqrt(cell.mean * (1 - cell.mean) / eval_examples)
+    measured += f", against the evaluation set's sampling error of {sampling:.2f} points ({eval_examples:,} examples)"
+    return Verdict(claim, measured, "holds" if deviation <= sampling + TOLERANCE else "contradicted", deviation, sampling)
+
+
+def _weigh(claim: str, measured: str, effect: float, spread: float, expect: Expect) -> Verdict:
+    within = abs(effect) <= spread + TOLERANCE
+    if expect == "same":
+        return Verdict(claim, measured, "holds" if within else "contradicted", effect, spread,
+                       " (no effect beyond seed spread)" if within else "")
+    if within:
+        return Verdict(claim, measured, "no effect beyond seed spread", effect, spread)
+    return Verdict(claim, measured, "holds" if (effect > 0) == (expect == "higher") else "contradicted", effect, spread)
+
+
+def _missing(*cells: Cell) -> str:
+    empty = [cell.label for cell in cells if not cell.values]
+    return f"no successful runs for {', '.join(dict.fromkeys(empty))}, so nothing to compare" if empty else ""
+
+
+def _seeds(*cells: Cell) -> str:
+    seeds = min(len(cell.values) for cell in cells)
+    return f"mean of {seeds} seed{'s' if seeds > 1 else ''}"
+
+
+# -- cells from a study's records ---------------------------------------------------------------------
+
+
+def setting_label(setting: dict[str, Any]) -> str:
+    return ",".join(f"{option}={value}" for option, value in setting.items())
+
+
+def cell_of(runs: Sequence[RunRecord], setting: dict[str, Any], metric: Metric = ACCURACY) -> Cell:
+    """The successful runs whose sweep matches every option of ``setting``, one metric value each."""
+    matching = [run for run in runs if run.ok and metric.of(run) is not None
+                and all(run.sweep.get(option) == value for option, value in setting.items())]
+    if matching:  # the label in the runs' own order of options, as in their names
+        setting = {option: setting[option] for option in matching[0].sweep if option in setting}
+    label = setting_label(setting) or ", ".join(dict.fromkeys(run.method for run in matching)) or "the runs"
+    return Cell(label, tuple(metric.of(run) for run in matching))
+
+
+def settings(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
+    """Every distinct sweep of ``runs`` without its seed, in run order: the cells of a study."""
+    seen: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        setting = {option: value for option, value in run.sweep.items() if option != SEED_OPTION}
+        seen.setdefault(setting_label(setting), setting)
+    return list(seen.values())
+
+
+def eval_examples(runs: Sequence[RunRecord]) -> int | None:
+    """How many examples the runs were evaluated on, when recorded and the same for all of them."""
+    counts = {run.eval_examples for run in runs if run.ok}
+    return counts.pop() if len(counts) == 1 else None
+
+
+# -- the questions a study asks of its records ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Effect:
+    """Is ``option=treatment`` ``expect`` (higher, lower, the same) than ``option=control``, the other
+    options of both cells fixed at ``where``?"""
+
+    claim: str
+    option: str
+    control: Any
+    treatment: Any
+    expect: Expect = "higher"
+    metric: Metric = ACCURACY
+    where: dict[str, Any] = field(default_factory=dict)
+
+    def judge(self, runs: Sequence[RunRecord]) -> Verdict:
+        control, treatment = (cell_of(runs, {**self.where, self.option: value}, self.metric)
+                              for value in (self.control, self.treatment))
+        return judge(self.claim, control, treatment, self.expect, self.metric)
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """Is the effect of ``option=treatment`` over ``option=control`` larger with ``context=first``
+    than with ``context=second``?"""
+
+    claim: str
+    option: str
+    control: Any
+    treatment: Any
+    context: str
+    first: Any
+    second: Any
+    metric: Metric = ACCURACY
+
+    def judge(self, runs: Sequence[RunRecord]) -> Verdict:
+        pairs = [tuple(cell_of(runs, {self.context: context, self.option: value}, self.metric)
+                       for value in (self.control, self.treatment)) for context in (self.first, self.second)]
+        return judge_interaction(self.claim, pairs[0], pairs[1], f"{self.option}={self.treatment}",
+                                 (f"{self.context}={self.first}", f"{self.context}={self.second}"), self.metric)
+
+
+@dataclass(frozen=True)
+class Consistency:
+    """Does the study's one setting vary across seeds by no more than its evaluation set's sampling error?"""
+
+    claim: str
+
+    def judge(self, runs: Sequence[RunRecord]) -> Verdict:
+        cells = settings(runs)
+        if len(cells) != 1:
+            return not_judged(self.claim, f"expected one setting over several seeds, found {len(cells)}")
+        return judge_consistency(self.claim, cell_of(runs, cells[0]), eval_examples(runs))
+
+
+class Question(Protocol):
+    """What a study asks of its records: a claim, and the verdict on it."""
+
+    claim: str
+
+    def judge(self, runs: Sequence[RunRecord]) -> Verdict: ...

@@ -1,0 +1,102 @@
+"""The reports of ``peftlab study``: one study's, and the one report of ``peftlab study all``.
+
+A study's report.html is its comparison's report opened by the study: verdicts first, then what the
+runs show (:mod:`peftlab.lab.study_findings`) and the study's plot (:mod:`peftlab.lab.study_plots`).
+``study all`` writes OUT/report.md and OUT/report.html over OUT/NAME/, one folder per study: every
+verdict in one table first, the outcomes counted, then each study's verdicts, findings and plot,
+with the path of its full report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from peftlab.lab.plots import Plot
+from peftlab.lab.report import (
+    Block,
+    BulletList,
+    Heading,
+    Image,
+    Paragraph,
+    ReportHead,
+    Table,
+    key_value_table,
+    write_blocks,
+)
+from peftlab.lab.results import Results
+from peftlab.lab.study import STUDIES, Study, verdicts
+from peftlab.lab.study_findings import all_findings, study_findings
+from peftlab.lab.study_plots import plot_study
+from peftlab.lab.verdict import ACCURACY, Verdict
+
+STUDY_PLOT = "study.png"
+ALL_TITLE = "peftlab study all"
+
+
+def study_head(study: Study) -> ReportHead:
+    """What a study's report opens with, computed afresh from the results each time it is written."""
+    return ReportHead(f"peftlab study {study.name}", lambda results, plots: study_blocks(study, results, plots))
+
+
+def head_for(results: Results) -> ReportHead | None:
+    """The head of a results file written by a study (its config names it), else None."""
+    name = results.config.get("study")
+    return study_head(STUDIES[name]) if name in STUDIES else None
+
+
+def study_blocks(study: Study, results: Results, plots_dir: Path, level: int = 2) -> list[Block]:
+    blocks: list[Block] = [Paragraph(f"Study {study.name}: {study.about}."), Heading(level, "Verdicts"),
+                           BulletList([verdict.text() for verdict in verdicts(study, results.runs)])]
+    if study.why_seeds:
+        blocks.append(Paragraph(study.why_seeds))
+    sentences = study_findings(results.runs, study.metric)
+    if sentences:
+        blocks += [Heading(level, "What the runs show"), BulletList(sentences)]
+    plot = draw_study_plot(study, results, plots_dir)
+    if plot is not None:
+        blocks += [Heading(level + 1, plot.title), Image(plot), Paragraph(plot.caption)]
+    return blocks
+
+
+def draw_study_plot(study: Study, results: Results, plots_dir: Path) -> Plot | None:
+    title = f"Study {study.name}: {study.metric.name} per setting"
+    path = plot_study(results, study.metric, title, plots_dir / STUDY_PLOT)
+    if path is None:
+        return None
+    caption = (f"Each dot is one seed's {study.metric.name}; the bar is the mean over seeds and the grey line "
+               "the seed-to-seed range. A verdict's effect is the distance between two settings' bars; it counts "
+               "when it is wider than their lines.")
+    if study.metric is ACCURACY:
+        caption += " Hollow diamonds: training accuracy counted during the last epoch, averaged over seeds."
+    return Plot(title, path, caption)
+
+
+def write_study_all_report(outcomes: Sequence[tuple[Study, Results, list[Verdict]]], out: Path,
+                           folders: dict[str, Path], elapsed_s: float) -> Path:
+    """OUT/report.md and OUT/report.html for every study's outcome; returns the HTML's path."""
+    all_verdicts = [(study.name, verdict) for study, _, study_verdicts in outcomes for verdict in study_verdicts]
+    runs = [run for _, results, _ in outcomes for run in results.runs]
+    failed = sum(not run.ok for run in runs)
+    config = outcomes[0][1].config if outcomes else {}
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    blocks: list[Block] = [
+        Heading(1, ALL_TITLE),
+        Paragraph(f"{len(outcomes)} studies, {len(runs)} runs ({len(runs) - failed} ok, {failed} failed) on "
+                  f"{config.get('model', '?')} with {config.get('dataset', '?')}, in {elapsed_s / 60:.1f} min. "
+                  f"Generated {generated}."),
+        Heading(2, "Verdicts"),
+        Table(["study", "claim", "verdict", "measured"],
+              [[name, verdict.claim, verdict.outcome + verdict.note, verdict.measured] for name, verdict in all_verdicts],
+              numeric=[False] * 4, failed_rows=[verdict.outcome == "not judged" for _, verdict in all_verdicts]),
+        BulletList(all_findings(all_verdicts)),
+    ]
+    for study, results, _ in outcomes:
+        folder = folders[study.name]
+        blocks += [Heading(2, f"Study {study.name}"), *study_blocks(study, results, folder / "plots", level=3),
+                   Paragraph(f"Every run, table and plot of this study: {folder.relative_to(out).as_posix()}/report.html.")]
+    if outcomes:
+        blocks += [Heading(2, "Environment"), key_value_table(outcomes[0][1].environment)]
+    write_blocks(blocks, out, ALL_TITLE)
+    return out / "report.html"
