@@ -185,6 +185,17 @@ def test_a_budget_option_of_a_study_is_the_users_to_change(tmp_path, launched, q
     assert code == 0 and {run.options["max_steps"] for run in launched} == {3}
 
 
+def test_a_study_resumes_in_its_folder_and_is_not_started_over_it(tmp_path, launched, quick_reports) -> None:
+    out = str(tmp_path / "out")
+    assert run_cli("study", "alpha", "--out", out)[0] == 0 and len(launched) == 4
+    code, _, stderr = run_cli("study", "alpha", "--out", out)
+    assert code == 2 and f"{out} already holds a study; continue it with --resume {out}" in stderr
+    code, stdout, _ = run_cli("study", "alpha", "--resume", out)
+    assert code == 0 and len(launched) == 4  # every run done with the same options: none rerun
+    assert verdict_lines(stdout)[0].endswith("Verdict: holds.")
+    assert run_cli("study", "alpha", "--resume", out, "--lora-dropout", "0.1")[0] == 0 and len(launched) == 8
+
+
 def test_study_all_runs_every_study_and_writes_one_report_verdicts_first(tmp_path, launched, quick_reports,
                                                                          bert_model) -> None:
     out = tmp_path / "out"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.io import atomic_write_text
+from peftlab.lab import seed_run
 from peftlab.lab.findings import findings
 from peftlab.lab.method_notes import describe_method
 from peftlab.lab.plots import Plot, format_count, format_mb, render_plots
@@ -39,7 +40,7 @@ def write_report(results: Results, out_dir: str | os.PathLike[str], head: Report
     out_dir = Path(out_dir)
     plots = render_plots(results, out_dir / "plots")
     lead = head.blocks(results, out_dir / "plots") if head else []
-    blocks = _report_blocks(results, plots, head.title if head else TITLE, lead)
+    blocks = _report_blocks(results, plots, head.title if head else TITLE, lead, against_seed=head is None)
     return write_blocks(blocks, out_dir, head.title if head else TITLE)
 
 
@@ -135,7 +136,7 @@ def _columns(results: Results, terminal: bool) -> list[Column]:
 
 
 def _report_blocks(results: Results, plots: Sequence[Plot], title: str = TITLE,
-                   lead: Sequence[Block] = ()) -> list[Block]:
+                   lead: Sequence[Block] = (), against_seed: bool = True) -> list[Block]:
     failed = [run for run in results.runs if not run.ok]
     methods = ", ".join(dict.fromkeys(run.method for run in results.runs)) or "none"
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -151,6 +152,8 @@ def _report_blocks(results: Results, plots: Sequence[Plot], title: str = TITLE,
     sentences = findings(results)
     if sentences:
         blocks += [Heading(2, "Findings"), BulletList(sentences)]
+    if against_seed:
+        blocks += _seed_run_blocks(results)
     columns = _columns(results, terminal=False)
     blocks += [
         Heading(2, "Results"),
@@ -177,6 +180,20 @@ def _report_blocks(results: Results, plots: Sequence[Plot], title: str = TITLE,
     blocks += [Heading(2, "Environment"), key_value_table(results.environment)]
     blocks += [Heading(2, "Config (shared by all runs)"), key_value_table(results.config)]
     return blocks
+
+
+def _seed_run_blocks(results: Results) -> list[Block]:
+    """The published seed run beside this comparison when the setup matches; else why not."""
+    rows = seed_run.comparison_rows(results)
+    heading = Heading(2, "Against the published seed run")
+    if rows is None:
+        differences = seed_run.setup_differences(seed_run.seed_runs(results))
+        return [heading, Paragraph(f"Not compared with the published seed run ({seed_run.summary()}): this "
+                                   f"comparison's setup differs in {'; '.join(differences)}.")]
+    return [heading, Paragraph(f"Same setup as the published seed run ({seed_run.summary()}). Time is compared as a "
+                               "share of full fine-tuning's, which carries across machines."),
+            Table(seed_run.COLUMNS, rows, numeric=[False] + [True] * (len(seed_run.COLUMNS) - 1),
+                  failed_rows=[False] * len(rows))]
 
 
 def _methods_table(results: Results) -> Table:
@@ -221,8 +238,6 @@ def _how_to_read(results: Results) -> list[str]:
         "file saved on disk (the whole checkpoint for full fine-tuning). MB is 2^20 bytes.",
         "Peak memory is the peak while training; latency is inference time per batch for the base model, "
         "with the adapter attached, and with the adapter merged into the weights (– when it can't merge).",
-        "Reference, the seed experiment (GPT-2 Large on SST-2): full 100% (1613.6 s), val 0.89; "
-        "LoRA 63% (1016.6 s), 0.90; DoRA 75% (1205.5 s), 0.90; QLoRA 0.86 with a 0.46 GB model vs 2.88 GB.",
     ]
 
 

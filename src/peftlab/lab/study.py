@@ -15,7 +15,7 @@ rank study, ``--seed`` to any) is an error, not silently overridden.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.io import atomic_write_text
-from peftlab.lab.cli import SHARED_OPTIONS, plan_from_args
+from peftlab.lab.cli import EXIT_INTERRUPTED, SHARED_OPTIONS, plan_from_args
 from peftlab.lab.sweep import PlannedRun, parse_sweep
 from peftlab.lab.verdict import (
     ACCURACY,
@@ -173,25 +173,39 @@ class StudyCommand:
         parser.add_argument("study", metavar="NAME", help=f"the study: {', '.join(STUDIES)}, or {ALL}")
         parser.add_argument("--out", dest="compare_out", type=Path, metavar="DIR",
                             help="output folder (default: runs/study-NAME-DATE-TIME)")
+        parser.add_argument("--resume", dest="study_resume", type=Path, metavar="DIR",
+                            help="continue the study in DIR: runs that finished with the same options are kept "
+                                 "(give the flags of the first start again)")
         add_train_arguments(parser.add_argument_group("training options shared by every run (as in peftlab train)"),
                             only=SHARED_OPTIONS)
 
     def run(self, args: argparse.Namespace) -> int:
         from peftlab.lab.measure import environment
-        from peftlab.lab.runner import run_comparison
+        from peftlab.lab.runner import RESULTS_FILE, run_comparison
         from peftlab.lab.study_report import study_head, write_study_all_report
 
         studies = studies_named(args.study)
         check_flags(studies, args)
         plans = [(study, *plan_study(study, args)) for study in studies]  # every plan checked before any run
-        out = args.compare_out or Path("runs") / f"study-{args.study}-{datetime.now():%Y%m%d-%H%M%S}"
+        if args.study_resume and args.compare_out and args.compare_out != args.study_resume:
+            raise OptionsError("--resume DIR continues in DIR; drop --out, or give the same folder.")
+        out = (args.study_resume or args.compare_out
+               or Path("runs") / f"study-{args.study}-{datetime.now():%Y%m%d-%H%M%S}")
         folders = {study.name: out / study.name if len(studies) > 1 else out for study in studies}
+        if not args.study_resume and any((folder / RESULTS_FILE).exists() for folder in folders.values()):
+            raise OptionsError(f"{out} already holds a study; continue it with --resume {out}, or choose another --out.")
         total, done, began = sum(len(runs) for _, runs, _ in plans), 0, time.monotonic()
         outcomes = []
         for index, (study, runs, config) in enumerate(plans, start=1):
             if len(studies) > 1:
                 print(_progress(index, len(studies), study, runs, done, total, time.monotonic() - began), flush=True)
-            results = run_comparison(runs, config, folders[study.name], environment(), head=study_head(study))
+            try:
+                results = run_comparison(runs, config, folders[study.name], environment(),
+                                         resuming=bool(args.study_resume), head=study_head(study))
+            except KeyboardInterrupt:
+                print(f"\npeftlab study: interrupted. What finished is in {out}; continue with: peftlab study "
+                      f"{args.study} --resume {out} (and the same options)", file=sys.stderr)
+                return EXIT_INTERRUPTED
             done += len(runs)
             study_verdicts = verdicts(study, results.runs)
             text = verdicts_markdown(study, study_verdicts)
