@@ -15,6 +15,7 @@ from peftlab.lab.verdict import (
     judge,
     judge_consistency,
     judge_interaction,
+    settings,
 )
 
 CLAIM = "alpha = 2r beats alpha = r"
@@ -110,3 +111,14 @@ def test_questions_read_their_cells_from_records_ignoring_failed_runs_and_other_
     assert Consistency("consistent").judge(five).text().startswith(
         "Claim: consistent. Measured: lora_alpha=r over 5 seeds: mean 0.852")
     assert Consistency("consistent").judge(runs).outcome == "not judged"  # several settings: not one setup
+
+
+def test_the_method_is_a_setting_when_the_runs_have_several() -> None:
+    runs = [RunRecord(method=method, run_name=f"{method}[seed={seed}]", status="ok", sweep={"seed": seed},
+                      val_accuracy=accuracy + seed / 100)
+            for method, accuracy in (("full", 0.90), ("lora", 0.85)) for seed in (0, 1)]
+    verdict = Effect("lora learns less than full", "method", "full", "lora", expect="lower").judge(runs)
+    assert verdict.outcome == "holds" and verdict.text().startswith(
+        "Claim: lora learns less than full. Measured: method=lora 0.855 vs method=full 0.905, an effect of -5.0 points")
+    assert settings(runs) == [{"method": "full"}, {"method": "lora"}]
+    assert settings(runs[:2]) == [{}]  # one method: no method setting

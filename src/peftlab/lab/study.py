@@ -170,6 +170,10 @@ class StudyCommand:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.description = __doc__.split("\n\n")[0]
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        width = max(map(len, STUDIES))
+        parser.epilog = "studies:\n" + "\n".join(f"  {name:{width}}  {study.about}" for name, study in STUDIES.items()) + (
+            f"\n  {ALL:{width}}  every study above, one report with every verdict first")
         parser.add_argument("study", metavar="NAME", help=f"the study: {', '.join(STUDIES)}, or {ALL}")
         parser.add_argument("--out", dest="compare_out", type=Path, metavar="DIR",
                             help="output folder (default: runs/study-NAME-DATE-TIME)")

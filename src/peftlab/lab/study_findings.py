@@ -19,7 +19,7 @@ from typing import Any
 from peftlab.lab.findings import share
 from peftlab.lab.plots import format_count
 from peftlab.lab.results import RunRecord
-from peftlab.lab.verdict import ACCURACY, OUTCOMES, Cell, Metric, Verdict, cell_of, settings
+from peftlab.lab.verdict import ACCURACY, OUTCOMES, Cell, Metric, Verdict, cell_of, matches, settings
 
 
 #: How the count of each outcome reads: "3 held".
@@ -85,7 +85,7 @@ def _range_sentence(cells: list[Cell], metric: Metric) -> list[str]:
 
 def _mean_of(runs: Sequence[RunRecord], setting: dict[str, Any], key: str) -> float | None:
     values = [getattr(run, key) for run in runs if run.ok and getattr(run, key) is not None
-              and all(run.sweep.get(option) == value for option, value in setting.items())]
+              and matches(run, setting)]
     return fmean(values) if values else None
 
 
@@ -121,7 +121,7 @@ def _overfitting_sentence(runs: Sequence[RunRecord], cells: list[tuple[dict, Cel
     gaps = []
     for setting, cell in cells:
         own = [run for run in runs if run.ok and run.val_accuracy is not None
-               and all(run.sweep.get(option) == value for option, value in setting.items())]
+               and matches(run, setting)]
         train = last_epoch_train_accuracy(own)
         if train is not None:
             gaps.append((cell.label, train, cell.mean, 100 * (train - cell.mean)))

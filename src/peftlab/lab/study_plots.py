@@ -14,7 +14,7 @@ from pathlib import Path
 from peftlab.lab.plots import _bar_height, _figure, _footnote_left_out, _save
 from peftlab.lab.results import Results
 from peftlab.lab.study_findings import last_epoch_train_accuracy
-from peftlab.lab.verdict import ACCURACY, SEED_OPTION, Metric, cell_of, settings
+from peftlab.lab.verdict import ACCURACY, SEED_OPTION, Metric, cell_of, matches, settings
 
 MEAN_COLOR = "0.1"
 
@@ -32,7 +32,7 @@ def plot_study(results: Results, metric: Metric, title: str, path: Path) -> Path
     drawn, every_value = [], []
     for row, (setting, cell) in enumerate(rows):
         runs = [run for run in results.ok_runs if metric.of(run) is not None
-                and all(run.sweep.get(option) == value for option, value in setting.items())]
+                and matches(run, setting)]
         drawn += runs
         values = [metric.of(run) for run in runs]
         every_value += values
@@ -61,7 +61,7 @@ def plot_study(results: Results, metric: Metric, title: str, path: Path) -> Path
         ax.scatter([], [], marker="D", s=40, facecolor="none", edgecolor=MEAN_COLOR,
                    label="training accuracy, last epoch (mean)")
     fig.legend(fontsize=8, loc="outside lower center", ncols=len(seeds) + 2)
-    ax.set_xlabel(metric.axis)
+    ax.set_xlabel(metric.axis or metric.name)
     ax.set_title(title)
     _footnote_left_out(fig, results, drawn)
     return _save(fig, path)

@@ -39,6 +39,8 @@ Expect = Literal["higher", "lower", "same"]
 OUTCOMES: tuple[Outcome, ...] = ("holds", "contradicted", "no effect beyond seed spread", "not judged")
 #: A study's runs are told apart by seed through this sweep option.
 SEED_OPTION = "seed"
+#: A setting may name the method, as if it were swept: ``method=full`` against ``method=lora``.
+METHOD_OPTION = "method"
 #: Rounding must not turn "equal to the spread" into "beyond it".
 TOLERANCE = 1e-9
 
@@ -53,7 +55,7 @@ class Metric:
     scale: float  # a difference in ``unit`` is scale x the difference of the raw values
     value_style: str
     digits: int  # of a difference
-    axis: str  # the label of a plot axis
+    axis: str = ""  # the label of a plot axis, when not the name
 
     def of(self, run: RunRecord) -> float | None:
         return getattr(run, self.key)
@@ -188,21 +190,33 @@ def setting_label(setting: dict[str, Any]) -> str:
     return ",".join(f"{option}={value}" for option, value in setting.items())
 
 
+def value_of(run: RunRecord, option: str) -> Any:
+    """The run's value of a swept option; ``method`` is every run's, swept or not."""
+    return run.sweep.get(option, run.method if option == METHOD_OPTION else None)
+
+
+def matches(run: RunRecord, setting: dict[str, Any]) -> bool:
+    return all(value_of(run, option) == value for option, value in setting.items())
+
+
 def cell_of(runs: Sequence[RunRecord], setting: dict[str, Any], metric: Metric = ACCURACY) -> Cell:
-    """The successful runs whose sweep matches every option of ``setting``, one metric value each."""
-    matching = [run for run in runs if run.ok and metric.of(run) is not None
-                and all(run.sweep.get(option) == value for option, value in setting.items())]
+    """The successful runs that match every option of ``setting``, one metric value each."""
+    matching = [run for run in runs if run.ok and metric.of(run) is not None and matches(run, setting)]
     if matching:  # the label in the runs' own order of options, as in their names
-        setting = {option: setting[option] for option in matching[0].sweep if option in setting}
+        order = [METHOD_OPTION, *matching[0].sweep]
+        setting = {option: setting[option] for option in order if option in setting}
     label = setting_label(setting) or ", ".join(dict.fromkeys(run.method for run in matching)) or "the runs"
     return Cell(label, tuple(metric.of(run) for run in matching))
 
 
 def settings(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
-    """Every distinct sweep of ``runs`` without its seed, in run order: the cells of a study."""
+    """Every distinct sweep of ``runs`` without its seed, in run order, led by the method when the runs
+    have several: the cells of a study."""
+    several_methods = len({run.method for run in runs}) > 1
     seen: dict[str, dict[str, Any]] = {}
     for run in runs:
-        setting = {option: value for option, value in run.sweep.items() if option != SEED_OPTION}
+        setting = {**({METHOD_OPTION: run.method} if several_methods else {}),
+                   **{option: value for option, value in run.sweep.items() if option != SEED_OPTION}}
         seen.setdefault(setting_label(setting), setting)
     return list(seen.values())
 
