@@ -228,6 +228,14 @@ def test_unsupported_models_and_bad_values_are_refused(tmp_path):
         PeftModel.from_pretrained(tiny_llama(hidden=32), tmp_path, config=LoraConfig(target_modules=["q_proj"]))
 
 
+def test_plain_lora_export_is_refused_since_it_would_drop_the_rope_scale(tmp_path):
+    from peftlab.export import ExportError
+
+    with pytest.raises(ExportError, match="plain LoRA files already, plus 'rope_scale'"):
+        longlora(rope_scale=2.0).save_pretrained(tmp_path, as_lora=True)
+    assert not any(tmp_path.iterdir())
+
+
 def test_registered_options_reach_the_config():
     config = make_method_config("longlora", rope_scale=2.0, s2_group_size_ratio=0.5)
     assert isinstance(config, LongLoraConfig) and config.lora_alpha == 16 and config.ensure_weight_tying

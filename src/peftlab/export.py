@@ -86,6 +86,13 @@ def build_lora_export(
 
     method = model.method_of(adapter_name)
     label = name_of(model.peft_config[adapter_name])
+    marker = type(model.peft_config[adapter_name]).file_marker
+    if marker:  # its own files are LoRA files plus a field that changes the model: an export would drop it
+        raise ExportError(
+            f"the {label} adapter's own files are plain LoRA files already, plus {marker!r} in adapter_config.json, "
+            f"which a plain LoRA export would drop though the trained model needs it; serve its own folder and apply "
+            f"{marker} to the base as the README says."
+        )
     if max_rank is not None and max_rank not in SERVING_MAX_RANKS:
         raise ExportError(
             f"max_rank {max_rank} is not a rank limit serving engines take (vLLM's --max-lora-rank: "
@@ -134,6 +141,7 @@ def build_lora_export(
     config = LoraConfig(
         r=target, lora_alpha=target, target_modules=sorted(layers), modules_to_save=source.modules_to_save,
         task_type=source.task_type, base_model_name_or_path=source.base_model_name_or_path, revision=source.revision,
+        ensure_weight_tying=getattr(source, "ensure_weight_tying", False),  # the tied trained copies it holds
     )
     data = model.finish_saved_config(adapter_name, config.to_hf_dict())
     return LoraExport(data, tensors, target, errors, label)
