@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from transformers import BertConfig
+from transformers import AlbertConfig, BertConfig
 
 from peftlab.lab import runner
 from peftlab.lab.results import RunRecord, load_results
@@ -218,3 +218,20 @@ def test_study_all_runs_every_study_and_writes_one_report_verdicts_first(tmp_pat
     html = (out / "report.html").read_text(encoding="utf-8")
     assert html.count('<img src="data:image/png;base64,') == len(names)
     assert (out / "verdicts.md").read_text(encoding="utf-8").count("- Claim") == total
+
+
+def test_study_all_leaves_out_a_study_that_cannot_apply_and_says_why(tmp_path, launched, quick_reports) -> None:
+    folder = tmp_path / "albert"  # a family with no known query/value layers: the targets study cannot plan
+    AlbertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                 embedding_size=16).save_pretrained(folder)
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli("study", "all", "--model", str(folder), "--out", str(out))
+    assert code == 0
+    assert "peftlab study: targets left out: run lora[target_modules=attn,seed=0]: target_modules=attn: no attention " \
+           "layers known for model family 'albert'" in stderr
+    assert not (out / "targets").exists() and (out / "rank" / "results.json").is_file()
+    assert f"== study 1/{len(STUDIES) - 1}: alpha" in stdout
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "## Studies left out\n\n- targets (which layers LoRA adapts" in report
+    code, _, stderr = run_cli("study", "targets", "--model", str(folder), "--out", str(tmp_path / "alone"))
+    assert code == 2 and "no attention layers known for model family 'albert'" in stderr

@@ -165,6 +165,24 @@ def plan_study(study: Study, args: argparse.Namespace) -> tuple[list[PlannedRun]
     return runs, {**config, "sweep": grid, "study": study.name}
 
 
+def plan_studies(studies: Sequence[Study], args: argparse.Namespace
+                 ) -> tuple[list[tuple[Study, list[PlannedRun], dict[str, Any]]], list[tuple[Study, str]]]:
+    """Each study's runs; of several, one that cannot apply to this model or data (its plan fails while
+    another's does not: no attention layers known for ``targets``, a classifier for a study that needs a
+    causal LM) is left out with its reason. When every plan fails, the first error is raised."""
+    plans, left_out = [], []
+    for study in studies:
+        try:
+            plans.append((study, *plan_study(study, args)))
+        except OptionsError as error:
+            if len(studies) == 1:
+                raise
+            left_out.append((study, str(error)))
+    if not plans:
+        raise OptionsError(f"no study applies: {left_out[0][0].name}: {left_out[0][1]}")
+    return plans, left_out
+
+
 class StudyCommand:
     help = "test fine-tuning rules of thumb on your model and data: preset sweeps over seeds that end in verdicts"
 
@@ -190,19 +208,21 @@ class StudyCommand:
 
         studies = studies_named(args.study)
         check_flags(studies, args)
-        plans = [(study, *plan_study(study, args)) for study in studies]  # every plan checked before any run
+        plans, left_out = plan_studies(studies, args)  # every plan checked before any run
+        for study, why in left_out:
+            print(f"peftlab study: {study.name} left out: {why}", file=sys.stderr)
         if args.study_resume and args.compare_out and args.compare_out != args.study_resume:
             raise OptionsError("--resume DIR continues in DIR; drop --out, or give the same folder.")
         out = (args.study_resume or args.compare_out
                or Path("runs") / f"study-{args.study}-{datetime.now():%Y%m%d-%H%M%S}")
-        folders = {study.name: out / study.name if len(studies) > 1 else out for study in studies}
+        folders = {study.name: out / study.name if len(studies) > 1 else out for study, _, _ in plans}
         if not args.study_resume and any((folder / RESULTS_FILE).exists() for folder in folders.values()):
             raise OptionsError(f"{out} already holds a study; continue it with --resume {out}, or choose another --out.")
         total, done, began = sum(len(runs) for _, runs, _ in plans), 0, time.monotonic()
         outcomes = []
         for index, (study, runs, config) in enumerate(plans, start=1):
             if len(studies) > 1:
-                print(_progress(index, len(studies), study, runs, done, total, time.monotonic() - began), flush=True)
+                print(_progress(index, len(plans), study, runs, done, total, time.monotonic() - began), flush=True)
             try:
                 results = run_comparison(runs, config, folders[study.name], environment(),
                                          resuming=bool(args.study_resume), head=study_head(study))
@@ -218,9 +238,9 @@ class StudyCommand:
             outcomes.append((study, results, study_verdicts))
         if len(studies) > 1:
             elapsed = time.monotonic() - began
-            html_path = write_study_all_report(outcomes, out, folders, elapsed)
+            html_path = write_study_all_report(outcomes, out, folders, elapsed, left_out)
             atomic_write_text(out / "verdicts.md", "\n".join(verdicts_markdown(s, v) for s, _, v in outcomes))
-            print(f"\nall {len(studies)} studies, {total} runs, in {elapsed / 60:.1f} min; report: {html_path}")
+            print(f"\n{len(plans)} studies, {total} runs, in {elapsed / 60:.1f} min; report: {html_path}")
         return 0 if all(run.ok for _, results, _ in outcomes for run in results.runs) else 1
 
 

@@ -74,7 +74,8 @@ def draw_study_plot(study: Study, results: Results, plots_dir: Path) -> Plot | N
 
 
 def write_study_all_report(outcomes: Sequence[tuple[Study, Results, list[Verdict]]], out: Path,
-                           folders: dict[str, Path], elapsed_s: float) -> Path:
+                           folders: dict[str, Path], elapsed_s: float,
+                           left_out: Sequence[tuple[Study, str]] = ()) -> Path:
     """OUT/report.md and OUT/report.html for every study's outcome; returns the HTML's path."""
     all_verdicts = [(study.name, verdict) for study, _, study_verdicts in outcomes for verdict in study_verdicts]
     runs = [run for _, results, _ in outcomes for run in results.runs]
@@ -92,10 +93,17 @@ def write_study_all_report(outcomes: Sequence[tuple[Study, Results, list[Verdict
               numeric=[False] * 4, failed_rows=[verdict.outcome == "not judged" for _, verdict in all_verdicts]),
         BulletList(all_findings(all_verdicts)),
     ]
+    if left_out:
+        blocks += [Heading(2, "Studies left out"),
+                   BulletList([f"{study.name} ({study.about}): {why}" for study, why in left_out])]
     for study, results, _ in outcomes:
         folder = folders[study.name]
+        failed_runs = sum(not run.ok for run in results.runs)
+        training_s = sum(run.train_time_s or 0 for run in results.runs)
         blocks += [Heading(2, f"Study {study.name}"), *study_blocks(study, results, folder / "plots", level=3),
-                   Paragraph(f"Every run, table and plot of this study: {folder.relative_to(out).as_posix()}/report.html.")]
+                   Paragraph(f"{len(results.runs)} runs ({failed_runs} failed), {training_s / 60:.1f} min of training "
+                             f"in all. Every run, table and plot of this study: "
+                             f"{folder.relative_to(out).as_posix()}/report.html.")]
     if outcomes:
         blocks += [Heading(2, "Environment"), key_value_table(outcomes[0][1].environment)]
     write_blocks(blocks, out, ALL_TITLE)
