@@ -72,9 +72,10 @@ def verdict_lines(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith("- Claim")]
 
 
-def test_alpha_study_grid_verdict_report_and_plot(tmp_path, launched) -> None:
+def test_alpha_study_grid_verdict_report_and_plot(tmp_path, launched, quick_reports) -> None:
     code, stdout, stderr = run_cli("study", "alpha", "--out", str(tmp_path / "out"))
     assert code == 0, stderr
+    assert run_cli("report", str(tmp_path / "out"))[0] == 0  # the study's report, as `peftlab report` rewrites it
     assert [run.run_name for run in launched] == [
         "lora[lora_alpha=r,seed=0]", "lora[lora_alpha=r,seed=1]", "lora[lora_alpha=2r,seed=0]", "lora[lora_alpha=2r,seed=1]"]
     assert [run.options["lora_alpha"] for run in launched] == [8, 8, 16, 16]  # lora's default r is 8
@@ -132,7 +133,8 @@ def test_optimizer_memory_study_judges_peak_memory_in_a_short_run(tmp_path, laun
     assert code == 0
     assert {(run.options["optimizer"], run.options["r"]) for run in launched} == {
         (optimizer, r) for optimizer in ("adamw", "sgd") for r in (SMALL_RANK, LARGE_RANK)}
-    assert {run.options["max_steps"] for run in launched} == {10} and len(launched) == 8
+    assert {(run.options["max_steps"], run.options["max_eval_samples"]) for run in launched} == {(10, 64)}
+    assert len(launched) == 8
     small, large = verdict_lines(stdout)
     assert small == (
         f"- Claim: at a small rank (r = {SMALL_RANK}) SGD saves no memory over AdamW. Measured: optimizer=sgd,r=8 "
@@ -142,9 +144,9 @@ def test_optimizer_memory_study_judges_peak_memory_in_a_short_run(tmp_path, laun
     assert "Two seeds even for memory" in (tmp_path / "out" / "verdicts.md").read_text(encoding="utf-8")
 
 
-def test_epochs_study_contradicted_and_the_overfitting_gap_reported(tmp_path, launched) -> None:
+def test_epochs_study_contradicted_and_the_overfitting_gap_reported(tmp_path, launched, quick_reports) -> None:
     code, stdout, _ = run_cli("study", "epochs", "--out", str(tmp_path / "out"))
-    assert code == 0
+    assert code == 0 and run_cli("report", str(tmp_path / "out"))[0] == 0
     assert [run.options["epochs"] for run in launched] == [1, 1, 3, 3]
     assert verdict_lines(stdout)[0].endswith("an effect of +3.0 points (mean of 2 seeds); seed-to-seed spread "
                                              "1.0 points. Verdict: contradicted.")
