@@ -122,3 +122,15 @@ def test_the_method_is_a_setting_when_the_runs_have_several() -> None:
         "Claim: lora learns less than full. Measured: method=lora 0.855 vs method=full 0.905, an effect of -5.0 points")
     assert settings(runs) == [{"method": "full"}, {"method": "lora"}]
     assert settings(runs[:2]) == [{}]  # one method: no method setting
+
+
+def test_a_paired_comparison_cancels_what_a_seed_does_to_both_cells() -> None:
+    adamw = Cell("adamw", (1000.0, 1055.0), seeds=(0, 1))  # seed 1's batches are longer: +55 MB for both
+    sgd = Cell("sgd", (958.0, 1015.0), seeds=(0, 1))
+    unpaired = judge("SGD needs less memory", adamw, sgd, "lower", PEAK_MEMORY)
+    assert unpaired.outcome == "no effect beyond seed spread"  # -41 MB against a 57 MB spread
+    paired = judge("SGD needs less memory", adamw, sgd, "lower", PEAK_MEMORY, paired=True)
+    assert paired.outcome == "holds" and paired.effect == pytest.approx(-41.0) and paired.spread == pytest.approx(2.0)
+    assert "seed-to-seed spread of the differences 2 MB" in paired.text()
+    unmatched = judge("c", adamw, Cell("sgd", (958.0,), seeds=(7,)), "lower", PEAK_MEMORY, paired=True)
+    assert unmatched.outcome == "not judged" and "share no seed" in unmatched.text()

@@ -11,6 +11,9 @@ A question compares cells on one metric (validation accuracy, or peak memory):
                       no effect beyond seed spread  |effect| <= spread: these runs cannot tell them apart
                   Claiming the "same" (SGD saves no memory at r = 8): holds when |effect| <= spread,
                   contradicted beyond it.
+                  Paired (peak memory): compared seed by seed, the effect is the mean of the per-seed
+                  differences and the spread their max minus min, so what a seed does to both
+                  cells alike (the batches' padded lengths) cancels.
     Interaction   the same effect in two contexts (cosine vs constant with SGD, and with AdamW),
                   claimed larger in the first. Each effect carries its own spread, so their
                   difference must beat the sum of the two spreads; the three outcomes as above.
@@ -78,6 +81,7 @@ class Cell:
 
     label: str
     values: tuple[float, ...]
+    seeds: tuple[Any, ...] = ()  # the seed of each value, where known
 
     @property
     def mean(self) -> float:
@@ -105,11 +109,15 @@ def not_judged(claim: str, why: str) -> Verdict:
     return Verdict(claim, why, "not judged")
 
 
-def judge(claim: str, control: Cell, treatment: Cell, expect: Expect = "higher", metric: Metric = ACCURACY) -> Verdict:
-    """The verdict on ``claim``: that ``treatment``'s metric is ``expect`` (higher, lower, the same) than ``control``'s."""
+def judge(claim: str, control: Cell, treatment: Cell, expect: Expect = "higher", metric: Metric = ACCURACY,
+          paired: bool = False) -> Verdict:
+    """The verdict on ``claim``: that ``treatment``'s metric is ``expect`` (higher, lower, the same) than
+    ``control``'s. ``paired``: compared seed by seed (see :func:`judge_paired`)."""
     missing = _missing(control, treatment)
     if missing:
         return not_judged(claim, missing)
+    if paired:
+        return judge_paired(claim, control, treatment, expect, metric)
     effect = metric.scale * (treatment.mean - control.mean)
     measured = (f"{treatment.label} {metric.value(treatment.mean)} vs {control.label} {metric.value(control.mean)}, "
                 f"an effect of {metric.amount(effect, signed=True)} ({_seeds(control, treatment)})")
@@ -118,6 +126,25 @@ def judge(claim: str, control: Cell, treatment: Cell, expect: Expect = "higher",
         return Verdict(claim, measured + "; one seed gives no seed-to-seed spread, run at least two", "not judged", effect)
     spread = max(spreads)
     measured += f"; seed-to-seed spread {metric.amount(spread)}"
+    return _weigh(claim, measured, effect, spread, expect)
+
+
+def judge_paired(claim: str, control: Cell, treatment: Cell, expect: Expect, metric: Metric) -> Verdict:
+    """Seed by seed: the effect is the mean of the per-seed differences, the spread to beat their max
+    minus min. For a metric a seed moves the same way in both cells (peak memory: a seed's data order
+    sets the batches' padded lengths for both optimizers), the seed's own effect cancels."""
+    by_seed = dict(zip(control.seeds, control.values))
+    differences = [value - by_seed[seed] for seed, value in zip(treatment.seeds, treatment.values) if seed in by_seed]
+    if not differences:
+        return not_judged(claim, f"{control.label} and {treatment.label} share no seed to compare on")
+    effect = metric.scale * fmean(differences)
+    measured = (f"{treatment.label} {metric.value(treatment.mean)} vs {control.label} {metric.value(control.mean)}, "
+                f"an effect of {metric.amount(effect, signed=True)} (mean of the differences at {len(differences)} "
+                f"seed{'s' if len(differences) > 1 else ''}, each seed's runs sharing its batches)")
+    if len(differences) < 2:
+        return Verdict(claim, measured + "; one seed gives no seed-to-seed spread, run at least two", "not judged", effect)
+    spread = metric.scale * (max(differences) - min(differences))
+    measured += f"; seed-to-seed spread of the differences {metric.amount(spread)}"
     return _weigh(claim, measured, effect, spread, expect)
 
 
@@ -206,7 +233,7 @@ def cell_of(runs: Sequence[RunRecord], setting: dict[str, Any], metric: Metric =
         order = [METHOD_OPTION, *matching[0].sweep]
         setting = {option: setting[option] for option in order if option in setting}
     label = setting_label(setting) or ", ".join(dict.fromkeys(run.method for run in matching)) or "the runs"
-    return Cell(label, tuple(metric.of(run) for run in matching))
+    return Cell(label, tuple(metric.of(run) for run in matching), tuple(run.sweep.get(SEED_OPTION) for run in matching))
 
 
 def settings(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
@@ -242,11 +269,12 @@ class Effect:
     expect: Expect = "higher"
     metric: Metric = ACCURACY
     where: dict[str, Any] = field(default_factory=dict)
+    paired: bool = False  # compared seed by seed
 
     def judge(self, runs: Sequence[RunRecord]) -> Verdict:
         control, treatment = (cell_of(runs, {**self.where, self.option: value}, self.metric)
                               for value in (self.control, self.treatment))
-        return judge(self.claim, control, treatment, self.expect, self.metric)
+        return judge(self.claim, control, treatment, self.expect, self.metric, self.paired)
 
 
 @dataclass(frozen=True)
