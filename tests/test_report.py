@@ -248,3 +248,11 @@ def test_without_a_full_run_the_slowest_is_100_percent(tmp_path: Path) -> None:
     md = write_report(results, tmp_path)[0].read_text(encoding="utf-8")
     assert "% of qlora (slowest)" in md
     assert "| 100.0% |" in next(line for line in md.splitlines() if line.startswith("| qlora |"))
+
+
+def test_the_report_says_which_methods_all_left_out_and_why(tmp_path: Path) -> None:
+    results = synthetic_results()
+    results.config["methods_left_out"] = {"longlora": "LongLoRA's S²-Attn is supported on model types llama"}
+    md = write_report(results, tmp_path)[0].read_text(encoding="utf-8")
+    assert "--methods all left out what cannot run on this model: longlora (LongLoRA's S²-Attn is supported" in md
+    assert "left out" not in write_report(synthetic_results(), tmp_path / "plain")[0].read_text(encoding="utf-8")

@@ -165,3 +165,20 @@ def test_invalid_values_fail_at_planning_naming_the_run():
 def test_the_same_option_swept_twice_is_an_error():
     with pytest.raises(OptionsError, match="given twice"):
         plan(["lora"], "r=2", "r=4")
+
+
+def test_methods_all_leaves_out_what_cannot_run_on_the_model(tmp_path):
+    """--methods all plans only runs that can succeed: a method whose check_model_config refuses the
+    model's family (LongLoRA on BERT: no RoPE) is left out with its reason; on a Llama it stays."""
+    from transformers import BertConfig, LlamaConfig
+
+    from peftlab.lab.sweep import methods_for_model
+
+    bert, llama = tmp_path / "bert", tmp_path / "llama"
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(bert)
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(llama)
+    everything = expand_methods("all")
+    kept, left_out = methods_for_model(everything, str(bert))
+    assert list(left_out) == ["longlora"] and "'bert'" in left_out["longlora"] and "llama" in left_out["longlora"]
+    assert kept == [name for name in everything if name != "longlora"]
+    assert methods_for_model(everything, str(llama)) == (everything, {})

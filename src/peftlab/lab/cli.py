@@ -35,6 +35,7 @@ from peftlab.lab.sweep import (
     PlannedRun,
     collect_overrides,
     expand_methods,
+    methods_for_model,
     option_names,
     parse_sweep,
     plan_runs,
@@ -132,6 +133,11 @@ def plan_from_args(args: argparse.Namespace) -> tuple[list[PlannedRun], dict[str
     values = {**COMPARE_DEFAULTS, **{k: v for k, v in from_file.items() if k not in PER_RUN_OPTIONS}, **given}
     shared = {k: v for k, v in TrainOptions(**values).to_dict().items() if k not in PER_RUN_OPTIONS}
     methods = expand_methods(args.methods) if args.methods is not None else list(DEFAULT_METHODS)
+    left_out: dict[str, str] = {}
+    if args.methods is not None and args.methods.strip() == "all":
+        methods, left_out = methods_for_model(methods, shared["model"])
+        for name, reason in left_out.items():
+            print(f"peftlab compare: --methods all leaves out {name}: {reason}", file=sys.stderr)
     overrides = collect_overrides(args.overrides, methods)
     for method in methods:
         own = METHODS[method].options if method in METHODS else {}  # full fine-tuning has no adapter options
@@ -144,7 +150,7 @@ def plan_from_args(args: argparse.Namespace) -> tuple[list[PlannedRun], dict[str
         check_eval_datasets(TrainOptions(**runs[0].options), args.eval_datasets)
         runs = [dataclasses.replace(run, eval_datasets=tuple(args.eval_datasets)) for run in runs]
     config = {**shared, "methods": methods, "set": args.overrides or None, "sweep": args.sweeps or None,
-              "eval_datasets": args.eval_datasets or None}
+              "eval_datasets": args.eval_datasets or None, "methods_left_out": left_out or None}
     return runs, config
 
 

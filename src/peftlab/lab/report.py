@@ -148,6 +148,10 @@ def _report_blocks(results: Results, plots: Sequence[Plot], title: str = TITLE,
     if not results.ok_runs:
         blocks.append(Paragraph("All runs failed: there are no metrics or plots to show. "
                                 "The errors are listed under “Failed runs”."))
+    left_out = results.config.get("methods_left_out") or {}
+    if left_out:
+        blocks.append(Paragraph("--methods all left out what cannot run on this model: "
+                                + "; ".join(f"{name} ({_first_line(reason)})" for name, reason in left_out.items())))
     blocks += lead
     sentences = findings(results)
     if sentences:

@@ -201,13 +201,35 @@ def collect_overrides(texts: list[str], methods: list[str]) -> dict[str, dict[st
 
 
 @functools.lru_cache(maxsize=None)
-def model_family(model: str) -> str:
-    """The ``model_type`` of a model alias, folder or hub id (reads only its config)."""
+def model_config(model: str) -> Any:
+    """The ``transformers`` config of a model alias, folder or hub id (no weights are read)."""
     from transformers import AutoConfig
 
     from peftlab.assets import resolve_model
 
-    return AutoConfig.from_pretrained(resolve_model(model)).model_type
+    return AutoConfig.from_pretrained(resolve_model(model))
+
+
+def model_family(model: str) -> str:
+    """The ``model_type`` of a model alias, folder or hub id (reads only its config)."""
+    return model_config(model).model_type
+
+
+def methods_for_model(methods: list[str], model: str) -> tuple[list[str], dict[str, str]]:
+    """``--methods all`` on ``model``: the methods that can run on it, and why each other one cannot
+    (its ``Method.check_model_config``), so that "all" never plans a run bound to fail."""
+    from peftlab.methods import METHODS
+
+    config = model_config(model)
+    usable, left_out = [], {}
+    for name in methods:
+        try:
+            if name in METHODS:
+                METHODS[name].check_model_config(config)
+            usable.append(name)
+        except ValueError as error:
+            left_out[name] = str(error)
+    return usable, left_out
 
 
 def resolve_target_modules(value: Any, model: str, family_of: Callable[[str], str]) -> Any:

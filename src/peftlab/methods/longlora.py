@@ -123,20 +123,14 @@ def rotary_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor) and hasattr(m, "rope_type")]
 
 
-def check_supported(model: nn.Module, rotary: list[nn.Module]) -> None:
-    """Refuse a model LongLoRA cannot extend, saying which it can."""
-    config = getattr(model, "config", None)
+def check_supported_config(config) -> None:
+    """Refuse a model family LongLoRA cannot extend, from its config alone, saying which it can."""
     model_type = getattr(config, "model_type", None)
     supported = "; ".join(f"{t} ({what})" for t, what in SUPPORTED_MODEL_TYPES.items())
-    if not rotary:
-        raise ValueError(
-            f"LongLoRA extends RoPE position embeddings, and {type(model).__name__} (model type {model_type!r}) has "
-            f"none. It runs on RoPE decoders: {supported}."
-        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
-            f"LongLoRA's S²-Attn is supported on model types {supported}; {type(model).__name__} is {model_type!r}, "
-            "whose attention it has not been checked against. Use one of those, or plain LoRA."
+            f"LongLoRA's S²-Attn is supported on model types {supported}; this model is {model_type!r}, which has "
+            "no RoPE or whose attention it has not been checked against. Use one of those, or plain LoRA."
         )
     if getattr(config, "sliding_window", None) is not None:
         raise ValueError(
@@ -149,6 +143,18 @@ def check_supported(model: nn.Module, rotary: list[nn.Module]) -> None:
             f"this model's RoPE is of type {rope_type!r}; LongLoRA's linear position interpolation applies to "
             f"{' and '.join(SCALABLE_ROPE_TYPES)} RoPE only."
         )
+
+
+def check_supported(model: nn.Module, rotary: list[nn.Module]) -> None:
+    """Refuse a model LongLoRA cannot extend: its config, and RoPE modules it can rescale."""
+    config = getattr(model, "config", None)
+    if not rotary:
+        raise ValueError(
+            f"LongLoRA extends RoPE position embeddings, and {type(model).__name__} (model type "
+            f"{getattr(config, 'model_type', None)!r}) has none. It runs on RoPE decoders: "
+            f"{'; '.join(f'{t} ({what})' for t, what in SUPPORTED_MODEL_TYPES.items())}."
+        )
+    check_supported_config(config)
 
 
 def scale_rope(config, rotary: list[nn.Module], factor: float) -> None:
@@ -181,6 +187,9 @@ class LongLoraMethod(LoraMethod):
     #: full at this rate too (the paper uses 2e-5 over 1000 steps; the lab's runs are tens of steps).
     run_defaults = {"lr": 2e-4, "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "s2_group_size_ratio": 0.25,
                     "target_modules": ATTENTION_PROJECTIONS}
+
+    def check_model_config(self, model_config):
+        check_supported_config(model_config)
 
     def check_model(self, model, config):
         if any(isinstance(state, LongLoraState) for state in model.method_state.values()):

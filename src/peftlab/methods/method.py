@@ -161,6 +161,10 @@ class Method:
 
     # -- building ---------------------------------------------------------------------------------
 
+    def check_model_config(self, model_config: Any) -> None:
+        """Raise ValueError if the method cannot run on any model of this ``transformers`` config (its
+        family, its attention): read before weights load, so ``compare --methods all`` leaves it out."""
+
     def check_model(self, model: PeftModel, config: AdapterConfig) -> None:
         """Raise ValueError if the method cannot run on this model at all (its family, its other adapters)."""
 
