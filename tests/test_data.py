@@ -182,6 +182,23 @@ def test_jsonl_prompt_response_is_causal_lm(tmp_path: Path) -> None:
     assert train[0] == {"prompt": train.prompts[0], "response": train.responses[0]}
 
 
+def test_labelled_data_for_a_causal_lm_asks_for_the_label_name(tmp_path: Path) -> None:
+    write(tmp_path / "train.tsv", "sentence\tlabel\ngood film\tpos\nbad film\tneg\nfine\tpos\n")
+    write(tmp_path / "validation.tsv", "sentence\tlabel\nawful\tneg\n")
+    train = load_dataset_spec(tmp_path, "train", task="causal-lm")
+    assert isinstance(train, CausalLMDataset)
+    assert train.prompts == ["Text: good film\nLabel:", "Text: bad film\nLabel:", "Text: fine\nLabel:"]
+    assert train.responses == [" pos", " neg", " pos"]
+    assert "as prompt/response" in train.source
+    # Class ids answer with the class names a trained classifier recorded, when given; else the ids.
+    (tmp_path / "ids").mkdir()
+    write(tmp_path / "ids" / "train.csv", "text,label\ngreat,1\npoor,0\n")
+    write(tmp_path / "ids" / "validation.csv", "text,label\nok,1\n")
+    assert load_dataset_spec(tmp_path / "ids", "train", task="causal-lm").responses == [" 1", " 0"]
+    named = load_dataset_spec(tmp_path / "ids", "train", task="causal-lm", label_names=("negative", "positive"))
+    assert named.responses == [" positive", " negative"]
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 

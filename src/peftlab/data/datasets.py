@@ -11,7 +11,8 @@
                     with the model's tokenizer (see :mod:`.text`)
 
 Columns: ``text`` (or ``sentence``) and ``label`` for classification; ``prompt`` and ``response``
-for causal LM. Labels are class ids (ints, or strings of digits) or class names; names get ids in
+for causal LM. Labelled data given to a causal LM (``task="causal-lm"``) becomes prompt/response:
+``Text: <text>\nLabel:`` answered by `` <label name>`` (SST-2's: negative, positive). Labels are class ids (ints, or strings of digits) or class names; names get ids in
 sorted order over every split of the dataset, so train and validation agree, unless the class
 names are fixed (``label_names``: those a trained classifier recorded); a blank label, or ids
 mixed with names, is an error.
@@ -125,15 +126,31 @@ def load_dataset_spec(
     if not table.rows:
         raise DataError(f"{table.source} has no {split} examples; add rows below the header")
     task = task or _infer_task(table)
-    if task == "causal-lm":
+    fixed = tuple(label_names) if label_names is not None else None
+    if task == "causal-lm" and _is_labelled(table) and not {"prompt", "response"} <= set(table.columns):
+        classes = _classification(table, label_tables, num_labels, fixed or dataset_names, fixed is not None)
+        dataset: TextDataset = labels_as_responses(classes)
+    elif task == "causal-lm":
         _require_columns(table, ("prompt", "response"), "causal LM")
-        dataset: TextDataset = CausalLMDataset(
+        dataset = CausalLMDataset(
             [_text(row, "prompt") for row in table.rows], [_text(row, "response") for row in table.rows], table.source
         )
     else:
-        fixed = tuple(label_names) if label_names is not None else None
         dataset = _classification(table, label_tables, num_labels, fixed or dataset_names, fixed is not None)
     return dataset.select(sample(len(dataset), max_samples, seed))
+
+
+#: How a labelled example becomes a prompt for a causal LM; the response is " <label name>".
+LABEL_PROMPT = "Text: {text}\nLabel:"
+
+
+def labels_as_responses(dataset: ClassificationDataset) -> CausalLMDataset:
+    """Classification as generation: the prompt ``Text: <text>\\nLabel:``, the response the class name."""
+    return CausalLMDataset(
+        [LABEL_PROMPT.format(text=text) for text in dataset.texts],
+        [f" {dataset.label_names[label]}" for label in dataset.labels],
+        f"{dataset.source} as prompt/response ({LABEL_PROMPT!r} -> ' <label name>')",
+    )
 
 
 def _read_split(
@@ -174,11 +191,14 @@ def _columns_error(table: Table, wanted: str) -> DataError:
     return DataError(f"{table.source}: expected {wanted}; found columns: {found}")
 
 
+def _is_labelled(table: Table) -> bool:
+    return "label" in table.columns and bool(set(table.columns) & set(TEXT_COLUMNS))
+
+
 def _infer_task(table: Table) -> str:
-    columns = set(table.columns)
-    if {"prompt", "response"} <= columns:
+    if {"prompt", "response"} <= set(table.columns):
         return "causal-lm"
-    if "label" in columns and columns & set(TEXT_COLUMNS):
+    if _is_labelled(table):
         return "seq-cls"
     raise _columns_error(
         table, "text (or sentence) and label columns for classification, or prompt and response for causal LM"
