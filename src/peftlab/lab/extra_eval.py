@@ -44,16 +44,15 @@ def load_eval_set(options: TrainOptions, name: str, num_labels: int | None, labe
 def evaluate_eval_datasets(options: TrainOptions, names: Sequence[str], num_labels: int | None,
                            label_names: tuple[str, ...] | None, accuracy_key: str) -> dict[str, float]:
     """The trained run in ``options.out`` scored on each set: {set as given: accuracy}."""
-    from peftlab.train.build import load_trained, make_collator
+    from peftlab.train.build import load_run, make_collator
     from peftlab.train.distributed import start_processes
     from peftlab.train.evaluate import evaluate, shard_batches
 
     if not names:
         return {}
-    model_name, adapter = (options.out, None) if options.is_full_fine_tuning else (options.model, options.out)
     processes = start_processes(options.device)
     try:
-        model, tokenizer = load_trained(model_name, adapter, options.task, num_labels, options.quantization)
+        model, tokenizer = load_run(options, num_labels)
         model.to(processes.device)
         scores = {}
         for name in names:

@@ -158,6 +158,14 @@ def recorded_quantization(adapter: str | None) -> str | None:
     return read_adapter_metadata(Path(adapter)).get(QUANTIZATION_KEY) if adapter else None
 
 
+def load_run(options: TrainOptions, num_labels: int | None = None) -> tuple[nn.Module, Any]:
+    """A finished run's trained model and tokenizer: the saved model (full fine-tuning) or its base
+    with the saved adapter, both in ``options.out``."""
+    if options.is_full_fine_tuning:
+        return load_trained(options.out, None, options.task, num_labels)
+    return load_trained(options.model, options.out, options.task, num_labels, options.quantization)
+
+
 def load_trained(
     model: str, adapter: str | None, task: str, num_labels: int | None = None, quantization: str | None = None
 ) -> tuple[nn.Module, Any]:
