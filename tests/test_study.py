@@ -206,7 +206,8 @@ def test_study_all_runs_every_study_and_writes_one_report_verdicts_first(tmp_pat
     out = tmp_path / "out"
     code, stdout, stderr = run_cli("study", "all", "--model", bert_model, "--out", str(out))
     assert code == 0, stderr
-    names = list(STUDIES)
+    assert "peftlab study: forgetting left out: study forgetting needs a causal LM" in stderr  # a BERT
+    names = [name for name in STUDIES if name != "forgetting"]
     progress = [line for line in stdout.splitlines() if line.startswith("== study")]
     assert [re.match(r"== study (\d+)/(\d+): (\S+)", line).groups() for line in progress] == [
         (str(i), str(len(names)), name) for i, name in enumerate(names, start=1)]
@@ -216,7 +217,7 @@ def test_study_all_runs_every_study_and_writes_one_report_verdicts_first(tmp_pat
     assert report.startswith("# peftlab study all")
     verdicts = report.index("## Verdicts")
     assert verdicts < min(report.index(f"## Study {name}") for name in names)
-    total = sum(len(study.questions) for study in STUDIES.values())
+    total = sum(len(STUDIES[name].questions) for name in names)
     assert f"Of {total} claims tested, " in report
     assert report.count("![Study ") == len(names)  # a plot per study, linked from its own folder
     assert all(f"]({name}/plots/study.png)" in report for name in names)

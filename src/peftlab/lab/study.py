@@ -3,6 +3,7 @@
     peftlab study alpha                     # lora_alpha = r vs 2r, two seeds each, on the default model
     peftlab study rank --model my-model --dataset my.csv --out runs/rank
     peftlab study all --out runs/studies    # every study, one report with every verdict first
+    peftlab study forgetting --general-text my-corpus.txt   # a causal LM's perplexity before and after
 
 A study is a comparison (the same runner, results.json and report as ``peftlab compare``) whose
 grid is fixed by the study, always over several seeds so every verdict can be weighed against the
@@ -21,13 +22,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from peftlab.io import atomic_write_text
+from peftlab.lab import forgetting
 from peftlab.lab.cli import EXIT_INTERRUPTED, SHARED_OPTIONS, plan_from_args
+from peftlab.lab.results import Results
 from peftlab.lab.sweep import PlannedRun, parse_sweep
 from peftlab.lab.verdict import (
     ACCURACY,
+    GENERAL_PERPLEXITY,
+    METHOD_OPTION,
     PEAK_MEMORY,
     SEED_OPTION,
     Consistency,
@@ -37,7 +42,7 @@ from peftlab.lab.verdict import (
     Question,
     Verdict,
 )
-from peftlab.train.options import OptionsError, add_train_arguments
+from peftlab.train.options import OptionsError, TrainOptions, add_train_arguments
 
 ALL = "all"
 #: Seeds a study runs unless it says otherwise: two, the fewest that give a spread.
@@ -46,6 +51,14 @@ TWO_SEEDS = (0, 1)
 #: normalised per parameter; at AdamW's 1e-3 SGD barely moves an adapter that starts at zero.
 SGD_LR = 0.1
 SMALL_RANK, LARGE_RANK = 8, 256
+
+
+class StudyWork(Protocol):
+    """A study's own work around the runner (forgetting: see :mod:`peftlab.lab.forgetting`)."""
+
+    def check(self, options: TrainOptions, args: argparse.Namespace) -> None: ...  # before any run
+    def measure(self, results: Results, args: argparse.Namespace) -> Results: ...  # after the runs, before verdicts
+    def findings(self, results: Results) -> list[str]: ...  # sentences for the report
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class Study:
     metric: Metric = ACCURACY  # what its plot shows
     budget: dict[str, Any] = field(default_factory=dict)
     why_seeds: str = ""  # why this many seeds, when it is not the default two
+    work: StudyWork | None = None
 
     def swept_options(self) -> list[str]:
         """The options the study sets itself: those of its grid, and the seed."""
@@ -119,6 +133,14 @@ STUDIES: dict[str, Study] = {study.name: study for study in (
           (Consistency("results are consistent across runs: the seed moves accuracy no more than the evaluation "
                        "set's sampling error"),),
           seeds=(0, 1, 2, 3, 4), why_seeds="Five seeds: the spread is the result, and two would barely estimate it."),
+    Study("forgetting", "full fine-tuning against adapters on a causal LM: accuracy on the task (learning) and "
+          "perplexity on held-out general text before and after (forgetting)", forgetting.METHODS, ((),),
+          tuple(question for method in forgetting.ADAPTER_METHODS for question in (
+              Effect(f"{method} learns less than full fine-tuning: its task accuracy is lower", METHOD_OPTION, "full",
+                     method, expect="lower"),
+              Effect(f"{method} forgets less than full fine-tuning: its perplexity on held-out general text rises "
+                     "less", METHOD_OPTION, "full", method, expect="lower", metric=GENERAL_PERPLEXITY))),
+          metric=GENERAL_PERPLEXITY, budget=forgetting.BUDGET, work=forgetting.FORGETTING),
 )}
 
 
@@ -164,6 +186,8 @@ def plan_study(study: Study, args: argparse.Namespace) -> tuple[list[PlannedRun]
     for arm in study.grid:
         arm_runs, config = plan_from_args(argparse.Namespace(**base, sweeps=[*arm, study.seed_sweep()]))
         runs += arm_runs
+    if study.work:
+        study.work.check(TrainOptions(**runs[0].options), args)
     grid = [" ".join([*arm, study.seed_sweep()]) for arm in study.grid]
     return runs, {**config, "sweep": grid, "study": study.name}
 
@@ -201,16 +225,20 @@ class StudyCommand:
         parser.add_argument("--resume", dest="study_resume", type=Path, metavar="DIR",
                             help="continue the study in DIR: runs that finished with the same options are kept "
                                  "(give the flags of the first start again)")
+        parser.add_argument("--general-text", metavar="TEXT",
+                            help="study forgetting: the held-out general text, shakespeare (default) or a .txt file")
         add_train_arguments(parser.add_argument_group("training options shared by every run (as in peftlab train)"),
                             only=SHARED_OPTIONS)
 
     def run(self, args: argparse.Namespace) -> int:
         from peftlab.lab.measure import environment
-        from peftlab.lab.runner import RESULTS_FILE, run_comparison
+        from peftlab.lab.runner import RESULTS_FILE, publish, run_comparison
         from peftlab.lab.study_report import study_head, write_study_all_report
 
         studies = studies_named(args.study)
         check_flags(studies, args)
+        if args.general_text and not any(study.work for study in studies):
+            raise OptionsError(f"--general-text is the held-out text of study forgetting; study {args.study} has none.")
         plans, left_out = plan_studies(studies, args)  # every plan checked before any run
         for study, why in left_out:
             print(f"peftlab study: {study.name} left out: {why}", file=sys.stderr)
@@ -233,6 +261,9 @@ class StudyCommand:
                 print(f"\npeftlab study: interrupted. What finished is in {out}; continue with: peftlab study "
                       f"{args.study} --resume {out} (and the same options)", file=sys.stderr)
                 return EXIT_INTERRUPTED
+            if study.work:
+                results = study.work.measure(results, args)
+                publish(results, folders[study.name], study_head(study))
             done += len(runs)
             study_verdicts = verdicts(study, results.runs)
             text = verdicts_markdown(study, study_verdicts)

@@ -51,7 +51,7 @@ def study_blocks(study: Study, results: Results, plots_dir: Path, level: int = 2
                            BulletList([verdict.text() for verdict in verdicts(study, results.runs)])]
     if study.why_seeds:
         blocks.append(Paragraph(study.why_seeds))
-    sentences = study_findings(results.runs, study.metric)
+    sentences = (study.work.findings(results) if study.work else []) + study_findings(results.runs, study.metric)
     if sentences:
         blocks += [Heading(level, "What the runs show"), BulletList(sentences)]
     plot = draw_study_plot(study, results, plots_dir)

@@ -73,6 +73,8 @@ class Metric:
 
 ACCURACY = Metric("val_accuracy", "validation accuracy", "points", 100.0, "{:.3f}", 1, "validation accuracy")
 PEAK_MEMORY = Metric("peak_memory_mb", "peak memory", "MB", 1.0, "{:,.0f} MB", 0, "peak memory while training (MB)")
+GENERAL_PERPLEXITY = Metric("general_perplexity", "perplexity on held-out general text", "perplexity", 1.0, "{:.3f}",
+                            3, "perplexity on held-out general text after training")
 
 
 @dataclass(frozen=True)
