@@ -58,3 +58,25 @@ def test_8bit_optimizers_need_cuda(name):
     bnb_optim = pytest.importorskip("bitsandbytes.optim")
     expected = bnb_optim.PagedAdamW8bit if name.startswith("paged") else bnb_optim.AdamW8bit
     assert isinstance(make_optimizer(model.cuda(), name, lr=0.1), expected)
+
+
+def test_adamw_runs_fused_where_it_can_with_the_per_tensor_loop_steps():
+    """Fused AdamW (one kernel per tensor) on plain fp32 CPU tensors, the loop on others (fp16 on
+    CPU); the fused steps equal the loop's to rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    twin = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    twin.load_state_dict(model.state_dict())
+    fused = make_optimizer(model, "adamw", lr=1e-2, weight_decay=0.1)
+    loop = torch.optim.AdamW(param_groups(twin, 1e-2, 0.1), lr=1e-2, foreach=False)
+    assert all(group["fused"] for group in fused.param_groups)
+    for step in range(5):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+        for net, optimizer in ((model, fused), (twin, loop)):
+            net(x).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    half = make_optimizer(nn.Linear(2, 2).half(), "adamw", lr=1e-2)
+    assert not half.param_groups[0]["fused"]

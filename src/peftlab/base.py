@@ -67,6 +67,13 @@ class BaseLayerView:
         """The weight as ``[out, in]`` (a view where the storage allows one)."""
         raise NotImplementedError
 
+    def trains(self) -> bool:
+        """Whether any tensor of the layer itself requires grad (the fused paths need it frozen)."""
+        module = self.module
+        if module._modules:  # a composite layer: walk it all
+            return any(p.requires_grad for p in module.parameters())
+        return any(p is not None and p.requires_grad for p in module._parameters.values())
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.module(x, *args, **kwargs)
 

