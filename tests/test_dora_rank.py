@@ -13,7 +13,7 @@ import torch
 from peftlab import PeftModel, get_peft_model
 from peftlab.hooks import TrainingProgress
 from peftlab.methods import UnsupportedBaseError
-from peftlab.methods.dora_rank import DoraRankConfig
+from peftlab.methods.dora_rank import DoraRankConfig, VarianceSum, importance
 from peftlab.train.hooks import HookRunner, discover_hooks
 from tiny_models import logits, max_diff, perturb, tiny_batch, tiny_bert_seq_cls, tiny_llama
 from train_fixtures import bert_dir, sentiment_dir, tiny_options  # noqa: F401
@@ -124,6 +124,32 @@ def test_variance_regulariser_until_pruning_ends():
     assert hook.extra_loss(TrainingProgress(int(0.5 * TOTAL), TOTAL, 0.0)) is not None
     assert hook.extra_loss(TrainingProgress(int(0.5 * TOTAL) + 1, TOTAL, 0.0)) is None
     assert discover_hooks(model_with(variance_weight=0.0))[0].extra_loss(TrainingProgress(0, TOTAL, 0.0)) is None
+
+
+def test_importance_of_stacked_layers_is_the_definition_on_each():
+    """‖c_i b_i a_iᵀ‖_F / (‖ΔW‖_F + 1e-8) per component, with ΔW built, for layers stacked by shape."""
+    gen = torch.Generator().manual_seed(0)
+    gates, a, b = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((3, 4), (3, 4, 7), (3, 5, 4)))
+    gates[1, 2] = 0  # a pruned component
+    scores = importance(gates, a, b)
+    for layer in range(3):
+        delta = b[layer] @ torch.diag(gates[layer]) @ a[layer]
+        for i in range(4):
+            part = gates[layer, i] * torch.outer(b[layer][:, i], a[layer][i])
+            assert scores[layer, i].item() == pytest.approx((part.norm() / (delta.norm() + 1e-8)).item(), rel=1e-6)
+    assert scores[1, 2] == 0
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_variance_sum_and_its_gradient_equal_torch_var(dim):
+    x = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    twin = x.detach().clone().requires_grad_(True)
+    ours = VarianceSum.apply(x, dim)
+    ours.backward(torch.tensor(0.7, dtype=torch.float64))
+    reference = twin.var(dim=dim).sum()
+    reference.backward(torch.tensor(0.7, dtype=torch.float64))
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, twin.grad, rtol=1e-9, atol=1e-12)
 
 
 def test_schedule_state_survives_a_resume():

@@ -40,15 +40,13 @@ class DoraAdapter(LoraAdapter):
         """``‖W + s·BA‖`` per output row, in fp32 (fp64 for fp64 weights), outside autograd."""
         w = base.weight()
         acc = _accumulation_dtype(w)
-        a = self.lora_A.to(w.dtype)
-        b = self.lora_B.to(w.dtype)
-        wa = (w @ a.T).to(acc)  # [out, r]
-        a, b = a.to(acc), b.to(acc)
-        cross = (b * wa).sum(1)
-        lowrank_sq = ((b @ (a @ a.T)) * b).sum(1)
-        s = self.scaling
-        sq = self._weight_row_sq(base, w) + 2 * s * cross + (s * s) * lowrank_sq
-        return sq.clamp_min(0).sqrt()
+        a, b, s = self.lora_A, self.lora_B, self.scaling
+        wa = w @ (a if a.dtype == w.dtype else a.to(w.dtype)).T  # [out, r]: the one product over W
+        wa, a, b = (t if t.dtype == acc else t.to(acc) for t in (wa, a, b))
+        # Σ_j B_ij (2s·(W Aᵀ)_ij + s²·(B A Aᵀ)_ij): the cross and low-rank terms in one addmm and one row dot
+        terms = torch.addmm(wa, b, a @ a.T, beta=2 * s, alpha=s * s)
+        sq = torch.linalg.vecdot(b, terms).add_(self._weight_row_sq(base, w))
+        return sq.clamp_min_(0).sqrt_()
 
     def forward(self, x, base_out, base):
         x = self._adapter_input(x)
