@@ -53,6 +53,22 @@ def test_queries_attend_causally_inside_their_group_only(length, size):
     assert pattern[heads - 1, -1, : length - size].abs().max() == 0
 
 
+@pytest.mark.parametrize("length,size", [(16, 4), (24, 8), (8, 2)])
+def test_the_mask_free_path_equals_the_masked_one_with_gradients(length, size):
+    """Unpadded, L a multiple of G: sdpa's causal kernel on the groups (no mask tensor) computes what the
+    masked path computes (forced here by an all-true ``valid``), gradients included."""
+    fast_inputs = [t.requires_grad_() for t in qkv(length=length)]
+    masked_inputs = [t.detach().clone().requires_grad_() for t in fast_inputs]
+    fast = shifted_sparse_attention(*fast_inputs, None, size, 0.3)
+    masked = shifted_sparse_attention(*masked_inputs, torch.ones(2, length, dtype=torch.bool), size, 0.3)
+    torch.testing.assert_close(fast, masked, rtol=0, atol=1e-12)
+    weights = torch.randn_like(fast)
+    (fast * weights).sum().backward()
+    (masked * weights).sum().backward()
+    for ours, reference in zip(fast_inputs, masked_inputs):
+        torch.testing.assert_close(ours.grad, reference.grad, rtol=0, atol=1e-12)
+
+
 def test_a_length_off_the_group_grid_equals_right_padding():
     q, k, v = qkv(length=10)
     padded = [F.pad(t, (0, 0, 0, 2)) for t in (q, k, v)]

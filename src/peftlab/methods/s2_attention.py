@@ -68,15 +68,27 @@ def _grouped_causal(q, k, v, valid, size: int, scale: float, dropout: float) -> 
     """Causal attention inside consecutive groups of ``size`` along the sequence; ``valid``: [B, L] or None."""
     b, h, length, _ = q.shape
     n = length // size
+    if valid is None:  # no mask tensor: sdpa's causal kernel (flash on CPU and GPU), O(L) memory, not O(L·G)
+        q, k, v = (t.reshape(b, h * n, size, t.shape[-1]) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale)
+        return out.reshape(b, h, length, out.shape[-1])
+    # A hidden key is never seen; a query always sees itself, so no row is empty (its output is dropped).
     causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
-    if valid is None:
-        mask = causal
-    else:  # a hidden key is never seen; a query always sees itself, so no row is empty (its output is dropped)
-        diagonal = torch.eye(size, dtype=torch.bool, device=q.device)
-        mask = causal & (valid.view(b, 1, n, 1, size) | diagonal)
+    diagonal = torch.eye(size, dtype=torch.bool, device=q.device)
+    mask = causal & (valid.view(b, 1, n, 1, size) | diagonal)
     q, k, v = (t.reshape(b, h, n, size, t.shape[-1]) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
     return out.reshape(b, h, length, out.shape[-1])
+
+
+def _shifted_unpadded(q, k, v, size: int, scale: float, dropout: float) -> torch.Tensor:
+    """The shifted heads of a batch without padding whose L is a multiple of ``size``: the groups that
+    start at G/2 are the first G/2 tokens, full groups in between and the last G/2 tokens -- each
+    plain causal attention, so no masked slots and no mask tensor (what the padded path computes)."""
+    half, length = size // 2, q.shape[2]
+    pieces = ((0, half, half), (half, length - half, size), (length - half, length, half))
+    return torch.cat([_grouped_causal(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None, group, scale, dropout)
+                      for a, b, group in pieces], dim=2)
 
 
 def _within_one_group(q, k, v, valid, size: int, scale: float, dropout: float) -> torch.Tensor:
@@ -110,15 +122,18 @@ def shifted_sparse_attention(
             return _within_one_group(q, k, v, valid, size, scale, dropout)
         return _grouped_causal(q, k, v, valid, length, scale, dropout)  # one group: plain causal attention
     padded = math.ceil(length / size) * size
-    if padded != length or valid is not None:  # masked slots at the end stand for a length that is no multiple
-        valid = torch.ones(q.shape[0], length, dtype=torch.bool, device=q.device) if valid is None else valid
-        q, k, v = (F.pad(t, (0, 0, 0, padded - length)) for t in (q, k, v))
-        valid = F.pad(valid, (0, padded - length), value=False)
     half, heads = size // 2, q.shape[1] // 2
+    if padded == length and valid is None:
+        plain = _grouped_causal(q[:, :heads], k[:, :heads], v[:, :heads], None, size, scale, dropout)
+        shifted = _shifted_unpadded(q[:, heads:], k[:, heads:], v[:, heads:], size, scale, dropout)
+        return torch.cat([plain, shifted], dim=1)
+    # Padding, or a length that is no multiple of G: masked slots at the end stand for the missing tokens.
+    valid = torch.ones(q.shape[0], length, dtype=torch.bool, device=q.device) if valid is None else valid
+    q, k, v = (F.pad(t, (0, 0, 0, padded - length)) for t in (q, k, v))
+    valid = F.pad(valid, (0, padded - length), value=False)
     plain = _grouped_causal(q[:, :heads], k[:, :heads], v[:, :heads], valid, size, scale, dropout)
     # The shifted heads: G/2 masked slots on each end, so the groups start at G/2 and none wraps around.
-    shifted_valid = torch.ones(q.shape[0], padded, dtype=torch.bool, device=q.device) if valid is None else valid
-    shifted_valid = F.pad(shifted_valid, (half, half), value=False)
+    shifted_valid = F.pad(valid, (half, half), value=False)
     q2, k2, v2 = (F.pad(t[:, heads:], (0, 0, half, half)) for t in (q, k, v))
     shifted = _grouped_causal(q2, k2, v2, shifted_valid, size, scale, dropout)[:, :, half : half + padded]
     return torch.cat([plain, shifted], dim=1)[:, :, :length]
