@@ -123,13 +123,16 @@ def rotary_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor) and hasattr(m, "rope_type")]
 
 
+def _supported() -> str:
+    return "; ".join(f"{model_type} ({what})" for model_type, what in SUPPORTED_MODEL_TYPES.items())
+
+
 def check_supported_config(config) -> None:
     """Refuse a model family LongLoRA cannot extend, from its config alone, saying which it can."""
     model_type = getattr(config, "model_type", None)
-    supported = "; ".join(f"{t} ({what})" for t, what in SUPPORTED_MODEL_TYPES.items())
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
-            f"LongLoRA's S²-Attn is supported on model types {supported}; this model is {model_type!r}, which has "
+            f"LongLoRA's S²-Attn is supported on model types {_supported()}; this model is {model_type!r}, which has "
             "no RoPE or whose attention it has not been checked against. Use one of those, or plain LoRA."
         )
     if getattr(config, "sliding_window", None) is not None:
@@ -151,8 +154,7 @@ def check_supported(model: nn.Module, rotary: list[nn.Module]) -> None:
     if not rotary:
         raise ValueError(
             f"LongLoRA extends RoPE position embeddings, and {type(model).__name__} (model type "
-            f"{getattr(config, 'model_type', None)!r}) has none. It runs on RoPE decoders: "
-            f"{'; '.join(f'{t} ({what})' for t, what in SUPPORTED_MODEL_TYPES.items())}."
+            f"{getattr(config, 'model_type', None)!r}) has none. It runs on RoPE decoders: {_supported()}."
         )
     check_supported_config(config)
 
