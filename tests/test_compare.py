@@ -115,6 +115,9 @@ def test_every_record_has_every_key_with_sane_values(comparison):
                     "adapter_size_bytes", "model_size_bytes"):
             assert run[key] > 0, key
         assert run["options"]["method"] == name and run["options"]["seed"] == 42
+        # chance level: the share of the eval set's most frequent label, a whole number of its examples
+        majority = run["majority_accuracy"] * run["eval_examples"]
+        assert run["majority_accuracy"] >= 0.5 and abs(majority - round(majority)) < 1e-9
     full, lora, qlora = runs["full"], runs["lora"], runs["qlora"]
     assert full["trainable_params"] == full["total_params"]
     assert 0 < lora["trainable_params"] < 0.1 * lora["total_params"]

@@ -48,6 +48,8 @@ def test_sst2_from_the_shared_glue_files(sst2_dir: Path, capsys: pytest.CaptureF
     validation = load_dataset_spec("sst2", "validation", data_dir=sst2_dir)
     assert len(validation) == 872 and Counter(validation.labels) == {0: 428, 1: 444}
     assert validation.num_labels == 2 and validation.label_names == ("negative", "positive")
+    assert validation.majority_share() == 444 / 872  # chance level: always "positive"
+    assert validation.select([]).majority_share() is None
     assert validation[0] == {"text": "it 's a charming and often affecting journey . ", "label": 1}
     assert f"SST-2 validation: GLUE files in {sst2_dir}" in capsys.readouterr().err
 

@@ -91,6 +91,33 @@ def test_findings_without_full_compare_with_the_most_accurate_run() -> None:
     assert "dominated" not in " ".join(text)  # each wins on something
 
 
+def test_runs_at_chance_are_named_and_left_out_of_every_other_sentence() -> None:
+    # SST-2's validation set: 872 examples, 50.9% positive; two standard errors above that is 0.543.
+    runs = [ok_record("full", "full", 100.0, 0.765, 1000), ok_record("lora", "lora", 80.0, 0.783, 10),
+            ok_record("adalora", "adalora", 85.0, 0.509, 15), ok_record("dylora", "dylora", 60.0, 0.542, 10)]
+    runs[2].peak_memory_mb = runs[3].peak_memory_mb = 1.0  # the leanest and fastest, but they learned nothing
+    for run in runs:
+        run.eval_examples, run.majority_accuracy = 872, 0.5092
+    text = findings(Results(runs=runs))
+    assert text[0] == ("adalora and dylora did not learn the task measurably: their accuracy (0.509-0.542) is within "
+                       "2 standard errors (+0.034 on 872 examples) of always answering the most frequent label "
+                       "(0.509), so they are left out of the sentences below; a higher learning rate "
+                       "(--set METHOD.lr=...) or a longer run may change that.")
+    assert not any("adalora" in sentence or "dylora" in sentence for sentence in text[1:])
+    assert "lora trained fastest" in " ".join(text) and "lora used the least peak memory" in " ".join(text)
+    runs[3].val_accuracy = 0.544  # just over the line: dylora counts again, and is now the fastest
+    text = findings(Results(runs=runs))
+    assert text[0].startswith("adalora did not learn the task measurably: its accuracy (0.509) is within")
+    assert "dylora trained fastest" in " ".join(text)
+    # every run at chance: only that is said; unrecorded chance level (older files): nothing is judged
+    for run in runs:
+        run.val_accuracy = 0.52
+    assert len(findings(Results(runs=runs))) == 1
+    for run in runs:
+        run.majority_accuracy = None
+    assert "did not learn" not in " ".join(findings(Results(runs=runs)))
+
+
 def test_findings_of_nothing_say_nothing() -> None:
     assert findings(Results(runs=[failed_record("lora", "lora")])) == []
 

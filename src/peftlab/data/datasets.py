@@ -58,6 +58,12 @@ class ClassificationDataset:
     def select(self, indices: Sequence[int]) -> ClassificationDataset:
         return replace(self, texts=[self.texts[i] for i in indices], labels=[self.labels[i] for i in indices])
 
+    def majority_share(self) -> float | None:
+        """The accuracy of always answering the most frequent label: the chance level a classifier must beat."""
+        if not self.labels:
+            return None
+        return max(self.labels.count(label) for label in set(self.labels)) / len(self.labels)
+
 
 @dataclass(frozen=True)
 class CausalLMDataset:

@@ -6,13 +6,16 @@
 Which sentences appear depends on the records: the most accurate run; for each run on the Pareto front
 of accuracy against trainable parameters, its accuracy, parameters, time and memory as a share of the
 reference (full fine-tuning, else the most accurate run); the fastest and the leanest run; runs that
-another run beats on accuracy, parameters, time and memory at once; failed runs. A number a run lacks
+another run beats on accuracy, parameters, time and memory at once; failed runs. First of all, runs whose
+accuracy is not clearly above chance (always answering the most frequent label) are named and left out of
+the other sentences: "dora_rank used the least memory" says nothing when dora_rank learned nothing. A number a run lacks
 leaves its clause out (a run without all three costs is in no dominance claim); nothing is said
 without the numbers behind it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from peftlab.lab.pareto import COSTS, dominates, front_names, run_points
@@ -21,6 +24,9 @@ from peftlab.train.options import FULL_FINE_TUNING
 
 #: Dominated runs named in the sentence; the rest are counted.
 DOMINATED_LISTED = 6
+#: A run is "at chance" when its accuracy is within this many standard errors (one-sided, of the majority
+#: share on the evaluation set's size) of always answering the most frequent label.
+CHANCE_STANDARD_ERRORS = 2.0
 
 
 def findings(results: Results) -> list[str]:
@@ -28,9 +34,13 @@ def findings(results: Results) -> list[str]:
     runs = [run for run in results.ok_runs if run.val_accuracy is not None]
     if not runs:
         return []
+    sentences = _chance_sentences([run for run in runs if at_chance(run)])
+    runs = [run for run in runs if not at_chance(run)]
+    if not runs:
+        return sentences + _failed_sentences(results)
     reference = _full_run(runs)
     best = max(runs, key=lambda run: run.val_accuracy)  # the first of equals: run order breaks ties
-    sentences = [_best_sentence(best, reference)]
+    sentences.append(_best_sentence(best, reference))
     anchor = reference or best
     anchor_name = "full fine-tuning" if reference else f"the most accurate run ({best.run_name})"
     for name in front_names(runs, ["trainable_params"]):
@@ -41,11 +51,45 @@ def findings(results: Results) -> list[str]:
     sentences += _extreme_sentence(runs, "peak_memory_mb", "used the least peak memory", "{:,.0f} MB", anchor,
                                    anchor_name)
     sentences += _dominated_sentences(runs)
+    return sentences + _failed_sentences(results)
+
+
+def chance_margin(run: RunRecord) -> float | None:
+    """How far above the majority share an accuracy must be to count as learned; None when not recorded."""
+    if run.majority_accuracy is None or not run.eval_examples:
+        return None
+    share = run.majority_accuracy
+    return CHANCE_STANDARD_ERRORS * math.sqrt(share * (1 - share) / run.eval_examples)
+
+
+def at_chance(run: RunRecord) -> bool:
+    margin = chance_margin(run)
+    return margin is not None and run.val_accuracy is not None and run.val_accuracy <= run.majority_accuracy + margin
+
+
+def _chance_sentences(runs: Sequence[RunRecord]) -> list[str]:
+    if not runs:
+        return []
+    names = ", ".join(run.run_name for run in runs[:-1]) + (" and " if len(runs) > 1 else "") + runs[-1].run_name
+    accuracies = sorted(run.val_accuracy for run in runs)
+    accuracy = (f"{accuracies[0]:.3f}" if accuracies[0] == accuracies[-1]
+                else f"{accuracies[0]:.3f}-{accuracies[-1]:.3f}")
+    majority = sorted({run.majority_accuracy for run in runs})
+    margin = max(chance_margin(run) for run in runs)
+    plural = len(runs) > 1
+    return [f"{names} did not learn the task measurably: {'their' if plural else 'its'} accuracy ({accuracy}) is "
+            f"within {CHANCE_STANDARD_ERRORS:g} standard errors (+{margin:.3f} on {runs[0].eval_examples:,} examples) of "
+            f"always answering the most frequent label ({', '.join(f'{m:.3f}' for m in majority)}), so "
+            f"{'they are' if plural else 'it is'} left out of the sentences below; a higher learning rate "
+            "(--set METHOD.lr=...) or a longer run may change that."]
+
+
+def _failed_sentences(results: Results) -> list[str]:
     failed = [run.run_name for run in results.runs if not run.ok]
-    if failed:
-        sentences.append(f"{len(failed)} run{'s' if len(failed) > 1 else ''} failed and {'are' if len(failed) > 1 else 'is'} "
-                         f"in no comparison above: {', '.join(failed)}.")
-    return sentences
+    if not failed:
+        return []
+    return [f"{len(failed)} run{'s' if len(failed) > 1 else ''} failed and {'are' if len(failed) > 1 else 'is'} "
+            f"in no comparison above: {', '.join(failed)}."]
 
 
 def share(value: float, of: float) -> str:

@@ -48,6 +48,10 @@ eval_datasets          {dataset: float}                       accuracy on each -
                                                               as given; {} when none (optional key)
 eval_examples          int | null                             validation examples val_accuracy is over
                                                               (optional key: null when not recorded)
+majority_accuracy      float | null                           accuracy of always answering the validation
+                                                              set's most frequent label, 0..1: the chance
+                                                              level val_accuracy must beat (classification
+                                                              only; optional key, null when not recorded)
 general_perplexity     float | null                           perplexity on held-out general text after
                                                               training (study forgetting; the base's is in
                                                               config["forgetting"]); null when not measured
@@ -143,6 +147,7 @@ class RunRecord:
     accuracy_per_rank: list[RankAccuracy] = field(default_factory=list)
     eval_datasets: dict[str, float] = field(default_factory=dict)
     eval_examples: int | None = None
+    majority_accuracy: float | None = None
     general_perplexity: float | None = None
 
     @property
@@ -196,6 +201,7 @@ class RunRecord:
             rank_per_layer=data["rank_per_layer"],
             eval_datasets=eval_datasets,
             eval_examples=data["eval_examples"],
+            majority_accuracy=data["majority_accuracy"],
             general_perplexity=data["general_perplexity"],
         )
 
@@ -289,12 +295,13 @@ _CURVE_KEYS = {
 }
 _NUMBER_KEYS = (
     "val_accuracy", "train_time_s", "time_per_step_s", "examples_per_s", "peak_memory_mb", "trainable_params",
-    "total_params", "adapter_size_bytes", "model_size_bytes", "steps", "eval_examples", "general_perplexity",
+    "total_params", "adapter_size_bytes", "model_size_bytes", "steps", "eval_examples", "majority_accuracy",
+    "general_perplexity",
 )
 _RECORD_KEYS = tuple(name for name in RunRecord.__dataclass_fields__)
 #: Keys added after version 1 was first written: a file without them still reads (as null or empty).
 _OPTIONAL_KEYS = ("step_time_split_s", "rank_per_layer", "accuracy_per_rank", "eval_datasets", "eval_examples",
-                  "general_perplexity")
+                  "majority_accuracy", "general_perplexity")
 
 
 def _is_number(value: Any) -> bool:
@@ -353,6 +360,7 @@ def _csv_row(run: RunRecord) -> dict[str, Any]:
         "latency_adapter_ms": latency.adapter,
         "latency_merged_ms": latency.merged,
         "steps": run.steps,
+        "majority_accuracy": run.majority_accuracy,
         **{f"eval_{key}_accuracy": accuracy for key, accuracy in run.eval_datasets.items()},
         **({"general_perplexity": run.general_perplexity} if run.general_perplexity is not None else {}),
         **{f"option_{key}": _csv_scalar(value) for key, value in run.options.items()},

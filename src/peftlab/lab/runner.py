@@ -261,6 +261,7 @@ def execute(spec_path: Path) -> RunRecord:
     """Train the run described by ``spec_path``, measure it, and write record.json beside the spec."""
     import transformers
 
+    from peftlab.data.datasets import ClassificationDataset
     from peftlab.lab.extra_eval import evaluate_eval_datasets
     from peftlab.lab.measure import measure_inference, measure_ranks, saved_model_bytes
     from peftlab.train.build import load_datasets
@@ -310,6 +311,7 @@ def execute(spec_path: Path) -> RunRecord:
         accuracy_per_rank=accuracy_per_rank,
         eval_datasets=eval_datasets,
         eval_examples=len(eval_data),
+        majority_accuracy=eval_data.majority_share() if isinstance(eval_data, ClassificationDataset) else None,
     )
     atomic_write_text(spec_path.parent / "record.json", json.dumps(record.to_dict(), indent=1) + "\n")
     return record

@@ -231,8 +231,11 @@ class DoraRankMethod(Method):
         "lora_alpha": MethodOption(float, "scale numerator, s = alpha / init_r", "positive", lambda v: v > 0, relative_to="r"),
         "lora_dropout": ADAPTER_DROPOUT,
     }
-    #: The official defaults (alpha 8, dropout 0.1) with LoRA's learning rate.
-    run_defaults = {"lr": 1e-3, "r": 8, "lora_alpha": 8, "lora_dropout": 0.1}
+    #: The official defaults (alpha 8, dropout 0.1); lr 1e-2, not LoRA's 1e-3: with c = 0 the update starts
+    #: at zero and grows only as fast as c does, and at the lab's default budget (MiniLM-L6, SST-2, 63 steps)
+    #: lr 1e-3 leaves the model at chance (val accuracy 0.509), 3e-3 reaches 0.757 and 1e-2 0.794 (LoRA at
+    #: 1e-3: 0.783). Pass --lr for long runs.
+    run_defaults = {"lr": 1e-2, "r": 8, "lora_alpha": 8, "lora_dropout": 0.1}
 
     def check_base(self, config, view, path):
         if view.takes_ids:
