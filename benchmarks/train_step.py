@@ -27,7 +27,8 @@ peftlab's ``make_optimizer`` (the method's groups), HF's ``create_lorafa_optimiz
     python benchmarks/train_step.py --model smollm2-135m --targets all-linear --batch 8 --length 128
     python benchmarks/train_step.py --model minilm-l6 --targets query,key,value,dense --dropout 0.05
 
-``--dropout`` is the adapters' ``lora_dropout`` (peftlab and HF alike; the model's own dropout
+``--r`` defaults to each method's rank in ``peftlab compare`` (its ``run_defaults``: 8, VeRA 256; HF's
+twin gets the same). ``--dropout`` is the adapters' ``lora_dropout`` (peftlab and HF alike; the model's own dropout
 layers run as in training either way).
 
 The step-time table of issue 12 (2 threads, wall clock; one row per command; for another peftlab,
@@ -101,7 +102,14 @@ def make_batch(model, causal: bool, batch: int, length: int, seed: int = 0) -> d
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def build_variant(name: str, base, causal: bool, targets: str, r: int, dropout: float = 0.0):
+def method_rank(method: str) -> int:
+    """The rank ``peftlab compare`` runs a method at (its ``run_defaults``; VeRA's is 256), else 8."""
+    import peftlab
+
+    return peftlab.METHODS[method].run_defaults.get("r", 8) if method in peftlab.METHODS else 8
+
+
+def build_variant(name: str, base, causal: bool, targets: str, r: int | None, dropout: float = 0.0):
     """A ready-to-step (model, optimizer, hooks); the floor gets no optimizer. ``hooks`` are the
     method's training hooks (peftlab's HookRunner, as the training loop runs them; HF's AdaLoRA
     allocator) or None, so a method that works between steps pays for it here too."""
@@ -115,6 +123,7 @@ def build_variant(name: str, base, causal: bool, targets: str, r: int, dropout: 
         model.requires_grad_(True)
         return model, torch.optim.AdamW(model.parameters(), lr=1e-4), None
     lib, method = name.split("-", 1)
+    r = method_rank(method) if r is None else r
     shared = dict(target_modules=target_modules, task_type=task)
     if lib == "peftlab":
         import peftlab
@@ -236,7 +245,8 @@ def measure_memory(args, variants) -> dict:
     results = {}
     for name in variants:
         cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--targets", args.targets,
-               "--batch", str(args.batch), "--length", str(args.length), "--r", str(args.r), "--threads", str(args.threads),
+               "--batch", str(args.batch), "--length", str(args.length), "--threads", str(args.threads),
+               *(["--r", str(args.r)] if args.r is not None else []),
                "--dropout", str(args.dropout)]
         # A fixed mmap threshold makes glibc hand freed blocks back to the OS, so RSS follows the
         # live tensors instead of the allocator's history (which otherwise differs run to run by GBs).
@@ -275,7 +285,8 @@ def main() -> None:
     parser.add_argument("--targets", default="query,value")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--r", type=int, default=None,
+                        help="every adapter's rank (default: each method's lab default, as peftlab compare: 8, VeRA 256)")
     parser.add_argument("--dropout", type=float, default=0.0, help="the adapters' lora_dropout (default: 0)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -292,7 +303,7 @@ def main() -> None:
         child_memory(args)
         return
     variants = args.variants.split(",")
-    print(f"model {args.model}, targets {args.targets}, batch {args.batch} x {args.length}, r={args.r}, "
+    print(f"model {args.model}, targets {args.targets}, batch {args.batch} x {args.length}, r={args.r or 'lab defaults'}, "
           f"adapter dropout {args.dropout:g}, "
           f"{args.threads} threads, {args.steps} interleaved steps (median {args.clock} time)")
     times = {} if args.no_time else measure_time(args, variants)

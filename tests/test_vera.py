@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from peftlab import LoraConfig, PeftModel, get_peft_model
 from peftlab.methods import UnsupportedBaseError
-from peftlab.methods.vera import VeraConfig, VeraProjections, draw_projections
+from peftlab.methods.vera import VeraAdapter, VeraConfig, VeraProjections, draw_projections
 from tiny_models import logits, max_diff, perturb, tiny_batch, tiny_bert_seq_cls, tiny_gpt2, tiny_llama
 
 ATOL = 1e-5
@@ -144,13 +144,19 @@ def test_one_frozen_pair_shared_by_all_layers_moved_by_to(bases):
     assert max_diff(logits(model, batch), before.double()) < 1e-5
 
 
-def test_fused_forward_and_backward_equal_the_formula(bases):
-    """The one-node forward/backward against autograd on h = x Wᵀ + λ_b ⊙ ((λ_d ⊙ x aᵀ) bᵀ)."""
-    model = get_peft_model(copy.deepcopy(bases["gpt2"]), VeraConfig(r=8, target_modules=["c_fc"]))
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, (1e-5, 1e-6)), (torch.float64, (1e-12, 1e-12))], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("folded", [False, True], ids=["rank-r", "folded"])
+@pytest.mark.parametrize("target", ["c_fc", "c_proj"])
+def test_fused_forward_and_backward_equal_the_formula(bases, target, folded, dtype, tol, monkeypatch):
+    """Both one-node paths against autograd on h = x Wᵀ + λ_b ⊙ ((λ_d ⊙ x aᵀ) bᵀ), on GPT-2's Conv1D
+    widening (c_fc) and narrowing (c_proj): the rank-r products per token, and ΔW folded into W with
+    the vectors' gradients from gᵀ x aᵀ (what large batches on narrow layers take)."""
+    monkeypatch.setattr(VeraAdapter, "folding_pays", lambda self, rows: folded)
+    model = get_peft_model(copy.deepcopy(bases["gpt2"]), VeraConfig(r=8, target_modules=[target])).to(dtype)
     perturb(model)
     path, layer = next(model.adapted_layers())
     adapter = layer.adapters["default"]
-    x = torch.randn(2, 5, layer.view.in_features, requires_grad=True)
+    x = torch.randn(2, 5, layer.view.in_features, dtype=dtype, requires_grad=True)
     out = layer(x)
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -159,10 +165,10 @@ def test_fused_forward_and_backward_equal_the_formula(bases):
     a, b = adapter.sliced(adapter.vera_lambda_d)
     w = layer.view.weight()
     reference = x @ w.T + layer.view.bias + adapter.vera_lambda_b * ((adapter.vera_lambda_d * (x @ a.T)) @ b.T)
-    torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, reference, rtol=tol[1], atol=tol[1])
     reference.backward(grad)
     for got, want in zip(fused, (x.grad, adapter.vera_lambda_b.grad, adapter.vera_lambda_d.grad)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=tol[0], atol=tol[1])
 
 
 # -- bad input ------------------------------------------------------------------------------------

@@ -15,9 +15,18 @@ trainable); each layer keeps a reference to it, not a copy. HF's files store it 
 ``base_model.vera_A`` / ``base_model.vera_B`` (when ``save_projection``) and per layer
 ``vera_lambda_b`` / ``vera_lambda_d``.
 
-The forward scales the small matrices, not the activations: ``(λ_d ⊙ u) (λ_b ⊙ b)ᵀ`` with
-``u = x aᵀ``. As one autograd node it keeps only ``u`` ([N, r]) for backward (A is frozen, so ``x``
-is not needed) and its backward is three skinny products, one fewer than LoRA's:
+Training runs base and adapter as one autograd node, one of two ways chosen per call by counted
+multiply-adds (:meth:`VeraAdapter.folding_pays`). At r = 256 the rank-r products cost more than the
+layer itself on layers narrower than about 5r, so there, for large batches on a stored weight, the
+node folds ΔW into W (:class:`VeraFoldedFunction`): one dense product ``x (W + ΔW)ᵀ`` forward and
+``g (W + ΔW)`` backward, ΔW built twice (``in·out·r``, not kept), the vectors' gradients from
+``H = gᵀ x aᵀ`` in the cheaper order (it keeps ``x``):
+
+    g_λb = (H ⊙ b) λ_d        g_λd = λ_bᵀ (H ⊙ b)
+
+Otherwise (:class:`VeraLinearFunction`) the forward scales the small matrices, not the activations:
+``(λ_d ⊙ u) (λ_b ⊙ b)ᵀ`` with ``u = x aᵀ``; it keeps only ``u`` ([N, r]) for backward (A is frozen,
+so ``x`` is not needed) and its backward is three skinny products, one fewer than LoRA's:
 
     g_w = g (λ_b ⊙ b)        g_λd = Σ_N g_w ⊙ u       g_x = g W + (λ_d ⊙ g_w) a
     g_λb = Σ_r b ⊙ (gᵀ (λ_d ⊙ u))
@@ -29,9 +38,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from peftlab.base import BaseLayerView
+from peftlab.base import BaseLayerView, Conv1DView, LinearView
 from peftlab.config import AdapterConfig
 from peftlab.methods.adapter import Adapter
 from peftlab.methods.fused import can_fuse
@@ -166,7 +176,22 @@ class VeraAdapter(Adapter):
         if (self.dropout is not None and self.training) or not can_fuse(x, base, self.vera_lambda_d, self.vera_lambda_b):
             return None
         a, b = self.sliced(self.vera_lambda_d)
-        return VeraLinearFunction.apply(x, self.vera_lambda_d, self.vera_lambda_b, a, b, base)
+        folded = _stores_weight(base) and self.folding_pays(x.numel() // max(1, x.shape[-1]))
+        node = VeraFoldedFunction if folded else VeraLinearFunction
+        return node.apply(x, self.vera_lambda_d, self.vera_lambda_b, a, b, base)
+
+    def folding_pays(self, rows: int) -> bool:
+        """Whether ``rows`` tokens cost more multiply-adds through the rank-r path than folded.
+
+        Rank-r: ``N·r·(2·in + 3·out)`` over forward and backward. Folded: ``ΔW`` built twice
+        (``2·in·out·r``, plus ``W + ΔW`` at ``_PASS_COST`` an element) and ``gᵀ x aᵀ`` for the
+        vectors' gradients in the cheaper order. VeRA's r is large (256), so folding wins on layers
+        narrower than about 5r and large batches; the rank-r path on wide layers and small batches.
+        """
+        n_in, n_out, r = self.in_features, self.out_features, self.r
+        folded = min(rows * n_in * n_out + n_in * n_out * r, rows * r * (n_in + n_out))
+        folded += 2 * n_in * n_out * (r + _PASS_COST)
+        return folded < rows * r * (2 * n_in + 3 * n_out)
 
     def delta_weight(self, base):
         a, b = self.low_rank(base)
@@ -210,6 +235,56 @@ class VeraLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = (torch.mm(g.t(), u * lambda_d) * b).sum(1)
         return grad_x, grad_d, grad_b, None, None, None
+
+
+def _stores_weight(view: BaseLayerView) -> bool:
+    """Whether ``view.weight()`` is the stored tensor itself: folding into a quantized weight would
+    dequantise it and bypass its own kernel."""
+    return type(view) in (LinearView, Conv1DView)
+
+
+def _folded_weight(view: BaseLayerView, lambda_d, lambda_b, a, b) -> torch.Tensor:
+    """``W + (λ_b ⊙ b) diag(λ_d) a``: one rank-r product onto a copy of W."""
+    return torch.addmm(view.weight(), b * lambda_b[:, None] * lambda_d, a)
+
+
+class VeraFoldedFunction(torch.autograd.Function):
+    """``out = x (W + ΔW)ᵀ + bias``, ``g_x = g (W + ΔW)``; keeps ``x``.
+
+    With ``H = gᵀ x aᵀ`` (``[out, r]``, associated whichever way is cheaper) and ``P = H ⊙ b``:
+    ``g_λb = P λ_d`` and ``g_λd = λ_bᵀ P``, the gradients of ``Σ g ⊙ x ΔWᵀ`` through ΔW's two vectors.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lambda_d, lambda_b, a, b, view: BaseLayerView):
+        with torch.no_grad():
+            out = F.linear(x, _folded_weight(view, lambda_d, lambda_b, a, b), view.bias)
+        ctx.save_for_backward(x.reshape(-1, x.shape[-1]), lambda_d, lambda_b, a, b)
+        ctx.view, ctx.x_shape = view, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, lambda_d, lambda_b, a, b = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_d = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ _folded_weight(ctx.view, lambda_d, lambda_b, a, b)).view(ctx.x_shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            rows, (n_out, r), n_in = g.shape[0], b.shape, a.shape[1]
+            if rows * n_out * n_in + n_out * n_in * r < rows * r * (n_in + n_out):
+                h = torch.mm(g.t(), x2) @ a.t()
+            else:
+                h = torch.mm(g.t(), torch.mm(x2, a.t()))
+            p = h.mul_(b)
+            grad_b = p @ lambda_d if ctx.needs_input_grad[2] else None
+            grad_d = lambda_b @ p if ctx.needs_input_grad[1] else None
+        return grad_x, grad_d, grad_b, None, None, None
+
+
+#: Multiply-adds one elementwise pass over a weight-sized tensor costs, against a matrix product's
+#: (memory-bound against compute-bound).
+_PASS_COST = 16
 
 
 class VeraMethod(Method):
