@@ -13,6 +13,7 @@ import torch
 from peftlab import PeftModel, get_peft_model
 from peftlab.hooks import TrainingProgress
 from peftlab.methods import UnsupportedBaseError
+from peftlab.methods.dropout_mask import DropMask
 from peftlab.methods.dora_rank import DoraRankConfig, VarianceSum, importance
 from peftlab.train.hooks import HookRunner, discover_hooks
 from tiny_models import logits, max_diff, perturb, tiny_batch, tiny_bert_seq_cls, tiny_llama
@@ -87,6 +88,36 @@ def test_pruned_components_contribute_nothing_and_get_no_gradient():
         assert not adapter.lora_c.grad[dead].any()
         assert not adapter.lora_A.grad[dead].any() and not adapter.lora_B.grad[:, dead].any()
         assert adapter.lora_c.grad[~dead].abs().min() > 0
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_node_gives_the_gradients_of_plain_autograd(dropout):
+    """The gated fused node equals plain autograd on ``x Wᵀ + bias + s · x_d (diag(c ⊙ mask) A)ᵀ Bᵀ``
+    (fp64, the same dropout mask, one component pruned)."""
+    torch.manual_seed(0)
+    config = DoraRankConfig(r=2, lora_alpha=4, target_modules=["0"], lora_dropout=dropout, total_step=TOTAL)
+    layer = get_peft_model(torch.nn.Sequential(torch.nn.Linear(12, 10)).double(), config).base_model[0].train()
+    adapter = layer.adapters["default"]
+    torch.nn.init.normal_(adapter.lora_c)  # c starts at 0: A's and B's gradients would be too
+    adapter.prune(torch.tensor([1]))
+    x = torch.randn(4, 5, 12, dtype=torch.double, requires_grad=True)
+    torch.manual_seed(1)
+    fused = layer(x)
+    assert type(fused.grad_fn).__name__ == "GatedLoraFunctionBackward"
+    keep = torch.ones(20 * 12, dtype=torch.double)
+    if dropout:
+        torch.manual_seed(1)  # the mask the fused call drew, drawn again
+        keep.fill_(1 / (1 - dropout))[DropMask.sample(20, 12, dropout, x.device).positions] = 0
+    a, b, scale = adapter.update_factors()  # diag(c ⊙ mask) A through autograd
+    w, bias = layer.view.weight(), layer.view.bias
+    reference = x @ w.T + bias + scale * ((x * keep.view(4, 5, 12)) @ a.T) @ b.T
+    torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-10)
+    params = [x, adapter.lora_A, adapter.lora_B, adapter.lora_c]
+    weights = torch.randn_like(fused)
+    grads = torch.autograd.grad((fused * weights).sum(), params)
+    for got, want in zip(grads, torch.autograd.grad((reference * weights).sum(), params)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    assert grads[3][1] == 0 and grads[3][[0, 2]].abs().min() > 0 and grads[1][1].abs().max() == 0
 
 
 def test_merge_equals_unmerged_and_export_keeps_the_live_components(tmp_path):

@@ -15,6 +15,7 @@ import peftlab.train.loop as loop_module
 from peftlab import LoraConfig, get_peft_model
 from peftlab.export import build_lora_export
 from peftlab.hooks import TrainingProgress
+from peftlab.methods.dropout_mask import DropMask
 from peftlab.methods.dylora import DyLoraConfig
 from peftlab.train import run_training
 from peftlab.train.hooks import HookRunner, discover_hooks
@@ -88,6 +89,39 @@ def test_frozen_mode_trains_component_b_only(fused):
         assert ga[4:].abs().max() == 0 and gb[:, 4:].abs().max() == 0  # components above b: unused
     sampler.after_optimizer_step(progress)
     assert all(adapter.step_rank is None for _, adapter in model.adapters_of("default"))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("rank", [1, 4, R])
+def test_frozen_fused_node_gives_the_gradients_of_the_detached_formula(rank, dropout):
+    """The fused frozen-mode node equals plain autograd on ``x Wᵀ + bias + (alpha/b) · x_d A'ᵀ B'ᵀ``
+    with ``A'``, ``B'`` the first b components, those below b detached (fp64, the same dropout mask)."""
+    torch.manual_seed(0)
+    config = DyLoraConfig(r=R, lora_alpha=ALPHA, target_modules=["0"], lora_dropout=dropout)
+    layer = get_peft_model(torch.nn.Sequential(torch.nn.Linear(12, 10)).double(), config).base_model[0]
+    adapter = layer.adapters["default"]
+    torch.nn.init.normal_(adapter.lora_B)  # B starts at 0: A's gradient would be too
+    layer.train()
+    adapter.step_rank = rank
+    x = torch.randn(4, 5, 12, dtype=torch.double, requires_grad=True)
+    torch.manual_seed(1)
+    fused = layer(x)
+    assert type(fused.grad_fn).__name__ == "NewestComponentLoraFunctionBackward"
+    keep = torch.ones(20 * 12, dtype=torch.double)
+    if dropout:
+        torch.manual_seed(1)  # the mask the fused call drew, drawn again
+        keep.fill_(1 / (1 - dropout))[DropMask.sample(20, 12, dropout, x.device).positions] = 0
+    a, b, scale = adapter.factors_at(rank)  # the detached-below-b factors of the autograd path
+    w, bias = layer.view.weight(), layer.view.bias
+    reference = x @ w.T + bias + scale * ((x * keep.view(4, 5, 12)) @ a.T) @ b.T
+    torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-10)
+    params = [x, adapter.lora_A, adapter.lora_B]
+    weights = torch.randn_like(fused)
+    grads = torch.autograd.grad((fused * weights).sum(), params)
+    for got, want in zip(grads, torch.autograd.grad((reference * weights).sum(), params)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    others = torch.arange(R) != rank - 1
+    assert grads[1][rank - 1].abs().min() > 0 and not grads[1][others].any() and not grads[2][:, others].any()
 
 
 def test_step_rank_uses_scale_alpha_over_b():

@@ -4,7 +4,8 @@ Rank Distribution"), method name ``dora_rank``. Not the weight-decomposed ``dora
     ΔW = s · B diag(c) A = s · Σ_i c_i b_i a_iᵀ,   A: [r0, in], B: [out, r0], c: [r0],   s = alpha / r0
 
 It is LoRA on the factors ``(diag(c ⊙ mask) A, B)``, so it reuses LoRA's forward, fused autograd
-node, merge and export (``LoraAdapter.update_factors``); ``r0 = ceil(1.5 · r)`` components start
+node (:class:`GatedLoraFunction` adds the gate's gradient inside it), merge and export
+(``LoraAdapter.update_factors``); ``r0 = ceil(1.5 · r)`` components start
 per layer (``init_r``), ``c = 0`` and ``A``, ``B`` kaiming-uniform, so the model starts unchanged.
 
 Training (:class:`RankScheduler`, a training hook):
@@ -37,6 +38,7 @@ from torch import nn
 
 from peftlab.config import AdapterConfig
 from peftlab.hooks import TrainingHook, TrainingProgress
+from peftlab.methods.fused import LoraLinearFunction, can_fuse
 from peftlab.methods.lora import LoraAdapter, _check_positive
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
 from peftlab.methods.method import ADAPTER_DROPOUT, Method, MethodOption, UnsupportedBaseError
@@ -93,6 +95,13 @@ class DoraRankAdapter(LoraAdapter):
         gate = self.lora_c * self.lora_mask
         return gate[:, None] * self.lora_A, self.lora_B, self.scaling
 
+    def fused_forward(self, x, base):
+        a, b, c = self.lora_A, self.lora_B, self.lora_c
+        # The node makes c's gradient from A's: it runs where A trains or c does not.
+        if not (a.requires_grad or not c.requires_grad) or not can_fuse(x, base, a, b, c):
+            return None
+        return GatedLoraFunction.apply(x, a, b, c, self.lora_mask, self.scaling, base, self.active_dropout())
+
     def low_rank(self, base):
         """The live components only: pruned ones are dropped, not exported as zeros."""
         a, b, scale = self.update_factors()
@@ -106,6 +115,33 @@ class DoraRankAdapter(LoraAdapter):
 
     def saved_tensors(self):
         return {**super().saved_tensors(), "lora_c": self.lora_c, "lora_mask": self.lora_mask}
+
+
+class GatedLoraFunction(LoraLinearFunction):
+    """LoRA's fused node (``fused.py``) on the factors ``(diag(g) A, B)``, ``g = c ⊙ mask``, with the
+    gate's gradient made inside it: from LoRA's ``G = ∂L/∂(diag(g) A) = guᵀ x``,
+
+        ∂L/∂A = diag(g) G,   ∂L/∂c = mask ⊙ Σ_j G_ij A_ij
+
+    one node per layer instead of LoRA's and four more for the gate (mask, broadcast, scale of A and
+    their backward)."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, c, mask, scale: float, view, dropout: float = 0.0):
+        gate = c * mask
+        # Kept as attributes: save_for_backward is LoRA's, called once inside (ctx.mask: its dropout mask).
+        ctx.a, ctx.gate, ctx.live = a, gate, mask
+        return LoraLinearFunction.forward(ctx, x, gate[:, None] * a, b, scale, view, dropout)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x, grad_gated_a, grad_b, *_ = LoraLinearFunction.backward(ctx, grad_out)
+        grad_a = grad_c = None
+        if grad_gated_a is not None:
+            if ctx.needs_input_grad[3]:
+                grad_c = torch.linalg.vecdot(grad_gated_a, ctx.a).mul_(ctx.live)
+            grad_a = grad_gated_a.mul_(ctx.gate[:, None])
+        return grad_x, grad_a, grad_b, grad_c, None, None, None, None
 
 
 def importance(gates: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

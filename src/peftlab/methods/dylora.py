@@ -6,7 +6,9 @@ every layer and runs LoRA on the first ``b`` components with scale ``alpha / b``
     h = x Wᵀ + (alpha / b) · x A[:b]ᵀ B[:, :b]ᵀ
 
 In the default "frozen" mode the components below ``b`` are detached, so only component ``b``
-learns that step (``frozen=False`` trains all of the first ``b``). The rank comes from
+learns that step (``frozen=False`` trains all of the first ``b``); there LoRA's fused node runs on
+``A[:b]``, ``B[:, :b]`` and hands ``A`` and ``B`` component b's gradient alone
+(:class:`NewestComponentLoraFunction`). The rank comes from
 ``TrainingProgress.generator()``: the same ``b`` in every DDP process, and again on resume.
 After training, ``model.set_rank(b)`` runs the adapter at any ``b <= r`` (forward, merge and
 export); merging records the rank it merged, so unmerging restores the weight whatever the rank
@@ -25,6 +27,7 @@ import torch
 
 from peftlab.config import AdapterConfig
 from peftlab.hooks import TrainingHook, TrainingProgress
+from peftlab.methods.fused import LoraLinearFunction, can_fuse
 from peftlab.methods.lora import LoraAdapter, _check_positive
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
 from peftlab.methods.method import ADAPTER_DROPOUT, Method, MethodOption
@@ -68,13 +71,26 @@ class DyLoraAdapter(LoraAdapter):
     def update_factors(self):
         return self.factors_at(self.current_rank())
 
+    def trains_newest_only(self) -> bool:
+        """A frozen-mode training step: components below the step's rank get no gradient."""
+        return self.frozen and self.training and self.step_rank is not None
+
     def factors_at(self, b: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         a, up = self.lora_A[:b], self.lora_B[:, :b]
-        if self.frozen and self.training and self.step_rank is not None and b > 1:
+        if self.trains_newest_only() and b > 1:
             # Components below b are fixed this step: only the newest one gets a gradient.
             a = torch.cat([a[:-1].detach(), a[-1:]])
             up = torch.cat([up[:, :-1].detach(), up[:, -1:]], dim=1)
         return a, up, self.alpha / b
+
+    def fused_forward(self, x, base):
+        if not self.trains_newest_only():
+            return super().fused_forward(x, base)
+        a, up = self.lora_A, self.lora_B
+        if not can_fuse(x, base, a, up):
+            return None
+        b = self.step_rank
+        return NewestComponentLoraFunction.apply(x, a, up, b, self.alpha / b, base, self.active_dropout())
 
     def _delta_at(self, b: int) -> torch.Tensor:
         a, up, scale = self.factors_at(b)
@@ -90,6 +106,32 @@ class DyLoraAdapter(LoraAdapter):
         # The update of the rank that was merged, whatever the rank is now.
         base.add_to_weight(-self._delta_at(self.merged_rank))
         self.merged_rank = None
+
+
+class NewestComponentLoraFunction(LoraLinearFunction):
+    """LoRA's fused node (``fused.py``) at rank ``b`` on the full factors, in frozen mode: the forward
+    and the input's gradient are LoRA's on ``A[:b]``, ``B[:, :b]``; ``A`` and ``B`` get the gradient
+    of component ``b`` alone, zero elsewhere. The same values as detaching components ``< b`` by
+    slicing and concatenating, without those half a dozen autograd nodes per layer and step."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, rank: int, scale: float, view, dropout: float = 0.0):
+        ctx.rank, ctx.factor_shapes = rank, (a.shape, b.shape)
+        return LoraLinearFunction.forward(ctx, x, a[:rank], b[:, :rank], scale, view, dropout)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x, grad_a, grad_b, *_ = LoraLinearFunction.backward(ctx, grad_out)
+        newest = ctx.rank - 1
+        if grad_a is not None:
+            full_a = grad_a.new_zeros(ctx.factor_shapes[0])
+            full_a[newest] = grad_a[newest]
+            grad_a = full_a
+        if grad_b is not None:
+            full_b = grad_b.new_zeros(ctx.factor_shapes[1])
+            full_b[:, newest] = grad_b[:, newest]
+            grad_b = full_b
+        return grad_x, grad_a, grad_b, None, None, None, None
 
 
 class DyLoraRankSampler(TrainingHook):
