@@ -40,6 +40,21 @@ e.g. an older commit checked out in ../wt-before, put its src first: PYTHONPATH=
         --steps 10 --warmup 2 --threads 2 --no-memory
     python benchmarks/train_step.py --model minilm-l6 --targets query,key,value,dense --batch 32 --length 64 \
         --steps 10 --warmup 2 --threads 2 --no-memory --dropout 0.05
+
+Issue 10 (rank that adapts; goals: DyLoRA and dora_rank <= 1.15x the floor, AdaLoRA <= 1.25x and no
+slower than HF's with ``update_and_allocate``; LoRA in the same run as the yardstick):
+
+    python benchmarks/train_step.py --model smollm2-135m --targets all-linear --batch 4 --length 128 \
+        --steps 10 --warmup 2 --threads 2 --no-memory \
+        --variants floor,peftlab-lora,peftlab-dylora,peftlab-dora_rank,peftlab-adalora,hf-adalora
+    python benchmarks/train_step.py --model minilm-l6 --targets query,key,value,dense --batch 32 --length 64 \
+        --steps 10 --warmup 2 --threads 2 --no-memory \
+        --variants floor,peftlab-lora,peftlab-dylora,peftlab-dora_rank,peftlab-adalora,hf-adalora
+
+DyLoRA draws its rank per step (the same draws in every run: ``TrainingProgress`` seed 0), so its
+median mixes ranks 1..r; dora_rank's timed steps lie before its pruning phase (the schedule is
+:data:`TOTAL_STEPS` long), where it pays the importance EMA and the variance regulariser every
+step (the work of most of a run's steps) and no pruning round.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ every layer and runs LoRA on the first ``b`` components with scale ``alpha / b``
     h = x Wᵀ + (alpha / b) · x A[:b]ᵀ B[:, :b]ᵀ
 
 In the default "frozen" mode the components below ``b`` are detached, so only component ``b``
-learns that step (``frozen=False`` trains all of the first ``b``); there LoRA's fused node runs on
-``A[:b]``, ``B[:, :b]`` and hands ``A`` and ``B`` component b's gradient alone
+learns that step (``frozen=False`` trains all of the first ``b``). In frozen mode LoRA's fused node
+runs on ``A[:b]``, ``B[:, :b]`` and hands ``A`` and ``B`` component b's gradient alone
 (:class:`NewestComponentLoraFunction`). The rank comes from
 ``TrainingProgress.generator()``: the same ``b`` in every DDP process, and again on resume.
 After training, ``model.set_rank(b)`` runs the adapter at any ``b <= r`` (forward, merge and
