@@ -201,6 +201,14 @@ def test_a_study_resumes_in_its_folder_and_is_not_started_over_it(tmp_path, laun
     assert run_cli("study", "alpha", "--resume", out, "--lora-dropout", "0.1")[0] == 0 and len(launched) == 8
 
 
+def test_changing_only_the_trackers_on_resume_keeps_the_finished_runs(tmp_path, launched, quick_reports) -> None:
+    out = str(tmp_path / "out")
+    assert run_cli("study", "alpha", "--out", out)[0] == 0 and len(launched) == 4
+    code, _, stderr = run_cli("study", "alpha", "--resume", out, "--report-to", "tensorboard", "--run-group", "mine")
+    assert code == 0 and len(launched) == 4, stderr  # a tracker changes where numbers go, not the numbers
+    assert "the trackers changed (report_to, run_group); they log the runs still to do" in stderr
+
+
 def test_study_all_runs_every_study_and_writes_one_report_verdicts_first(tmp_path, launched, quick_reports,
                                                                          bert_model) -> None:
     out = tmp_path / "out"

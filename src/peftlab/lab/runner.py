@@ -55,6 +55,8 @@ CSV_FILE = "results.csv"
 RUNS_FOLDER = "runs"
 #: Lines of a failed run's output kept as its error.
 ERROR_TAIL_LINES = 20
+#: Options that only say where a run's numbers are also sent: changing them on --resume keeps finished runs.
+TRACKING_OPTIONS = ("report_to", "run_group")
 
 Log = Callable[[str], None]
 
@@ -123,7 +125,8 @@ def run_comparison(
 ) -> Results:
     """Run every planned run not already done in ``out``; return the results, also written to ``out``.
 
-    Resuming, a run is done when ``out`` holds an ok record of it, planned with the same options.
+    Resuming, a run is done when ``out`` holds an ok record of it, planned with the same options but
+    for :data:`TRACKING_OPTIONS` (trackers do not change what a run measures).
     """
     # A missing tracker package is refused here, not in every run's process.
     require_trackers(dict.fromkeys(name for run in runs for name in TrainOptions(**run.options).report_to))
@@ -131,13 +134,17 @@ def run_comparison(
     earlier, earlier_options = earlier_work(out) if resuming else ([], {})
     planned = {run.run_name: run for run in runs}
     done = [record.run_name for record in earlier if record.ok and record.run_name in planned
-            and earlier_options.get(record.run_name) == planned[record.run_name].options]
+            and same_measurement(earlier_options.get(record.run_name), planned[record.run_name].options)]
     # Earlier records stay until their run is redone, and those of runs no longer planned stay for good.
     records = {record.run_name: record for record in earlier if record.run_name in planned}
     left_out = [record for record in earlier if record.run_name not in planned]
     save_plan(out, runs, config)
     if done:
         log(f"peftlab compare: {len(done)} run(s) already done in {out}, skipped: {', '.join(done)}")
+        retracked = [name for name in done if earlier_options[name] != planned[name].options]
+        if retracked:
+            log(f"peftlab compare: the trackers changed ({', '.join(TRACKING_OPTIONS)}); they log the runs still "
+                f"to do, not those already done ({', '.join(retracked)})")
     todo = [run for run in runs if run.run_name not in done]
     durations: list[float] = []
     for index, run in enumerate(todo, start=1):
@@ -153,6 +160,15 @@ def run_comparison(
     if not todo:
         publish(results, out, head)
     return results
+
+
+def same_measurement(earlier: dict | None, planned: dict) -> bool:
+    """Whether a run planned with ``earlier`` options measured what one planned with ``planned`` would."""
+    if earlier is None:
+        return False
+    untracked = [{name: value for name, value in options.items() if name not in TRACKING_OPTIONS}
+                 for options in (earlier, planned)]
+    return untracked[0] == untracked[1]
 
 
 def _outcome(record: RunRecord) -> str:
