@@ -17,6 +17,8 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,12 +52,24 @@ def is_disk_full(error: BaseException) -> bool:
     return "No space left on device" in str(error) or "StorageFull" in str(error)
 
 
+@contextmanager
+def explain_disk_full(what: str) -> Iterator[None]:
+    """A full disk inside the block becomes a DiskFullError: "disk full while ``what``", and what to do."""
+    try:
+        yield
+    except OSError as error:
+        if is_disk_full(error) and not isinstance(error, DiskFullError):
+            raise DiskFullError(f"disk full while {what}. Free space on that disk, or write elsewhere.") from error
+        raise
+
+
 def _stage(path: Path, write: Writer) -> str:
     """Write a temporary file next to ``path``, flushed to disk; the caller renames it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; the file gets what open() would give it
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -65,6 +79,12 @@ def _stage(path: Path, write: Writer) -> str:
             raise DiskFullError(f"disk full while writing {path}: nothing was replaced there. Free space on that disk, or write elsewhere.") from error
         raise
     return tmp
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _keep_previous(path: Path) -> str:
@@ -104,7 +124,7 @@ def _atomic_write_all(files: list[tuple[Path, Writer]]) -> None:
 
 
 def _text_writer(text: str) -> Writer:
-    return lambda tmp: Path(tmp).write_text(text, encoding="utf-8")
+    return lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline="")  # the text's own line ends
 
 
 def _tensors_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Writer:
@@ -115,6 +135,25 @@ def _tensors_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str] |
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _atomic_write_all([(Path(path), _text_writer(text))])
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Add ``text`` at the end of ``path`` (a log such as metrics.jsonl), whole or not at all: a failed
+    write is cut off again, so the file never ends in half a line."""
+    path = Path(path)
+    with explain_disk_full(f"adding to {path}: its earlier lines are intact"):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                left = memoryview(text.encode("utf-8"))
+                while left:
+                    left = left[os.write(fd, left):]
+            except BaseException:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
 
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

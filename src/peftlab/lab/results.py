@@ -71,10 +71,11 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypedDict
+
+from peftlab.io import atomic_write_text
 
 RESULTS_VERSION = 1
 VERSION_KEY = "peftlab_results_version"
@@ -273,7 +274,8 @@ def load_results(path: str | os.PathLike[str]) -> Results:
 
 def save_results(path: str | os.PathLike[str], results: Results) -> Path:
     """Write the results file atomically, so a crash mid-write never leaves a truncated file behind."""
-    return _write_atomically(Path(path), json.dumps(results.to_dict(), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(results.to_dict(), indent=2) + "\n")
+    return Path(path)
 
 
 def results_to_csv(results: Results, path: str | os.PathLike[str]) -> Path:
@@ -284,7 +286,8 @@ def results_to_csv(results: Results, path: str | os.PathLike[str]) -> Path:
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    return _write_atomically(Path(path), buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue())
+    return Path(path)
 
 
 _CURVE_KEYS = {
@@ -372,25 +375,3 @@ def _csv_row(run: RunRecord) -> dict[str, Any]:
 def _csv_scalar(value: Any) -> Any:
     """Lists and dicts become compact JSON so every cell stays a single scalar."""
     return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
-
-
-def _write_atomically(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from peftlab.io import atomic_write_text
+from peftlab.io import atomic_write_text, explain_disk_full
 from peftlab.lab.results import (
     Results,
     RunRecord,
@@ -199,7 +199,9 @@ def publish(results: Results, out: Path, head: ReportHead | None = None) -> None
     results_to_csv(results, out / CSV_FILE)
     with tempfile.TemporaryDirectory(dir=out, prefix=".report-") as staging:
         staging = Path(staging)
-        write_report(results, staging, head)
+        with explain_disk_full(f"writing the report in {out}: the previous report.md, report.html and plots are "
+                               "intact"):
+            write_report(results, staging, head)
         plots = out / "plots"
         plots.mkdir(exist_ok=True)
         fresh = {path.name for path in (staging / "plots").glob("*")}
@@ -216,7 +218,9 @@ def launch(run: PlannedRun, folder: Path, log: Log) -> RunRecord:
     """Run one planned run in a child process, echoing its output; its record, or a failed one."""
     command = [sys.executable, "-m", "peftlab.lab.runner", "--run-spec", str(write_spec(run, folder))]
     tail: collections.deque[str] = collections.deque(maxlen=ERROR_TAIL_LINES)
-    with open(folder / "output.log", "w", encoding="utf-8") as transcript:
+    with (explain_disk_full(f"writing {folder / 'output.log'}: run {run.run_name} was stopped, and the runs before "
+                            "it are kept"),
+          open(folder / "output.log", "w", encoding="utf-8") as transcript):
         child = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -249,7 +253,7 @@ def write_spec(run: PlannedRun, folder: Path) -> Path:
     group = run.options.get("run_group") or folder.parents[1].resolve().name
     options = {**run.options, "out": str(folder / "train"), "resume": None, "run_name": run.run_name, "run_group": group}
     spec = {**run.to_dict(), "options": options}
-    (folder / "spec.json").write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(folder / "spec.json", json.dumps(spec, indent=1) + "\n")
     return folder / "spec.json"
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from peftlab.io import atomic_write_text
+from peftlab.io import append_text, atomic_write_text
 from peftlab.model import PeftModel, count_parameters
 from peftlab.optim import make_optimizer, make_scheduler
 from peftlab.trackers import TrackedRun, TrackerGroup, require_trackers
@@ -440,9 +440,11 @@ class TrainingRun:
             )
 
     def _write_metrics_lines(self, rows: list[dict[str, Any]], mode: str) -> None:
+        """Add ``rows`` to metrics.jsonl (mode "a"), or write it anew with them ("w"); a full disk
+        leaves the lines already there whole."""
         if self.processes.is_main:
-            with open(self.out / "metrics.jsonl", mode, encoding="utf-8") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
+            text = "".join(json.dumps(row) + "\n" for row in rows)
+            (append_text if mode == "a" else atomic_write_text)(self.out / "metrics.jsonl", text)
 
     def _log(self, message: str) -> None:
         if self.processes.is_main:
