@@ -263,6 +263,33 @@ def test_hf_adapter_with_lora_bias_is_refused_as_unsupported(bases, tmp_path):
     assert "does not fit" not in str(caught.value)
 
 
+@pytest.mark.parametrize("options", [dict(modules_to_save=["embed_tokens"]), dict(modules_to_save=["lm_head"]),
+                                     dict(target_modules=["q_proj", "embed_tokens"])])
+def test_a_tied_embedding_trained_alone_warns_as_hf_does(options):
+    """Without ensure_weight_tying, a tied embedding that the adapter trains (or adapts) alone is untied
+    by training: HF peft warns (peft#2777), and so does peftlab; tying it, or an untied model, is quiet."""
+    config = dict(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM") | options
+
+    def untying_warnings(make, base, **extra):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = make(copy.deepcopy(base), extra)
+        return [str(w.message) for w in caught if "tie" in str(w.message) and "2777" in str(w.message)], model
+
+    hf = lambda base, extra: peft.get_peft_model(base, peft.LoraConfig(**config, **extra))  # noqa: E731
+    ours = lambda base, extra: get_peft_model(base, LoraConfig(**config, **extra))  # noqa: E731
+    tied = tiny_llama(tied=True)
+    assert untying_warnings(hf, tied)[0]  # the oracle warns here
+    messages, model = untying_warnings(ours, tied)
+    wrapped = "embed_tokens" if "embed_tokens" in str(options) else "lm_head"
+    assert len(messages) == 1 and f"trains or adapts {'model.' if wrapped == 'embed_tokens' else ''}{wrapped} on its " \
+        "own" in messages[0] and "set ensure_weight_tying=True to keep them one" in messages[0]
+    assert model.base_model.lm_head.weight is not None
+    assert not untying_warnings(ours, tiny_llama(tied=False))[0]
+    if "modules_to_save" in options and options["modules_to_save"] == ["embed_tokens"]:
+        assert not untying_warnings(ours, tied, ensure_weight_tying=True)[0]
+
+
 @pytest.mark.parametrize("direction", ["hf_to_peftlab", "peftlab_to_hf"])
 def test_trained_tied_embedding_stays_tied_both_ways(tmp_path, direction):
     """HF's ensure_weight_tying: the trained copy of a tied input embedding is the output layer's too."""

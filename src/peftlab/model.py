@@ -155,6 +155,8 @@ class PeftModel(nn.Module):
                 self._trained_copy_at(path).add(adapter_name)
         if getattr(config, "ensure_weight_tying", False):
             self._tie_output_embedding_copy(adapter_name)
+        else:
+            self._warn_untied_embedding(adapter_name, config)
 
     def _trained_copy_at(self, path: str) -> TrainedCopy:
         module = self.base_model.get_submodule(path)
@@ -180,6 +182,31 @@ class PeftModel(nn.Module):
         if adapter_name in copy.copies:
             copy.remove(adapter_name)
         copy.add(adapter_name, weight=inputs.copies[adapter_name].weight)
+
+    def _warn_untied_embedding(self, adapter_name: str, config: AdapterConfig) -> None:
+        """HF peft's warning (peft#2777): the model ties its output embedding to its input embedding and the
+        adapter trains one of them (``modules_to_save``) or adapts it (``target_modules``) without the other,
+        so after training they differ -- no longer the tied pair the base model was."""
+        get_input = getattr(self.base_model, "get_input_embeddings", None)
+        get_output = getattr(self.base_model, "get_output_embeddings", None)
+        ends = [get() if get else None for get in (get_input, get_output)]
+        if any(end is None for end in ends):
+            return
+        inputs, outputs = (_unwrapped(end) for end in ends)
+        if getattr(outputs, "weight", None) is not getattr(inputs, "weight", object()):
+            return  # not tied
+        tied = [path for path, module in self.base_model.named_modules() if module in ends and _holds(module, adapter_name)]
+        if not tied:
+            return
+        remedy = ("set ensure_weight_tying=True to keep them one" if hasattr(config, "ensure_weight_tying")
+                  else f"{config.peft_type} has no ensure_weight_tying to keep them one")
+        warnings.warn(
+            f"The model ties its output embedding to its input embedding (tie_word_embeddings=True) and adapter "
+            f"{adapter_name!r} trains or adapts {' and '.join(tied)} on its own, so the two will differ after "
+            f"training (a problem when merging the adapter or converting the model to other formats); {remedy}. "
+            "See https://github.com/huggingface/peft/issues/2777",
+            stacklevel=4,
+        )
 
     def _remove_adapter_modules(self, adapter_name: str) -> None:
         if adapter_name in self.peft_config:
@@ -526,6 +553,20 @@ class PeftModel(nn.Module):
                 inner = f"{path}.base_layer" if isinstance(layer, AdaptedLayer) else path
                 weights[f"{io.KEY_PREFIX}{inner}.weight"] = self.base_model.get_submodule(inner).weight
         return weights
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The base model's own module under a trained copy or an adapted layer."""
+    if isinstance(module, TrainedCopy):
+        return module.original_module
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+
+def _holds(module: nn.Module, adapter_name: str) -> bool:
+    """Whether ``module`` trains a copy for, or is adapted by, ``adapter_name``."""
+    if isinstance(module, TrainedCopy):
+        return adapter_name in module.copies
+    return isinstance(module, AdaptedLayer) and adapter_name in module.adapters
 
 
 def _check_tied_tensors_agree(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], source: str) -> None:
