@@ -4,6 +4,8 @@ process is replaced by records with given numbers (no training)."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import re
 from pathlib import Path
 
@@ -12,7 +14,16 @@ from transformers import AlbertConfig, BertConfig
 
 from peftlab.lab import runner
 from peftlab.lab.results import RunRecord, load_results
-from peftlab.lab.study import LARGE_RANK, SGD_LR, SMALL_RANK, STUDIES
+from peftlab.lab.study import (
+    LARGE_RANK,
+    SGD_LR,
+    SMALL_RANK,
+    STUDIES,
+    _progress,
+    plan_study,
+    planned_examples,
+    run_weights,
+)
 from test_compare import run_cli
 
 #: The numbers a stand-in run reports, from its sweep: each study's claim made to hold, fail or tie.
@@ -249,3 +260,54 @@ def test_study_all_leaves_out_a_study_that_cannot_apply_and_says_why(tmp_path, l
     assert "## Studies left out\n\n- targets (which layers LoRA adapts" in report
     code, _, stderr = run_cli("study", "targets", "--model", str(folder), "--out", str(tmp_path / "alone"))
     assert code == 2 and "no attention layers known for model family 'albert'" in stderr
+
+
+def test_study_all_time_left_weighs_each_run_by_its_planned_training_examples() -> None:
+    epochs, _ = plan_study(STUDIES["epochs"], argparse.Namespace())
+    memory, _ = plan_study(STUDIES["optimizer-memory"], argparse.Namespace())
+    # epochs=1 and epochs=3 over 2,000 examples; 10 steps of 32
+    assert [planned_examples(run.options) for run in epochs] == [2000, 2000, 6000, 6000]
+    assert {planned_examples(run.options) for run in memory} == {320}
+    weights = run_weights([*epochs, *memory])
+    assert sum(weights[:4]) == 16000 and sum(weights[4:]) == 8 * 320
+    # 16,000 of 18,560 planned examples took 10 min: the 8 short runs left take 1.6 min, not 10 min as run counts say
+    line = _progress(2, 2, STUDIES["optimizer-memory"], memory, 4, 12, 600.0, 16000 / 18560)
+    assert line.endswith("(8 runs; 4 of 12 runs done in 10.0 min, about 2 min left) ==")
+    unknown = [dataclasses.replace(epochs[0], options={**epochs[0].options, "max_train_samples": None}), memory[0]]
+    assert run_weights(unknown) == [1.0, 1.0]  # a training set of unknown size: every run alike
+
+
+def test_a_study_is_not_written_over_a_study_all_folder(tmp_path, launched, quick_reports) -> None:
+    out = tmp_path / "out"
+    (out / "rank").mkdir(parents=True)
+    (out / "verdicts.md").write_text("# every study's verdicts\n")  # what `study all` leaves: no results.json of its own
+    (out / "rank" / "compare.json").write_text("{}")
+    code, _, stderr = run_cli("study", "alpha", "--out", str(out))
+    assert code == 2 and f"{out} already holds a study; continue it with --resume {out}" in stderr
+    code, _, stderr = run_cli("study", "alpha", "--resume", str(out))
+    assert code == 2 and f"{out} holds several studies (study all), not what study alpha writes there" in stderr
+    assert not launched and (out / "verdicts.md").read_text() == "# every study's verdicts\n"
+
+
+def test_study_findings_and_plot_leave_out_a_diverged_value_and_say_so(tmp_path) -> None:
+    from peftlab.lab.results import Results
+    from peftlab.lab.study_findings import study_findings
+    from peftlab.lab.study_plots import plot_study
+    from peftlab.lab.verdict import GENERAL_PERPLEXITY
+
+    runs = [RunRecord(method=method, run_name=f"{method}[seed={seed}]", status="ok", sweep={"seed": seed},
+                      general_perplexity=value)
+            for method, values in (("full", (30.0, float("inf"))), ("lora", (21.0, 21.0))) for seed, value in
+            enumerate(values)]
+    text = study_findings(runs, GENERAL_PERPLEXITY)
+    assert text[0].startswith("Perplexity on held-out general text ranged from 21.000 (method=lora) to 30.000 "
+                              "(method=full), 9.000 perplexity apart")
+    assert text[-1] == ("Perplexity on held-out general text was not finite, a run that diverged, and is left out of "
+                        "the numbers above for: full[seed=1] (inf).")
+    # drawn without it (an inf on the axis stopped the whole report), named under the plot
+    assert plot_study(Results(runs=runs), GENERAL_PERPLEXITY, "forgetting", tmp_path / "study.png").is_file()
+    equal = [RunRecord(method="lora", run_name=f"lora[r={r},seed={seed}]", status="ok", sweep={"r": r, "seed": seed},
+                       val_accuracy=0.8 + seed / 100) for r in (2, 8) for seed in (0, 1)]
+    assert study_findings(equal, STUDIES["rank"].metric)[0] == (
+        "Validation accuracy was 0.805 in every setting (the mean over seeds); within a setting the seeds differed by "
+        "1.0 points.")

@@ -45,6 +45,7 @@ from peftlab.lab.verdict import (
 from peftlab.train.options import OptionsError, TrainOptions, add_train_arguments
 
 ALL = "all"
+VERDICTS_FILE = "verdicts.md"
 #: Seeds a study runs unless it says otherwise: two, the fewest that give a spread.
 TWO_SEEDS = (0, 1)
 #: SGD's learning rate in the scheduler study. SGD needs a far larger step than AdamW, whose update is
@@ -232,7 +233,7 @@ class StudyCommand:
 
     def run(self, args: argparse.Namespace) -> int:
         from peftlab.lab.measure import environment
-        from peftlab.lab.runner import RESULTS_FILE, publish, run_comparison
+        from peftlab.lab.runner import PLAN_FILE, RESULTS_FILE, publish, run_comparison
         from peftlab.lab.study_report import study_head, write_study_all_report
 
         studies = studies_named(args.study)
@@ -247,13 +248,24 @@ class StudyCommand:
         out = (args.study_resume or args.compare_out
                or Path("runs") / f"study-{args.study}-{datetime.now():%Y%m%d-%H%M%S}")
         folders = {study.name: out / study.name if len(studies) > 1 else out for study, _, _ in plans}
-        if not args.study_resume and any((folder / RESULTS_FILE).exists() for folder in folders.values()):
+        # verdicts.md: a `study all` folder has no results.json of its own, and one study's report would replace its report
+        if not args.study_resume and any((folder / name).exists() for folder in {out, *folders.values()}
+                                         for name in (RESULTS_FILE, VERDICTS_FILE)):
             raise OptionsError(f"{out} already holds a study; continue it with --resume {out}, or choose another --out.")
+        holds_one = (out / PLAN_FILE).exists()
+        holds_several = any((out / name / PLAN_FILE).exists() for name in STUDIES)
+        if args.study_resume and (holds_one if len(studies) > 1 else holds_several and not holds_one):
+            raise OptionsError(f"{out} holds {'one study' if holds_one else 'several studies (study all)'}, not what "
+                               f"study {args.study} writes there; resume it with the study it was started as.")
         total, done, began = sum(len(runs) for _, runs, _ in plans), 0, time.monotonic()
+        weights = iter(run_weights([run for _, runs, _ in plans for run in runs]))
+        work = [sum(next(weights) for _ in runs) for _, runs, _ in plans]  # each study's
         outcomes = []
         for index, (study, runs, config) in enumerate(plans, start=1):
             if len(studies) > 1:
-                print(_progress(index, len(plans), study, runs, done, total, time.monotonic() - began), flush=True)
+                share_done = sum(work[:index - 1]) / sum(work)
+                print(_progress(index, len(plans), study, runs, done, total, time.monotonic() - began, share_done),
+                      flush=True)
             try:
                 results = run_comparison(runs, config, folders[study.name], environment(),
                                          resuming=bool(args.study_resume), head=study_head(study))
@@ -267,13 +279,13 @@ class StudyCommand:
             done += len(runs)
             study_verdicts = verdicts(study, results.runs)
             text = verdicts_markdown(study, study_verdicts)
-            atomic_write_text(folders[study.name] / "verdicts.md", text)
+            atomic_write_text(folders[study.name] / VERDICTS_FILE, text)
             print(text + f"\nreport: {folders[study.name] / 'report.html'}", flush=True)
             outcomes.append((study, results, study_verdicts))
         if len(studies) > 1:
             elapsed = time.monotonic() - began
             html_path = write_study_all_report(outcomes, out, folders, elapsed, left_out)
-            atomic_write_text(out / "verdicts.md", "\n".join(verdicts_markdown(s, v) for s, _, v in outcomes))
+            atomic_write_text(out / VERDICTS_FILE, "\n".join(verdicts_markdown(s, v) for s, _, v in outcomes))
             print(f"\n{len(plans)} studies, {total} runs, in {elapsed / 60:.1f} min; report: {html_path}")
         return 0 if all(run.ok for _, results, _ in outcomes for run in results.runs) else 1
 
@@ -283,8 +295,27 @@ def verdicts_markdown(study: Study, study_verdicts: Sequence[Verdict]) -> str:
     return f"# Study {study.name}: {study.about}\n\n{lines}\n" + (f"\n{study.why_seeds}\n" if study.why_seeds else "")
 
 
-def _progress(index: int, count: int, study: Study, runs: list, done: int, total: int, elapsed: float) -> str:
-    left = f", about {elapsed / done * (total - done) / 60:.0f} min left" if done else ""
+def planned_examples(options: dict[str, Any]) -> int | None:
+    """The training examples a run is planned to see: max_steps batches, else its epochs over
+    max_train_samples; None when neither fixes it (the training set's own size)."""
+    if options.get("max_steps"):
+        return options["max_steps"] * options["batch_size"] * options["grad_accum"]
+    if options.get("max_train_samples"):
+        return options["epochs"] * options["max_train_samples"]
+    return None
+
+
+def run_weights(runs: Sequence[PlannedRun]) -> list[float]:
+    """Each run's share of the work, for the time left: its planned training examples (3 epochs weigh
+    three times 1, 10 steps next to nothing); every run alike when any run's examples are not known."""
+    examples = [planned_examples(run.options) for run in runs]
+    return [1.0] * len(runs) if None in examples else [float(count) for count in examples]
+
+
+def _progress(index: int, count: int, study: Study, runs: list, done: int, total: int, elapsed: float,
+              share_done: float) -> str:
+    """The line before each study of several; ``share_done`` is the planned work finished (see :func:`run_weights`)."""
+    left = f", about {elapsed / share_done * (1 - share_done) / 60:.0f} min left" if share_done else ""
     return (f"== study {index}/{count}: {study.name} ({len(runs)} runs; {done} of {total} runs done "
             f"in {elapsed / 60:.1f} min{left}) ==")
 
