@@ -66,7 +66,7 @@ def test_share_precision_follows_magnitude() -> None:
 def test_findings_are_computed_from_the_records() -> None:
     results = synthetic_results()
     assert findings(results) == [
-        "lora reached the highest validation accuracy, 0.900, +1.0 points over full fine-tuning (0.890).",
+        "lora reached the highest validation accuracy, 0.900, tied with dora, +1.0 points over full fine-tuning (0.890).",
         "lora reached 101% of full fine-tuning's accuracy (0.900 vs 0.890) with 0.19% of its trainable parameters, "
         "in 63% of its training time, with 55% of its peak memory.",
         "lora trained fastest (1,016.6 s, 63% of full fine-tuning's), at accuracy 0.900.",
@@ -80,6 +80,24 @@ def test_findings_are_computed_from_the_records() -> None:
     text = findings(results)
     assert text[0] == "full reached the highest validation accuracy, 0.950."
     assert "lora reached 93% of full fine-tuning's accuracy (0.882 vs 0.950)" in text[1]
+
+
+def test_findings_name_a_tie_instead_of_crowning_the_first_run() -> None:
+    runs = [ok_record("lora", "lora", 100.0, 0.80, 1000), ok_record("vera", "vera", 100.0, 0.80, 10),
+            ok_record("full", "full[lr=1e-5]", 200.0, 0.75, 100_000)]
+    text = findings(Results(runs=runs))
+    assert text[0] == ("lora reached the highest validation accuracy, 0.800, tied with vera, +5.0 points over "
+                       "full[lr=1e-5] (0.750).")
+    assert "vera reached 107% of full fine-tuning (full[lr=1e-5])'s accuracy" in text[1]
+    assert "lora trained fastest (100.0 s, 50% of full fine-tuning (full[lr=1e-5])'s, tied with vera)" in text[2]
+
+
+def test_a_run_with_a_value_that_is_not_finite_is_on_no_front() -> None:
+    runs = [ok_record("lora", "lora", 100.0, 0.80, 1000), ok_record("vera", "vera", float("nan"), 0.70, 10),
+            ok_record("dora", "dora", 120.0, 0.79, 2000)]
+    # a NaN time neither dominates nor is dominated: counted, it would sit on the front of every cost
+    assert front_names(runs, ["train_time_s"]) == ["lora"]
+    assert front_names(runs, ["trainable_params"]) == ["lora", "vera"]
 
 
 def test_findings_without_full_compare_with_the_most_accurate_run() -> None:

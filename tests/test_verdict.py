@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from peftlab.lab.results import RunRecord
 from peftlab.lab.verdict import (
+    GENERAL_PERPLEXITY,
     PEAK_MEMORY,
     Cell,
     Consistency,
@@ -134,3 +137,36 @@ def test_a_paired_comparison_cancels_what_a_seed_does_to_both_cells() -> None:
     assert "seed-to-seed spread of the differences 2 MB" in paired.text()
     unmatched = judge("c", adamw, Cell("sgd", (958.0,), seeds=(7,)), "lower", PEAK_MEMORY, paired=True)
     assert unmatched.outcome == "not judged" and "share no seed" in unmatched.text()
+
+
+def test_a_value_that_is_not_finite_is_not_judged_and_says_where() -> None:
+    # full fine-tuning's perplexity overflowed at seed 1 (a diverged run): "lora forgets less" must not "hold" on inf
+    full = Cell("method=full", (30.0, math.inf), seeds=(0, 1))
+    lora = Cell("method=lora", (21.0, 21.5), seeds=(0, 1))
+    verdict = judge("lora forgets less", full, lora, "lower", GENERAL_PERPLEXITY)
+    assert verdict.outcome == "not judged"
+    assert "method=full has a value that is not finite (inf at seed 1: a run that diverged)" in verdict.text()
+    nan = judge("c", Cell("a", (0.8, 0.81)), Cell("b", (math.nan, 0.9)))
+    assert nan.outcome == "not judged" and "b has a value that is not finite (nan" in nan.text()
+    assert full.finite() == Cell("method=full", (30.0,), seeds=(0,))
+
+
+def test_two_runs_at_one_seed_are_no_cell_to_judge() -> None:
+    # a setting that leaves a swept option free mixes its values: refused, not averaged over
+    mixed = Cell("lora_alpha=2r", (0.85, 0.86, 0.70, 0.71), seeds=(0, 1, 0, 1))
+    verdict = judge(CLAIM, Cell("lora_alpha=r", (0.80, 0.81), seeds=(0, 1)), mixed)
+    assert verdict.outcome == "not judged" and "lora_alpha=2r holds several runs at one seed (0, 1, 0, 1)" in verdict.text()
+
+
+def test_means_over_different_numbers_of_seeds_say_so() -> None:
+    verdict = judge(CLAIM, Cell("lora_alpha=r", (0.80, 0.81, 0.80)), Cell("lora_alpha=2r", (0.85, 0.86)))
+    assert "(means of 2 and 3 seeds)" in verdict.text()
+
+
+def test_a_paired_comparison_shows_the_means_of_the_seeds_it_pairs() -> None:
+    adamw = Cell("adamw", (1000.0, 1055.0, 1100.0), seeds=(0, 1, 2))  # sgd's seed 2 failed
+    sgd = Cell("sgd", (958.0, 1015.0), seeds=(0, 1))
+    paired = judge("SGD needs less memory", adamw, sgd, "lower", PEAK_MEMORY, paired=True)
+    # the effect, -41 MB, is the difference of the means shown (986 vs 1,028), not of 986 vs all of adamw's 1,052
+    assert paired.text().startswith("Claim: SGD needs less memory. Measured: sgd 986 MB vs adamw 1,028 MB, an effect "
+                                    "of -41 MB")

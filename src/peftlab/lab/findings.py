@@ -40,9 +40,12 @@ def findings(results: Results) -> list[str]:
         return sentences + _failed_sentences(results)
     reference = _full_run(runs)
     best = max(runs, key=lambda run: run.val_accuracy)  # the first of equals: run order breaks ties
-    sentences.append(_best_sentence(best, reference))
+    sentences.append(_best_sentence(runs, best, reference))
     anchor = reference or best
-    anchor_name = "full fine-tuning" if reference else f"the most accurate run ({best.run_name})"
+    if reference is None:
+        anchor_name = f"the most accurate run ({best.run_name})"
+    else:  # a swept full run is one of several: say which
+        anchor_name = "full fine-tuning" + ("" if reference.run_name == FULL_FINE_TUNING else f" ({reference.run_name})")
     for name in front_names(runs, ["trainable_params"]):
         run = _named(runs, name)
         if run is not anchor:
@@ -109,11 +112,19 @@ def _named(runs: Sequence[RunRecord], name: str) -> RunRecord:
     return next(run for run in runs if run.run_name == name)
 
 
-def _best_sentence(best: RunRecord, reference: RunRecord | None) -> str:
-    sentence = f"{best.run_name} reached the highest validation accuracy, {best.val_accuracy:.3f}"
+def _tied_with(runs: Sequence[RunRecord], chosen: RunRecord, key: str) -> str:
+    """", tied with X and Y" when other runs have ``chosen``'s value of ``key``: the first of equals is no winner."""
+    others = [run.run_name for run in runs if run is not chosen and getattr(run, key) == getattr(chosen, key)]
+    return f", tied with {', '.join(others)}" if others else ""
+
+
+def _best_sentence(runs: Sequence[RunRecord], best: RunRecord, reference: RunRecord | None) -> str:
+    sentence = (f"{best.run_name} reached the highest validation accuracy, {best.val_accuracy:.3f}"
+                f"{_tied_with(runs, best, 'val_accuracy')}")
     if reference is not None and reference is not best:
         points = 100 * (best.val_accuracy - reference.val_accuracy)
-        sentence += f", {points:+.1f} points over full fine-tuning ({reference.val_accuracy:.3f})"
+        name = "full fine-tuning" if reference.run_name == FULL_FINE_TUNING else reference.run_name
+        sentence += f", {points:+.1f} points over {name} ({reference.val_accuracy:.3f})"
     return sentence + "."
 
 
@@ -139,7 +150,8 @@ def _extreme_sentence(runs: Sequence[RunRecord], key: str, verb: str, style: str
     lowest = min(measured, key=lambda run: getattr(run, key))
     value, anchor_value = getattr(lowest, key), getattr(anchor, key)
     relative = f", {share(value, anchor_value)} of {anchor_name}'s" if lowest is not anchor and anchor_value else ""
-    return [f"{lowest.run_name} {verb} ({style.format(value)}{relative}), at accuracy {lowest.val_accuracy:.3f}."]
+    return [f"{lowest.run_name} {verb} ({style.format(value)}{relative}{_tied_with(measured, lowest, key)}), "
+            f"at accuracy {lowest.val_accuracy:.3f}."]
 
 
 def _dominated_sentences(runs: Sequence[RunRecord]) -> list[str]:

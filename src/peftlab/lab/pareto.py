@@ -8,6 +8,7 @@ other, so both stay on the front (or both leave it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,12 +43,13 @@ def pareto_front(points: Sequence[Point]) -> list[Point]:
 
 
 def run_points(runs: Sequence[RunRecord], costs: Sequence[str]) -> list[Point]:
-    """A point per successful run that has its accuracy and every one of ``costs`` (RunRecord fields)."""
+    """A point per successful run that has its accuracy and every one of ``costs`` (RunRecord fields), each
+    a finite number: a NaN would neither dominate nor be dominated, so it would sit on every front."""
     points = []
     for run in runs:
-        values = [getattr(run, cost) for cost in costs]
-        if run.ok and run.val_accuracy is not None and all(value is not None for value in values):
-            points.append(Point(run.run_name, run.val_accuracy, tuple(float(value) for value in values)))
+        values = [run.val_accuracy, *(getattr(run, cost) for cost in costs)]
+        if run.ok and all(value is not None and math.isfinite(value) for value in values):
+            points.append(Point(run.run_name, float(values[0]), tuple(float(value) for value in values[1:])))
     return points
 
 

@@ -12,6 +12,7 @@ showed no effect or were not judged, and which. A number the records lack leaves
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from statistics import fmean
 from typing import Any
@@ -29,7 +30,7 @@ TALLY = {"holds": "held", "contradicted": "were contradicted",
 
 def study_findings(runs: Sequence[RunRecord], metric: Metric) -> list[str]:
     """What a study's runs show beyond its verdicts; [] when no run succeeded."""
-    cells = [(setting, cell_of(runs, setting, metric)) for setting in settings(runs)]
+    cells = [(setting, cell_of(runs, setting, metric).finite()) for setting in settings(runs)]
     cells = [(setting, cell) for setting, cell in cells if cell.values]
     if not cells:
         return []
@@ -38,6 +39,11 @@ def study_findings(runs: Sequence[RunRecord], metric: Metric) -> list[str]:
     sentences += _time_sentence(runs, cells)
     if metric.key == ACCURACY.key:
         sentences += _overfitting_sentence(runs, cells)
+    infinite = [f"{run.run_name} ({metric.of(run)})" for run in runs
+                if run.ok and metric.of(run) is not None and not math.isfinite(metric.of(run))]
+    if infinite:
+        sentences.append(f"{metric.name.capitalize()} was not finite, a run that diverged, and is left out of the "
+                         f"numbers above for: {', '.join(infinite)}.")
     failed = [run.run_name for run in runs if not run.ok]
     if failed:
         sentences.append(f"{len(failed)} run{'s' if len(failed) > 1 else ''} failed and "
@@ -77,6 +83,9 @@ def _range_sentence(cells: list[Cell], metric: Metric) -> list[str]:
                 f"{metric.value(min(cell.values))} to {metric.value(max(cell.values))} over {len(cell.values)} "
                 f"seed{'s' if len(cell.values) > 1 else ''}, mean {metric.value(cell.mean)}."]
     low, high = min(cells, key=lambda cell: cell.mean), max(cells, key=lambda cell: cell.mean)
+    if low.mean == high.mean:
+        return [f"{metric.name.capitalize()} was {metric.value(low.mean)} in every setting (the mean over seeds)"
+                + (f"; within a setting {within}." if within else ".")]
     apart = metric.amount(metric.scale * (high.mean - low.mean))
     return [f"{metric.name.capitalize()} ranged from {metric.value(low.mean)} ({low.label}) to "
             f"{metric.value(high.mean)} ({high.label}), {apart} apart between settings"

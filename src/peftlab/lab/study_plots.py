@@ -9,6 +9,7 @@ the overfitting gap.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from peftlab.lab.plots import _bar_height, _figure, _footnote_left_out, _save
@@ -20,19 +21,19 @@ MEAN_COLOR = "0.1"
 
 
 def plot_study(results: Results, metric: Metric, title: str, path: Path) -> Path | None:
-    """None when no run has the metric."""
-    rows = [(setting, cell_of(results.runs, setting, metric)) for setting in settings(results.runs)]
+    """None when no run has the metric; a run whose value is not finite is left out (named in the footnote)."""
+    rows = [(setting, cell_of(results.runs, setting, metric).finite()) for setting in settings(results.runs)]
     rows = [(setting, cell) for setting, cell in rows if cell.values]
     if not rows:
         return None
-    seeds = sorted({run.sweep.get(SEED_OPTION) for run in results.ok_runs if metric.of(run) is not None}, key=str)
+    measured = [run for run in results.ok_runs if metric.of(run) is not None and math.isfinite(metric.of(run))]
+    seeds = sorted({run.sweep.get(SEED_OPTION) for run in measured}, key=str)
     colors = {seed: f"C{index % 10}" for index, seed in enumerate(seeds)}
     fig = _figure(height=_bar_height(len(rows)) + 0.8)
     ax = fig.subplots()
     drawn, every_value = [], []
     for row, (setting, cell) in enumerate(rows):
-        runs = [run for run in results.ok_runs if metric.of(run) is not None
-                and matches(run, setting)]
+        runs = [run for run in measured if matches(run, setting)]
         drawn += runs
         values = [metric.of(run) for run in runs]
         every_value += values

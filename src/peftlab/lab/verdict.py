@@ -23,8 +23,9 @@ A question compares cells on one metric (validation accuracy, or peak memory):
                   examples (the seed then moves accuracy less than the choice of evaluation
                   examples does), and is contradicted above it.
 
-A question is "not judged" when a cell has no successful run or fewer than two seeds (no spread to
-beat); its text says which.
+A question is "not judged" when a cell has no successful run, fewer than two seeds (no spread to
+beat), a value that is not finite (a perplexity that overflowed: a mean or a spread of it says
+nothing), or two runs at one seed (the setting does not pin every swept option); its text says which.
 """
 
 from __future__ import annotations
@@ -93,6 +94,12 @@ class Cell:
         """Max minus min across seeds, in the metric's unit; None with fewer than two seeds."""
         return None if len(self.values) < 2 else metric.scale * (max(self.values) - min(self.values))
 
+    def finite(self) -> Cell:
+        """The cell without its values that are not finite (inf, nan)."""
+        kept = [index for index, value in enumerate(self.values) if math.isfinite(value)]
+        return Cell(self.label, tuple(self.values[i] for i in kept),
+                    tuple(self.seeds[i] for i in kept) if self.seeds else ())
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -136,11 +143,14 @@ def judge_paired(claim: str, control: Cell, treatment: Cell, expect: Expect, met
     minus min. For a metric a seed moves the same way in both cells (peak memory: a seed's data order
     sets the batches' padded lengths for both optimizers), the seed's own effect cancels."""
     by_seed = dict(zip(control.seeds, control.values))
-    differences = [value - by_seed[seed] for seed, value in zip(treatment.seeds, treatment.values) if seed in by_seed]
-    if not differences:
+    pairs = [(value, by_seed[seed]) for seed, value in zip(treatment.seeds, treatment.values) if seed in by_seed]
+    if not pairs:
         return not_judged(claim, f"{control.label} and {treatment.label} share no seed to compare on")
+    differences = [mine - theirs for mine, theirs in pairs]
     effect = metric.scale * fmean(differences)
-    measured = (f"{treatment.label} {metric.value(treatment.mean)} vs {control.label} {metric.value(control.mean)}, "
+    # the means of the shared seeds, so the effect is their difference (a seed run in one cell only is left out)
+    means = [fmean(pair[side] for pair in pairs) for side in (0, 1)]
+    measured = (f"{treatment.label} {metric.value(means[0])} vs {control.label} {metric.value(means[1])}, "
                 f"an effect of {metric.amount(effect, signed=True)} (mean of the differences at {len(differences)} "
                 f"seed{'s' if len(differences) > 1 else ''}, each seed's runs sharing its batches)")
     if len(differences) < 2:
@@ -203,13 +213,30 @@ def _weigh(claim: str, measured: str, effect: float, spread: float, expect: Expe
 
 
 def _missing(*cells: Cell) -> str:
+    """Why ``cells`` cannot be weighed (see the module's docstring), or "" when they can."""
     empty = [cell.label for cell in cells if not cell.values]
-    return f"no successful runs for {', '.join(dict.fromkeys(empty))}, so nothing to compare" if empty else ""
+    if empty:
+        return f"no successful runs for {', '.join(dict.fromkeys(empty))}, so nothing to compare"
+    for cell in cells:
+        infinite = [(seed, value) for seed, value in zip(cell.seeds or [None] * len(cell.values), cell.values)
+                    if not math.isfinite(value)]
+        if infinite:
+            where = ", ".join(f"{value}" + ("" if seed is None else f" at seed {seed}") for seed, value in infinite)
+            return (f"{cell.label} has a value that is not finite ({where}: a run that diverged), so its mean and "
+                    "spread say nothing")
+        known = [seed for seed in cell.seeds if seed is not None]
+        if len(set(known)) < len(known):
+            return (f"{cell.label} holds several runs at one seed ({', '.join(map(str, known))}): the setting "
+                    "leaves a swept option free, so its runs are not one setting over seeds")
+    return ""
 
 
 def _seeds(*cells: Cell) -> str:
-    seeds = min(len(cell.values) for cell in cells)
-    return f"mean of {seeds} seed{'s' if seeds > 1 else ''}"
+    """How many seeds each mean is over: "mean of 2 seeds", or "means of 2 and 3 seeds" when they differ."""
+    counts = sorted(set(len(cell.values) for cell in cells))
+    if len(counts) == 1:
+        return f"mean of {counts[0]} seed{'s' if counts[0] > 1 else ''}"
+    return f"means of {', '.join(map(str, counts[:-1]))} and {counts[-1]} seeds"
 
 
 # -- cells from a study's records ---------------------------------------------------------------------
