@@ -119,8 +119,9 @@ def load_in_peftlab(base, directory):
         warnings.simplefilter("always")
         model = PeftModel.from_pretrained(copy.deepcopy(base), directory)
     assert key_warnings(caught) == []
-    # HF writes every field of its config; the unused ones hold "off" values and must load quietly.
-    assert [str(w.message) for w in caught if "peftlab" in w.filename] == []
+    # HF writes every field of its config; the unused ones hold "off" values and must load quietly. (A model
+    # whose tied embedding the adapter trains alone is warned of: the model's doing, not the file's.)
+    assert [str(w.message) for w in caught if "peftlab" in w.filename and "issues/2777" not in str(w.message)] == []
     return model.eval()
 
 
