@@ -1,5 +1,5 @@
 """Issue 15 item 2 (the verdict engine of `peftlab study`): verdicts from given records, including
-"no effect beyond seed spread", a claim of no effect, an interaction, consistency, and a single seed."""
+"no effect beyond noise", a claim of no effect, an interaction, consistency, and a single seed."""
 
 from __future__ import annotations
 
@@ -51,17 +51,17 @@ def test_an_effect_against_the_claim_contradicts_it() -> None:
 def test_an_effect_within_the_spread_is_no_effect() -> None:
     verdict = judge(CLAIM, *cells([0.80, 0.84], [0.82, 0.83]))
     assert verdict.effect == pytest.approx(0.5) and verdict.spread == pytest.approx(4.0)
-    assert verdict.outcome == "no effect beyond seed spread"
-    assert verdict.text().endswith("seed-to-seed spread 4.0 points. Verdict: no effect beyond seed spread.")
+    assert verdict.outcome == "no effect beyond noise"
+    assert verdict.text().endswith("seed-to-seed spread 4.0 points. Verdict: no effect beyond noise.")
     # exactly at the spread: still not beyond it
-    assert judge(CLAIM, *cells([0.80, 0.82], [0.82, 0.84])).outcome == "no effect beyond seed spread"
+    assert judge(CLAIM, *cells([0.80, 0.82], [0.82, 0.84])).outcome == "no effect beyond noise"
 
 
 def test_a_claim_of_no_effect_holds_within_the_spread_and_fails_beyond_it() -> None:
     small = judge("SGD saves no memory", Cell("adamw", (903.0, 907.0)), Cell("sgd", (902.0, 906.0)), "same", PEAK_MEMORY)
     assert small.outcome == "holds" and small.text() == (
         "Claim: SGD saves no memory. Measured: sgd 904 MB vs adamw 905 MB, an effect of -1 MB (mean of 2 seeds); "
-        "seed-to-seed spread 4 MB. Verdict: holds (no effect beyond seed spread).")
+        "seed-to-seed spread 4 MB. Verdict: holds (no effect beyond noise).")
     large = judge("SGD saves no memory", Cell("adamw", (940.0, 944.0)), Cell("sgd", (902.0, 906.0)), "same", PEAK_MEMORY)
     assert large.outcome == "contradicted" and large.text().endswith("an effect of -38 MB (mean of 2 seeds); "
                                                                     "seed-to-seed spread 4 MB. Verdict: contradicted.")
@@ -73,8 +73,33 @@ def test_an_interaction_must_beat_both_effects_spreads() -> None:
     verdict = judge_interaction("cosine helps SGD more", sgd, adamw, "cosine", ("sgd", "adamw"))
     assert verdict.outcome == "holds" and verdict.effect == pytest.approx(6.0) and verdict.spread == pytest.approx(3.0)
     close = (Cell("constant", (0.85, 0.87)), Cell("cosine", (0.88, 0.90)))  # +3 points: 3 apart, not beyond 1 + 2
-    assert judge_interaction("c", sgd, close, "cosine", ("sgd", "adamw")).outcome == "no effect beyond seed spread"
+    assert judge_interaction("c", sgd, close, "cosine", ("sgd", "adamw")).outcome == "no effect beyond noise"
     assert judge_interaction("c", close[::-1], sgd, "cosine", ("a", "b")).outcome == "contradicted"
+
+
+def test_an_accuracy_effect_must_also_beat_the_evaluation_sets_sampling_error() -> None:
+    # last session's rank study: r=32 0.785 vs r=8 0.792 with seeds 0.3 points apart, on SST-2's 872 examples
+    r8, r32 = Cell("r=8", (0.7901, 0.7936)), Cell("r=32", (0.7833, 0.7867))
+    verdict = judge("r = 32 overfits", r8, r32, "lower", eval_examples=872)
+    mean = (0.7901 + 0.7936 + 0.7833 + 0.7867) / 4
+    sampling = 100 * math.sqrt(mean * (1 - mean) / 872)  # 1.38 points at the cells' mean accuracy
+    assert verdict.outcome == "no effect beyond noise" and verdict.spread == pytest.approx(sampling)
+    assert verdict.measured.endswith("seed-to-seed spread 0.3 points, below the evaluation set's sampling error of "
+                                     "1.4 points (872 examples), the noise the effect had to beat")
+    # the same runs on a set 100x larger, or with the size unknown: the seed spread is the bar, and it holds
+    assert judge("r = 32 overfits", r8, r32, "lower", eval_examples=87_200).outcome == "holds"
+    assert judge("r = 32 overfits", r8, r32, "lower").outcome == "holds"
+    # a wide seed spread stays the bar; memory has no sampling error
+    wide = judge("c", Cell("a", (0.70, 0.75)), Cell("b", (0.78, 0.79)), eval_examples=872)
+    assert wide.spread == pytest.approx(5.0) and "sampling" not in wide.measured
+    memory = judge("c", Cell("a", (903.0, 904.0)), Cell("b", (906.0, 907.0)), "higher", PEAK_MEMORY, eval_examples=872)
+    assert memory.outcome == "holds" and memory.spread == pytest.approx(1.0)
+    # an interaction: each effect's spread raised to the sampling error before they are added
+    sgd = (Cell("constant", (0.780, 0.781)), Cell("cosine", (0.800, 0.801)))  # +2 points, spread 0.1
+    adamw = (Cell("constant", (0.850, 0.851)), Cell("cosine", (0.850, 0.851)))  # 0 points, spread 0.1
+    assert judge_interaction("c", sgd, adamw, "cosine", ("sgd", "adamw")).outcome == "holds"
+    weighed = judge_interaction("c", sgd, adamw, "cosine", ("sgd", "adamw"), eval_examples=872)
+    assert weighed.outcome == "no effect beyond noise" and weighed.spread > 2.5
 
 
 def test_consistency_weighs_the_seed_deviation_against_the_sampling_error() -> None:
@@ -109,7 +134,7 @@ def test_questions_read_their_cells_from_records_ignoring_failed_runs_and_other_
     assert "optimizer=sgd,lora_alpha=2r 0.805 vs optimizer=sgd,lora_alpha=r 0.705" not in sgd_only.text()
     assert "lora_alpha=2r,optimizer=sgd 0.805 vs lora_alpha=r,optimizer=sgd 0.705" in sgd_only.text()
     same = Interaction("2r helps sgd more", "lora_alpha", "r", "2r", "optimizer", "sgd", "adamw").judge(by_optimizer)
-    assert same.outcome == "no effect beyond seed spread" and same.effect == pytest.approx(0.0)
+    assert same.outcome == "no effect beyond noise" and same.effect == pytest.approx(0.0)
     five = [record("r", seed, 0.85 + seed / 1000) for seed in range(5)]
     assert Consistency("consistent").judge(five).text().startswith(
         "Claim: consistent. Measured: lora_alpha=r over 5 seeds: mean 0.852")
@@ -131,7 +156,7 @@ def test_a_paired_comparison_cancels_what_a_seed_does_to_both_cells() -> None:
     adamw = Cell("adamw", (1000.0, 1055.0), seeds=(0, 1))  # seed 1's batches are longer: +55 MB for both
     sgd = Cell("sgd", (958.0, 1015.0), seeds=(0, 1))
     unpaired = judge("SGD needs less memory", adamw, sgd, "lower", PEAK_MEMORY)
-    assert unpaired.outcome == "no effect beyond seed spread"  # -41 MB against a 57 MB spread
+    assert unpaired.outcome == "no effect beyond noise"  # -41 MB against a 57 MB spread
     paired = judge("SGD needs less memory", adamw, sgd, "lower", PEAK_MEMORY, paired=True)
     assert paired.outcome == "holds" and paired.effect == pytest.approx(-41.0) and paired.spread == pytest.approx(2.0)
     assert "seed-to-seed spread of the differences 2 MB" in paired.text()

@@ -25,7 +25,7 @@ from peftlab.lab.verdict import ACCURACY, OUTCOMES, Cell, Metric, Verdict, cell_
 
 #: How the count of each outcome reads: "3 held".
 TALLY = {"holds": "held", "contradicted": "were contradicted",
-         "no effect beyond seed spread": "showed no effect beyond seed spread", "not judged": "could not be judged"}
+         "no effect beyond noise": "showed no effect beyond noise", "not judged": "could not be judged"}
 
 
 def study_findings(runs: Sequence[RunRecord], metric: Metric) -> list[str]:

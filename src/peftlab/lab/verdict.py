@@ -4,19 +4,25 @@ A study's runs fall into *cells*, one per setting (``lora_alpha=2r``), each run 
 A question compares cells on one metric (validation accuracy, or peak memory):
 
     Effect        treatment vs control. The effect is the difference of the cells' means; the
-                  seed-to-seed spread is the larger of the two cells' max-minus-min across seeds.
+                  noise it must beat is the seed-to-seed spread, the larger of the two cells'
+                  max-minus-min across seeds -- and for accuracy at least the evaluation set's
+                  sampling error sqrt(p (1 - p) / n) (p the cells' mean accuracy, n examples): two or
+                  three seeds often land close together by luck (0.3 points apart, where the choice of
+                  872 evaluation examples alone moves accuracy by 1.4), and a difference smaller than
+                  what the evaluation examples decide says nothing about the task.
                   Claiming the treatment is "higher" or "lower":
-                      holds                         |effect| > spread, in the claimed direction
-                      contradicted                  |effect| > spread, against it
-                      no effect beyond seed spread  |effect| <= spread: these runs cannot tell them apart
-                  Claiming the "same" (SGD saves no memory at r = 8): holds when |effect| <= spread,
+                      holds                   |effect| > noise, in the claimed direction
+                      contradicted            |effect| > noise, against it
+                      no effect beyond noise  |effect| <= noise: these runs cannot tell them apart
+                  Claiming the "same" (SGD saves no memory at r = 8): holds when |effect| <= noise,
                   contradicted beyond it.
                   Paired (peak memory): compared seed by seed, the effect is the mean of the per-seed
                   differences and the spread their max minus min, so what a seed does to both
                   cells alike (the batches' padded lengths) cancels.
     Interaction   the same effect in two contexts (cosine vs constant with SGD, and with AdamW),
                   claimed larger in the first. Each effect carries its own spread, so their
-                  difference must beat the sum of the two spreads; the three outcomes as above.
+                  difference must beat the sum of the two spreads (each at least the sampling error,
+                  for accuracy); the three outcomes as above.
     Consistency   one cell over several seeds: the spread is the result. "Results are consistent
                   across runs" holds when the seed-to-seed standard deviation is at most the
                   evaluation set's own sampling error, sqrt(p (1 - p) / n) for accuracy p on n
@@ -38,9 +44,9 @@ from typing import Any, Literal, Protocol
 
 from peftlab.lab.results import RunRecord
 
-Outcome = Literal["holds", "contradicted", "no effect beyond seed spread", "not judged"]
+Outcome = Literal["holds", "contradicted", "no effect beyond noise", "not judged"]
 Expect = Literal["higher", "lower", "same"]
-OUTCOMES: tuple[Outcome, ...] = ("holds", "contradicted", "no effect beyond seed spread", "not judged")
+OUTCOMES: tuple[Outcome, ...] = ("holds", "contradicted", "no effect beyond noise", "not judged")
 #: A study's runs are told apart by seed through this sweep option.
 SEED_OPTION = "seed"
 #: A setting may name the method, as if it were swept: ``method=full`` against ``method=lora``.
@@ -108,7 +114,7 @@ class Verdict:
     outcome: Outcome
     effect: float | None = None  # in the metric's unit
     spread: float | None = None  # the threshold the effect had to beat, same unit
-    note: str = ""  # said after the outcome, e.g. "(no effect beyond seed spread)" for a claim of no effect
+    note: str = ""  # said after the outcome, e.g. "(no effect beyond noise)" for a claim of no effect
 
     def text(self) -> str:
         return f"Claim: {self.claim}. Measured: {self.measured}. Verdict: {self.outcome}{self.note}."
@@ -119,9 +125,10 @@ def not_judged(claim: str, why: str) -> Verdict:
 
 
 def judge(claim: str, control: Cell, treatment: Cell, expect: Expect = "higher", metric: Metric = ACCURACY,
-          paired: bool = False) -> Verdict:
+          paired: bool = False, eval_examples: int | None = None) -> Verdict:
     """The verdict on ``claim``: that ``treatment``'s metric is ``expect`` (higher, lower, the same) than
-    ``control``'s. ``paired``: compared seed by seed (see :func:`judge_paired`)."""
+    ``control``'s. ``paired``: compared seed by seed (see :func:`judge_paired`). ``eval_examples``: the
+    evaluation set's size, whose sampling error is the least noise an accuracy effect must beat."""
     missing = _missing(control, treatment)
     if missing:
         return not_judged(claim, missing)
@@ -135,7 +142,8 @@ def judge(claim: str, control: Cell, treatment: Cell, expect: Expect = "higher",
         return Verdict(claim, measured + "; one seed gives no seed-to-seed spread, run at least two", "not judged", effect)
     spread = max(spreads)
     measured += f"; seed-to-seed spread {metric.amount(spread)}"
-    return _weigh(claim, measured, effect, spread, expect)
+    noise, said = _at_least_sampling_error(spread, metric, (control, treatment), eval_examples)
+    return _weigh(claim, measured + said, effect, noise, expect)
 
 
 def judge_paired(claim: str, control: Cell, treatment: Cell, expect: Expect, metric: Metric) -> Verdict:
@@ -161,7 +169,8 @@ def judge_paired(claim: str, control: Cell, treatment: Cell, expect: Expect, met
 
 
 def judge_interaction(claim: str, first: tuple[Cell, Cell], second: tuple[Cell, Cell], treatment: str,
-                      contexts: tuple[str, str], metric: Metric = ACCURACY) -> Verdict:
+                      contexts: tuple[str, str], metric: Metric = ACCURACY,
+                      eval_examples: int | None = None) -> Verdict:
     """The verdict on ``claim``: that the effect of ``treatment`` (each pair is control, treatment) is
     larger in the first context than in the second."""
     missing = _missing(*first, *second)
@@ -176,9 +185,14 @@ def judge_interaction(claim: str, first: tuple[Cell, Cell], second: tuple[Cell, 
     if None in spreads:
         return Verdict(claim, measured + "; one seed gives no seed-to-seed spread, run at least two", "not judged",
                        difference)
+    noises = [_at_least_sampling_error(max(spreads[:2]), metric, first, eval_examples)[0],
+              _at_least_sampling_error(max(spreads[2:]), metric, second, eval_examples)[0]]
     spread = max(spreads[:2]) + max(spreads[2:])
     measured += f"; the two effects' seed-to-seed spreads add up to {metric.amount(spread)}"
-    return _weigh(claim, measured, difference, spread, "higher")
+    if sum(noises) > spread + TOLERANCE:
+        measured += (f", each raised to at least the evaluation set's sampling error: {metric.amount(sum(noises))} "
+                     f"({eval_examples:,} examples)")
+    return _weigh(claim, measured, difference, sum(noises), "higher")
 
 
 def judge_consistency(claim: str, cell: Cell, eval_examples: int | None) -> Verdict:
@@ -202,13 +216,27 @@ def judge_consistency(claim: str, cell: Cell, eval_examples: int | None) -> Verd
     return Verdict(claim, measured, "holds" if deviation <= sampling + TOLERANCE else "contradicted", deviation, sampling)
 
 
+def _at_least_sampling_error(spread: float, metric: Metric, cells: Sequence[Cell],
+                             eval_examples: int | None) -> tuple[float, str]:
+    """The noise an accuracy effect must beat: the seed spread, or the evaluation set's sampling error at
+    the cells' mean accuracy when that is larger (then also the words that say so)."""
+    if metric is not ACCURACY or not eval_examples:
+        return spread, ""
+    accuracy = fmean(cell.mean for cell in cells)
+    sampling = 100 * math.sqrt(accuracy * (1 - accuracy) / eval_examples)
+    if sampling <= spread:
+        return spread, ""
+    return sampling, (f", below the evaluation set's sampling error of {metric.amount(sampling)} "
+                      f"({eval_examples:,} examples), the noise the effect had to beat")
+
+
 def _weigh(claim: str, measured: str, effect: float, spread: float, expect: Expect) -> Verdict:
     within = abs(effect) <= spread + TOLERANCE
     if expect == "same":
         return Verdict(claim, measured, "holds" if within else "contradicted", effect, spread,
-                       " (no effect beyond seed spread)" if within else "")
+                       " (no effect beyond noise)" if within else "")
     if within:
-        return Verdict(claim, measured, "no effect beyond seed spread", effect, spread)
+        return Verdict(claim, measured, "no effect beyond noise", effect, spread)
     return Verdict(claim, measured, "holds" if (effect > 0) == (expect == "higher") else "contradicted", effect, spread)
 
 
@@ -303,7 +331,7 @@ class Effect:
     def judge(self, runs: Sequence[RunRecord]) -> Verdict:
         control, treatment = (cell_of(runs, {**self.where, self.option: value}, self.metric)
                               for value in (self.control, self.treatment))
-        return judge(self.claim, control, treatment, self.expect, self.metric, self.paired)
+        return judge(self.claim, control, treatment, self.expect, self.metric, self.paired, eval_examples(runs))
 
 
 @dataclass(frozen=True)
@@ -324,7 +352,8 @@ class Interaction:
         pairs = [tuple(cell_of(runs, {self.context: context, self.option: value}, self.metric)
                        for value in (self.control, self.treatment)) for context in (self.first, self.second)]
         return judge_interaction(self.claim, pairs[0], pairs[1], f"{self.option}={self.treatment}",
-                                 (f"{self.context}={self.first}", f"{self.context}={self.second}"), self.metric)
+                                 (f"{self.context}={self.first}", f"{self.context}={self.second}"), self.metric,
+                                 eval_examples(runs))
 
 
 @dataclass(frozen=True)
