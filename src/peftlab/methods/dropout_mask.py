@@ -6,8 +6,13 @@ so the sorted flat positions of the dropped entries of an ``[N, in]`` input are 
 sums of geometric draws, less one. That is the same distribution as ``nn.Dropout``'s mask for
 about ``p·N·in`` random numbers instead of ``N·in`` (torch's CPU ``bernoulli_`` draws a double per
 entry on one thread: 5-9 ns each, more than the layer's own matmul at p = 0.05), and the mask is
-kept as ``p·N·in`` indices instead of an ``[N, in]`` tensor, so the dropped-out input can be made
-again in backward (one multiply and one scatter) instead of being kept.
+kept as ``p·N·in`` indices instead of an ``[N, in]`` tensor.
+
+A gap is drawn by inversion, ``1 + floor(log(V) / log(1-p))`` with ``V = 1 - U`` uniform on (0, 1]
+in fp64: ``P(gap > k) = P(V <= (1-p)^k) = (1-p)^k``, geometric exactly up to fp64 rounding. It is the
+distribution ``geometric_`` draws, at half its cost on CPU (vectorised ``log`` vs a serial loop:
+~0.38 ms vs ~0.7 ms for 40k gaps, one thread). No draw reproduces ``nn.Dropout``'s mask for a seed
+(it draws per entry); the distribution is the same.
 """
 
 from __future__ import annotations
@@ -44,10 +49,13 @@ def drop_positions(total: int, p: float, device: torch.device, gaps_per_draw: in
     if gaps_per_draw is None:  # enough to pass the end almost always: mean + 6 sigma
         mean = p * total
         gaps_per_draw = int(mean + 6 * math.sqrt(mean * (1 - p)) + 16)
+    inv_log_keep = 1.0 / math.log1p(-p)
+    draw_on = torch.device("cpu") if device.type == "mps" else device  # MPS has no fp64
     chunks, end = [], 0
     while end < total:
-        gaps = torch.empty(gaps_per_draw, dtype=torch.int64, device=device).geometric_(p)
+        v = torch.rand(gaps_per_draw, dtype=torch.float64, device=draw_on).neg_().add_(1)  # (0, 1]
+        gaps = v.log_().mul_(inv_log_keep).floor_().add_(1).to(torch.int64)
         chunks.append(torch.cumsum(gaps, 0).add_(end - 1))
         end = int(chunks[-1][-1]) + 1
     positions = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-    return positions[: int(torch.searchsorted(positions, total))]
+    return positions[: int(torch.searchsorted(positions, total))].to(device)

@@ -15,7 +15,8 @@ DoRA adds ``y = g ⊙ z + b`` on top, with ``z = x Wᵀ + s · u Bᵀ`` and a de
 
 Dropout on the adapter input (``x_d = x ⊙ keep / (1-p)``, mask drawn as in ``dropout_mask.py``):
 
-    LoRA  u = x_d Aᵀ, gA = guᵀ x_d with x_d made again in backward rather than kept, and
+    LoRA  u = x_d Aᵀ, gA = guᵀ x_d with x_d kept in place of x (as HF keeps it, without HF's
+          [N, in] mask; making it again in backward cost a multiply and a scatter over [N, in]), and
           gx = g W + (gu A ⊙ keep) / (1-p), the dropped entries restored to g W.
     DoRA  as HF and the official code: out = base(x) + (g - 1) ⊙ x_d Wᵀ + g ⊙ s · x_d Aᵀ Bᵀ,
           whose second product with W, in forward and in backward, is the least that
@@ -60,18 +61,17 @@ class LoraLinearFunction(torch.autograd.Function):
         with torch.no_grad():
             out = view.forward(x)
         mask = _sample_mask(x2, dropout)
-        u = torch.mm(x2 if mask is None else mask.apply(x2), a.t())
+        x_in = x2 if mask is None else mask.apply(x2)
+        u = torch.mm(x_in, a.t())
         out.view(-1, out.shape[-1]).addmm_(u, b.t(), alpha=scale)
-        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, a, b, u)
+        ctx.save_for_backward(x_in if ctx.needs_input_grad[1] else None, a, b, u)
         ctx.scale, ctx.view, ctx.x_shape, ctx.mask = scale, view, x.shape, mask
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, a, b, u = ctx.saved_tensors
+        x_in, a, b, u = ctx.saved_tensors
         mask: DropMask | None = ctx.mask
-        # The dropped-out input is made again rather than kept: [N, in] less memory per layer.
-        x_in = x2 if mask is None or not ctx.needs_input_grad[1] else mask.apply(x2)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         grad_u, grad_a, grad_b = _lowrank_param_grads(ctx, g2, x_in, a, b, u)
         grad_x = None

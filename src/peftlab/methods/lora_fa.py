@@ -5,8 +5,9 @@
 Only B trains, and B's gradient needs only ``u = drop(x) Aᵀ`` ([N, r]) while x's gradient needs
 only the weights. So the layer keeps ``u`` for backward and never the input ``x`` ([N, in]) that
 LoRA keeps for A's gradient: the activation memory the paper is about. LoRA's fused node
-(``fused.py``) keeps ``x`` only when A trains, so LoRA-FA runs on it unchanged (with dropout it
-also keeps the mask, as the positions of the dropped entries, as LoRA does).
+(``fused.py``) keeps ``x`` (with dropout, the dropped-out ``x``) only when A trains, so LoRA-FA
+runs on it unchanged (with dropout it also keeps the mask, as the positions of the dropped
+entries, as LoRA does).
 
 The files are plain LoRA files (``peft_type`` LORA; they load in HF peft and here as LoRA, where
 ``is_trainable=True`` trains A too). On an ``nn.Embedding``, HF's LoRA starts with A = 0, which a
