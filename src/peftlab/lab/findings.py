@@ -15,11 +15,11 @@ without the numbers behind it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from peftlab.lab.pareto import COSTS, dominates, front_names, run_points
 from peftlab.lab.results import Results, RunRecord
+from peftlab.lab.verdict import sampling_error
 from peftlab.train.options import FULL_FINE_TUNING
 
 #: Dominated runs named in the sentence; the rest are counted.
@@ -61,8 +61,7 @@ def chance_margin(run: RunRecord) -> float | None:
     """How far above the majority share an accuracy must be to count as learned; None when not recorded."""
     if run.majority_accuracy is None or not run.eval_examples:
         return None
-    share = run.majority_accuracy
-    return CHANCE_STANDARD_ERRORS * math.sqrt(share * (1 - share) / run.eval_examples)
+    return CHANCE_STANDARD_ERRORS * sampling_error(run.majority_accuracy, run.eval_examples)
 
 
 def at_chance(run: RunRecord) -> bool:

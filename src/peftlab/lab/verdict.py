@@ -211,19 +211,24 @@ def judge_consistency(claim: str, cell: Cell, eval_examples: int | None) -> Verd
     if not eval_examples:
         return Verdict(claim, measured + "; the number of evaluation examples is not recorded, so there is no "
                        "sampling error to weigh it against", "not judged", deviation)
-    sampling = 100 * math.sqrt(cell.mean * (1 - cell.mean) / eval_examples)
+    sampling = 100 * sampling_error(cell.mean, eval_examples)
     measured += f", against the evaluation set's sampling error of {sampling:.2f} points ({eval_examples:,} examples)"
     return Verdict(claim, measured, "holds" if deviation <= sampling + TOLERANCE else "contradicted", deviation, sampling)
+
+
+def sampling_error(accuracy: float, examples: int) -> float:
+    """The standard error of an accuracy measured on ``examples`` evaluation examples, sqrt(p (1 - p) / n):
+    how far the choice of those examples alone moves it (a fraction, like the accuracy)."""
+    return math.sqrt(accuracy * (1 - accuracy) / examples)
 
 
 def _at_least_sampling_error(spread: float, metric: Metric, cells: Sequence[Cell],
                              eval_examples: int | None) -> tuple[float, str]:
     """The noise an accuracy effect must beat: the seed spread, or the evaluation set's sampling error at
     the cells' mean accuracy when that is larger (then also the words that say so)."""
-    if metric is not ACCURACY or not eval_examples:
+    if metric.key != ACCURACY.key or not eval_examples:
         return spread, ""
-    accuracy = fmean(cell.mean for cell in cells)
-    sampling = 100 * math.sqrt(accuracy * (1 - accuracy) / eval_examples)
+    sampling = metric.scale * sampling_error(fmean(cell.mean for cell in cells), eval_examples)
     if sampling <= spread:
         return spread, ""
     return sampling, (f", below the evaluation set's sampling error of {metric.amount(sampling)} "
