@@ -97,8 +97,8 @@ class DoraRankAdapter(LoraAdapter):
 
     def fused_forward(self, x, base):
         a, b, c = self.lora_A, self.lora_B, self.lora_c
-        # The node makes c's gradient from A's: it runs where A trains or c does not.
-        if not (a.requires_grad or not c.requires_grad) or not can_fuse(x, base, a, b, c):
+        # The node makes c's gradient from A's: a trained c beside a frozen A takes the unfused path.
+        if (c.requires_grad and not a.requires_grad) or not can_fuse(x, base, a, b, c):
             return None
         return GatedLoraFunction.apply(x, a, b, c, self.lora_mask, self.scaling, base, self.active_dropout())
 
