@@ -25,9 +25,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 from typing import Any, Callable
 
-from peftlab.assets import load_tokenizer, notice, resolve_model
+from peftlab.assets import load_tokenizer, notice
 from peftlab.lab.results import Results
 from peftlab.train.options import OptionsError, TrainOptions
 
@@ -65,12 +66,12 @@ class GeneralText:
 
 def causal_lm_config(model: str, task: str) -> Any:
     """The model's config; refuses, before any run, a model that is not a causal LM or another task."""
-    from transformers import AutoConfig
+    from peftlab.lab.sweep import model_config
 
     if task != "causal-lm":
         raise OptionsError(f"study forgetting fine-tunes a causal LM (--task causal-lm) and measures its perplexity "
                            f"on general text; drop --task {task}.")
-    config = AutoConfig.from_pretrained(resolve_model(model))
+    config = model_config(model)
     architectures = config.architectures or []
     if not any(name.endswith(CAUSAL_LM_SUFFIXES) for name in architectures):
         found = ", ".join(architectures) or f"a {config.model_type} model with no recorded architecture"
@@ -139,8 +140,8 @@ def forgetting_findings(results: Results) -> list[str]:
     for run in results.ok_runs:
         if run.general_perplexity is not None:
             after.setdefault(run.method, []).append(run.general_perplexity)
-    means = ", ".join(f"{method} {sum(values) / len(values):.3f} ({sum(values) / len(values) / base - 1:+.1%})"
-                      for method, values in after.items())
+    means = ", ".join(f"{method} {mean:.3f} ({mean / base - 1:+.1%})"
+                      for method, mean in ((method, fmean(values)) for method, values in after.items()))
     return [f"Perplexity on {facts['general_text']} ({facts['tokens_scored']:,} tokens in windows of "
             f"{facts['context_length']}) was {base:.3f} before training; after it (mean over seeds): {means}."]
 
