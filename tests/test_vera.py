@@ -145,13 +145,17 @@ def test_one_frozen_pair_shared_by_all_layers_moved_by_to(bases):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, (1e-5, 1e-6)), (torch.float64, (1e-12, 1e-12))], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("folded", [False, True], ids=["rank-r", "folded"])
+@pytest.mark.parametrize(
+    "folded, keeps_product", [(False, False), (False, True), (True, False)], ids=["rank-r", "rank-r-keeping-v", "folded"]
+)
 @pytest.mark.parametrize("target", ["c_fc", "c_proj"])
-def test_fused_forward_and_backward_equal_the_formula(bases, target, folded, dtype, tol, monkeypatch):
-    """Both one-node paths against autograd on h = x Wᵀ + λ_b ⊙ ((λ_d ⊙ x aᵀ) bᵀ), on GPT-2's Conv1D
-    widening (c_fc) and narrowing (c_proj): the rank-r products per token, and ΔW folded into W with
-    the vectors' gradients from gᵀ x aᵀ (what large batches on narrow layers take)."""
+def test_fused_forward_and_backward_equal_the_formula(bases, target, folded, keeps_product, dtype, tol, monkeypatch):
+    """Every one-node path against autograd on h = x Wᵀ + λ_b ⊙ ((λ_d ⊙ x aᵀ) bᵀ), on GPT-2's Conv1D
+    widening (c_fc) and narrowing (c_proj): the rank-r products per token (g_λb from one more product,
+    or from the kept v = (λ_d ⊙ x aᵀ) bᵀ as at large r), and ΔW folded into W with the vectors'
+    gradients from gᵀ x aᵀ (what large batches on narrow layers take)."""
     monkeypatch.setattr(VeraAdapter, "folding_pays", lambda self, rows: folded)
+    monkeypatch.setattr(VeraAdapter, "keeps_product", lambda self: keeps_product)
     model = get_peft_model(copy.deepcopy(bases["gpt2"]), VeraConfig(r=8, target_modules=[target])).to(dtype)
     perturb(model)
     path, layer = next(model.adapted_layers())

@@ -24,12 +24,15 @@ node folds ΔW into W (:class:`VeraFoldedFunction`): one dense product ``x (W + 
 
     g_λb = (H ⊙ b) λ_d        g_λd = λ_bᵀ (H ⊙ b)
 
-Otherwise (:class:`VeraLinearFunction`) the forward scales the small matrices, not the activations:
-``(λ_d ⊙ u) (λ_b ⊙ b)ᵀ`` with ``u = x aᵀ``; it keeps only ``u`` ([N, r]) for backward (A is frozen,
-so ``x`` is not needed) and its backward is three skinny products, one fewer than LoRA's:
+Otherwise (:class:`VeraLinearFunction`) the adapter runs on activations, ``u = x aᵀ`` (A is frozen,
+so ``x`` is not kept), with ``v = (λ_d ⊙ u) bᵀ`` and ``out += λ_b ⊙ v``:
 
     g_w = g (λ_b ⊙ b)        g_λd = Σ_N g_w ⊙ u       g_x = g W + (λ_d ⊙ g_w) a
-    g_λb = Σ_r b ⊙ (gᵀ (λ_d ⊙ u))
+    g_λb = Σ_N g ⊙ v     (keeping v: [N, out])   or   Σ_r b ⊙ (gᵀ (λ_d ⊙ u))   (keeping only u)
+
+The second form of ``g_λb`` is one more rank-r product (``N·out·r``) instead of a saved ``[N, out]``
+and two passes over it: it pays at small r only (:meth:`VeraAdapter.keeps_product`); at VeRA's
+usual r = 256 the product costs ~5x the passes (HF keeps v too).
 """
 
 from __future__ import annotations
@@ -176,22 +179,30 @@ class VeraAdapter(Adapter):
         if (self.dropout is not None and self.training) or not can_fuse(x, base, self.vera_lambda_d, self.vera_lambda_b):
             return None
         a, b = self.sliced(self.vera_lambda_d)
-        folded = _stores_weight(base) and self.folding_pays(x.numel() // max(1, x.shape[-1]))
-        node = VeraFoldedFunction if folded else VeraLinearFunction
-        return node.apply(x, self.vera_lambda_d, self.vera_lambda_b, a, b, base)
+        if _stores_weight(base) and self.folding_pays(x.numel() // max(1, x.shape[-1])):
+            return VeraFoldedFunction.apply(x, self.vera_lambda_d, self.vera_lambda_b, a, b, base)
+        return VeraLinearFunction.apply(x, self.vera_lambda_d, self.vera_lambda_b, a, b, base, self.keeps_product())
+
+    def keeps_product(self) -> bool:
+        """Whether the rank-r path keeps ``v = (λ_d ⊙ u) bᵀ`` for ``g_λb`` (the passes over ``[N, out]``
+        it costs, :data:`_PRODUCT_PASSES` at ``_PASS_COST`` an element) rather than multiply
+        ``gᵀ (λ_d ⊙ u)`` again (``r`` an element)."""
+        return self.r > _PRODUCT_PASSES * _PASS_COST
 
     def folding_pays(self, rows: int) -> bool:
         """Whether ``rows`` tokens cost more multiply-adds through the rank-r path than folded.
 
-        Rank-r: ``N·r·(2·in + 3·out)`` over forward and backward. Folded: ``ΔW`` built twice
+        Rank-r: ``N·r·2·(in + out)`` over forward and backward, and for ``g_λb`` either ``N·out·r``
+        or the passes over the kept ``v`` (:meth:`keeps_product`). Folded: ``ΔW`` built twice
         (``2·in·out·r``, plus ``W + ΔW`` at ``_PASS_COST`` an element) and ``gᵀ x aᵀ`` for the
         vectors' gradients in the cheaper order. VeRA's r is large (256), so folding wins on layers
-        narrower than about 5r and large batches; the rank-r path on wide layers and small batches.
+        narrower than about 4r and large batches; the rank-r path on wide layers and small batches.
         """
         n_in, n_out, r = self.in_features, self.out_features, self.r
         folded = min(rows * n_in * n_out + n_in * n_out * r, rows * r * (n_in + n_out))
         folded += 2 * n_in * n_out * (r + _PASS_COST)
-        return folded < rows * r * (2 * n_in + 3 * n_out)
+        per_output = _PRODUCT_PASSES * _PASS_COST if self.keeps_product() else r
+        return folded < rows * r * 2 * (n_in + n_out) + rows * n_out * per_output
 
     def delta_weight(self, base):
         a, b = self.low_rank(base)
@@ -210,19 +221,25 @@ class VeraAdapter(Adapter):
 
 class VeraLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lambda_d, lambda_b, a, b, view: BaseLayerView):
+    def forward(ctx, x, lambda_d, lambda_b, a, b, view: BaseLayerView, keep_product: bool = False):
         x2 = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
             out = view.forward(x)
         u = torch.mm(x2, a.t())
-        out.view(-1, out.shape[-1]).addmm_(u * lambda_d, (b * lambda_b[:, None]).t())
-        ctx.save_for_backward(u, lambda_d, lambda_b, a, b)
+        out2 = out.view(-1, out.shape[-1])
+        v = None
+        if keep_product:
+            v = torch.mm(u * lambda_d, b.t())
+            out2.addcmul_(v, lambda_b)
+        else:
+            out2.addmm_(u * lambda_d, (b * lambda_b[:, None]).t())
+        ctx.save_for_backward(u, lambda_d, lambda_b, a, b, v)
         ctx.view, ctx.x_shape = view, x.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        u, lambda_d, lambda_b, a, b = ctx.saved_tensors
+        u, lambda_d, lambda_b, a, b, v = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
         grad_w = torch.mm(g, b * lambda_b[:, None])  # [N, r]
         grad_x = grad_d = grad_b = None
@@ -233,8 +250,8 @@ class VeraLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_d = (grad_w * u).sum(0)
         if ctx.needs_input_grad[2]:
-            grad_b = (torch.mm(g.t(), u * lambda_d) * b).sum(1)
-        return grad_x, grad_d, grad_b, None, None, None
+            grad_b = (g * v).sum(0) if v is not None else (torch.mm(g.t(), u * lambda_d) * b).sum(1)
+        return grad_x, grad_d, grad_b, None, None, None, None
 
 
 def _stores_weight(view: BaseLayerView) -> bool:
@@ -285,6 +302,8 @@ class VeraFoldedFunction(torch.autograd.Function):
 #: Multiply-adds one elementwise pass over a weight-sized tensor costs, against a matrix product's
 #: (memory-bound against compute-bound).
 _PASS_COST = 16
+#: The passes over ``[N, out]`` that keeping ``v`` adds: ``out += λ_b ⊙ v`` forward, ``g ⊙ v`` and its sum backward.
+_PRODUCT_PASSES = 3
 
 
 class VeraMethod(Method):
