@@ -249,6 +249,21 @@ def test_study_all_runs_every_study_and_writes_one_report_verdicts_first(tmp_pat
     assert (out / "verdicts.md").read_text(encoding="utf-8").count("- Claim") == total
 
 
+def test_a_resumed_study_all_says_its_time_leaves_out_the_runs_it_found_finished(tmp_path, launched, quick_reports,
+                                                                                  bert_model) -> None:
+    out = tmp_path / "out"
+    assert run_cli("study", "all", "--model", bert_model, "--out", str(out))[0] == 0
+    training_min = sum(run.train_time_s for name in STUDIES if (out / name / "results.json").is_file()
+                       for run in load_results(out / name / "results.json").runs) / 60
+    header = (out / "report.md").read_text(encoding="utf-8").split("\n\n")[1]
+    assert re.search(r", in \d+\.\d min; ", header) and f"; {training_min:.1f} min of training in all runs." in header
+    code, stdout, _ = run_cli("study", "all", "--model", bert_model, "--resume", str(out))
+    assert code == 0 and "(this --resume); report:" in stdout
+    header = (out / "report.md").read_text(encoding="utf-8").split("\n\n")[1]
+    assert "this --resume took" in header and "(the runs it found finished are not in that figure)" in header
+    assert f"; {training_min:.1f} min of training in all runs." in header  # the finished runs' training still counts
+
+
 def test_study_all_leaves_out_a_study_that_cannot_apply_and_says_why(tmp_path, launched, quick_reports) -> None:
     folder = tmp_path / "albert"  # a family with no known query/value layers: the targets study cannot plan
     AlbertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,

@@ -75,18 +75,23 @@ def draw_study_plot(study: Study, results: Results, plots_dir: Path) -> Plot | N
 
 def write_study_all_report(outcomes: Sequence[tuple[Study, Results, list[Verdict]]], out: Path,
                            folders: dict[str, Path], elapsed_s: float,
-                           left_out: Sequence[tuple[Study, str]] = ()) -> Path:
-    """OUT/report.md and OUT/report.html for every study's outcome; returns the HTML's path."""
+                           left_out: Sequence[tuple[Study, str]] = (), resumed: bool = False) -> Path:
+    """OUT/report.md and OUT/report.html for every study's outcome; returns the HTML's path. ``elapsed_s``
+    is this invocation's time: after ``--resume`` it leaves out the runs finished before, which the
+    summed training time still counts."""
     all_verdicts = [(study.name, verdict) for study, _, study_verdicts in outcomes for verdict in study_verdicts]
     runs = [run for _, results, _ in outcomes for run in results.runs]
     failed = sum(not run.ok for run in runs)
     config = outcomes[0][1].config if outcomes else {}
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    training_s = sum(run.train_time_s or 0 for run in runs)
+    took = (f"this --resume took {elapsed_s / 60:.1f} min (the runs it found finished are not in that figure)"
+            if resumed else f"in {elapsed_s / 60:.1f} min")
     blocks: list[Block] = [
         Heading(1, ALL_TITLE),
         Paragraph(f"{len(outcomes)} studies, {len(runs)} runs ({len(runs) - failed} ok, {failed} failed) on "
-                  f"{config.get('model', '?')} with {config.get('dataset', '?')}, in {elapsed_s / 60:.1f} min. "
-                  f"Generated {generated}."),
+                  f"{config.get('model', '?')} with {config.get('dataset', '?')}, {took}; "
+                  f"{training_s / 60:.1f} min of training in all runs. Generated {generated}."),
         Heading(2, "Verdicts"),
         Table(["study", "claim", "verdict", "measured"],
               [[name, verdict.claim, verdict.outcome + verdict.note, verdict.measured] for name, verdict in all_verdicts],
