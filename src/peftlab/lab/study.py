@@ -284,9 +284,10 @@ class StudyCommand:
             outcomes.append((study, results, study_verdicts))
         if len(studies) > 1:
             elapsed = time.monotonic() - began
-            html_path = write_study_all_report(outcomes, out, folders, elapsed, left_out, resumed=bool(args.study_resume))
+            resumed = bool(args.study_resume)
+            html_path = write_study_all_report(outcomes, out, folders, elapsed, left_out, resumed=resumed)
             atomic_write_text(out / VERDICTS_FILE, "\n".join(verdicts_markdown(s, v) for s, _, v in outcomes))
-            print(f"\n{len(plans)} studies, {total} runs, in {elapsed / 60:.1f} min{' (this --resume)' if args.study_resume else ''}; "
+            print(f"\n{len(plans)} studies, {total} runs, in {elapsed / 60:.1f} min{' (this --resume)' if resumed else ''}; "
                   f"report: {html_path}")
         return 0 if all(run.ok for _, results, _ in outcomes for run in results.runs) else 1
 

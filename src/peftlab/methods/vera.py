@@ -31,7 +31,7 @@ so ``x`` is not kept), with ``v = (λ_d ⊙ u) bᵀ`` and ``out += λ_b ⊙ v``:
     g_λb = Σ_N g ⊙ v     (keeping v: [N, out])   or   Σ_r b ⊙ (gᵀ (λ_d ⊙ u))   (keeping only u)
 
 The second form of ``g_λb`` is one more rank-r product (``N·out·r``) instead of a saved ``[N, out]``
-and two passes over it: it pays at small r only (:meth:`VeraAdapter.keeps_product`); at VeRA's
+and three passes over it: it pays at small r only (:meth:`VeraAdapter.keeps_product`); at VeRA's
 usual r = 256 the product costs ~5x the passes (HF keeps v too).
 """
 
@@ -228,7 +228,7 @@ class VeraLinearFunction(torch.autograd.Function):
         u = torch.mm(x2, a.t())
         out2 = out.view(-1, out.shape[-1])
         v = None
-        if keep_product:
+        if keep_product and ctx.needs_input_grad[2]:  # v is kept for λ_b's gradient alone
             v = torch.mm(u * lambda_d, b.t())
             out2.addcmul_(v, lambda_b)
         else:
