@@ -145,12 +145,13 @@ def build_variant(name: str, base, causal: bool, targets: str, r: int | None, dr
         from peftlab.optim import make_optimizer
         from peftlab.train.hooks import HookRunner, discover_hooks
 
-        fields = {**_size_fields(peftlab.METHODS[method].options, r, dropout), **_method_fields(method, r)}
-        if peftlab.METHODS[method].quantization:  # qlora: the base quantized first, as the training engine does
+        peftlab_method = peftlab.METHODS[method]
+        fields = {**_size_fields(peftlab_method.options, r, dropout), **_method_fields(method, r)}
+        if peftlab_method.quantization:  # qlora: the base quantized first, as the training engine does
             from peftlab.train.build import quantize
 
             quantize(model)
-        model = peftlab.get_peft_model(model, peftlab.make_method_config(method, **fields, **shared))
+        model = peftlab.get_peft_model(model, peftlab_method.make_config(**fields, **shared))
         optimizer = make_optimizer(model, "adamw", lr=1e-4, weight_decay=0.01)  # torch AdamW's default, as the others
         return model, optimizer, HookRunner(discover_hooks(model))
     import peft

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from test_cli import run_cli, tiny_flags
 from train_fixtures import bert_dir, sentiment_dir  # noqa: F401
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from peftlab import PeftModel
+from peftlab import LoraConfig, PeftModel, make_method_config
 from peftlab.data import DataError, load_dataset_spec
 from peftlab.train.build import trained_label_names
 
@@ -151,3 +152,19 @@ def test_a_model_folder_without_tokenizer_files_is_refused(bert_dir, sentiment_d
         shutil.copy(bert_dir / name, model / name)
     code, _, err = run_cli(capsys, "train", *tiny_flags(model, sentiment_dir, tmp_path / "out"), "--max-steps", "1")
     assert_refused(code, err, "train", "has no tokenizer files", "tokenizer.save_pretrained")
+
+
+def test_qlora_built_by_name_warns_that_quantizing_the_base_is_the_callers(bert_dir, sentiment_dir, tmp_path, capsys):
+    """``make_method_config("qlora")`` is a LoraConfig: on a model nobody quantized it would train LoRA on the fp32
+    weights (a benchmark of ours once did, unawares). It says so; the training engine, which quantizes first, does not."""
+    message = (r"method 'qlora' trains its adapter on a base quantized to NF4: this is the adapter's config alone "
+               r"\(a LoraConfig\); quantize the model first with peftlab\.quant\.quantize_model\(model\)")
+    with pytest.warns(UserWarning, match=message):
+        config = make_method_config("qlora", r=4)
+    assert type(config) is LoraConfig and config.r == 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_method_config("lora", r=4)
+        code, _, _ = run_cli(capsys, "train", *tiny_flags(bert_dir, sentiment_dir, tmp_path / "qlora"), "--method", "qlora",
+                             "--max-steps", "1")
+    assert code == 0 and not [w for w in caught if "trains its adapter on a base quantized" in str(w.message)]

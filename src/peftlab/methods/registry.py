@@ -8,6 +8,7 @@ Method files register themselves (``register_method(LoraMethod("lora"))``) when
 from __future__ import annotations
 
 import difflib
+import warnings
 from typing import Any
 
 from peftlab.config import AdapterConfig
@@ -100,4 +101,18 @@ def method_named(name: str) -> Method:
 
 
 def make_method_config(name: str, **options: Any) -> AdapterConfig:
-    return method_named(name).make_config(**options)
+    """Method ``name``'s adapter config, ``options`` over its preset (``"rslora"``: a ``LoraConfig``
+    with ``use_rslora=True``). A method on a quantized base (``qlora``) is that adapter on a base
+    quantized first, a step of the model's, not the config's: it warns, so that building it by name
+    never trains on the full-precision weights unawares (the training engine quantizes, then calls
+    ``Method.make_config``)."""
+    method = method_named(name)
+    if method.quantization:
+        warnings.warn(
+            f"method {name!r} trains its adapter on a base quantized to {method.quantization.upper()}: this is the "
+            f"adapter's config alone (a {method.config_class.__name__}); quantize the model first with "
+            f"peftlab.quant.quantize_model(model), as `peftlab train --method {name}` does, or it trains on the "
+            "full-precision weights.",
+            stacklevel=2,
+        )
+    return method.make_config(**options)

@@ -16,7 +16,7 @@ from peftlab.data import CausalLMCollator, ClassificationCollator, TextDataset, 
 from peftlab.data.text import is_plain_text
 from peftlab.hf_compat import saved_num_labels
 from peftlab.io import LABEL_NAMES_KEY, QUANTIZATION_KEY, read_adapter_config, read_adapter_metadata
-from peftlab.methods import make_method_config
+from peftlab.methods import method_named
 from peftlab.model import PeftModel, get_peft_model
 from peftlab.train.options import OptionsError, TrainOptions, default_target_modules
 
@@ -87,8 +87,7 @@ def build_model(
     if options.target_modules is None:
         options = dataclasses.replace(options, target_modules=default_target_modules(model.config.model_type))
     try:
-        config = make_method_config(
-            options.method,
+        config = method_named(options.method).make_config(  # the base is quantized above when the method asks
             task_type=PEFT_TASK_TYPES[options.task],
             base_model_name_or_path=options.model,
             **options.adapter_options(),
