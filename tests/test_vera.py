@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from peftlab import LoraConfig, PeftModel, get_peft_model
 from peftlab.methods import UnsupportedBaseError
+from peftlab.methods.dropout_mask import DropMask
 from peftlab.methods.vera import VeraAdapter, VeraConfig, VeraProjections, draw_projections
 from tiny_models import logits, max_diff, perturb, tiny_batch, tiny_bert_seq_cls, tiny_gpt2, tiny_llama
 
@@ -173,6 +174,41 @@ def test_fused_forward_and_backward_equal_the_formula(bases, target, folded, kee
     reference.backward(grad)
     for got, want in zip(fused, (x.grad, adapter.vera_lambda_b.grad, adapter.vera_lambda_d.grad)):
         torch.testing.assert_close(got, want, rtol=tol[0], atol=tol[1])
+
+
+@pytest.mark.parametrize("keeps_product", [False, True], ids=["rank-r", "rank-r-keeping-v"])
+@pytest.mark.parametrize("target", ["c_fc", "c_proj"])
+def test_dropout_runs_fused_and_matches_the_formula_with_the_same_mask(bases, target, keeps_product, monkeypatch):
+    """With vera_dropout the adapter sees dropout(x), the base x: one node still (never folded, even where
+    folding would pay), equal to h = x Wᵀ + λ_b ⊙ ((λ_d ⊙ dropout(x) aᵀ) bᵀ) with the mask it drew, fp64."""
+    monkeypatch.setattr(VeraAdapter, "folding_pays", lambda self, rows: True)
+    monkeypatch.setattr(VeraAdapter, "keeps_product", lambda self: keeps_product)
+    config = VeraConfig(r=8, target_modules=[target], vera_dropout=0.3)
+    model = get_peft_model(copy.deepcopy(bases["gpt2"]), config).to(torch.float64)
+    perturb(model)
+    model.train()
+    path, layer = next(model.adapted_layers())
+    adapter = layer.adapters["default"]
+    n_in = layer.view.in_features
+    x = torch.randn(2, 5, n_in, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "VeraLinearFunctionBackward"
+    torch.manual_seed(1)  # the mask the fused call drew, drawn again
+    mask = DropMask.sample(10, n_in, 0.3, x.device)
+    assert 0 < len(mask.positions) < 10 * n_in
+    keep = torch.full((10 * n_in,), 1 / 0.7, dtype=torch.float64)
+    keep[mask.positions] = 0
+    a, b = adapter.sliced(adapter.vera_lambda_d)
+    dropped = x * keep.view(2, 5, n_in)
+    reference = (x @ layer.view.weight().T + layer.view.bias
+                 + adapter.vera_lambda_b * ((adapter.vera_lambda_d * (dropped @ a.T)) @ b.T))
+    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-10)
+    params = [x, adapter.vera_lambda_b, adapter.vera_lambda_d]
+    weights = torch.randn_like(out)  # a loss whose gradient differs per output entry
+    for got, want in zip(torch.autograd.grad((out * weights).sum(), params),
+                         torch.autograd.grad((reference * weights).sum(), params)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
 # -- bad input ------------------------------------------------------------------------------------

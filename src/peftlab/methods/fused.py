@@ -40,8 +40,21 @@ def can_fuse(x: torch.Tensor, view: BaseLayerView, *params: torch.Tensor) -> boo
     return not view.trains()
 
 
-def _sample_mask(x2: torch.Tensor, dropout: float) -> DropMask | None:
+def sample_mask(x2: torch.Tensor, dropout: float) -> DropMask | None:
+    """The dropout mask of a 2-D adapter input (None without dropout)."""
     return DropMask.sample(x2.shape[0], x2.shape[1], dropout, x2.device) if dropout > 0 else None
+
+
+def add_low_rank_input_grad(grad_x: torch.Tensor, grad_u: torch.Tensor, a: torch.Tensor, mask: DropMask | None):
+    """``grad_x + grad_u A`` (2-D, in place where it can) for ``u = dropout(x) Aᵀ``: through the mask,
+    the dropped entries keep the frozen layer's gradient alone."""
+    if mask is None:
+        return grad_x.addmm_(grad_u, a)
+    grad_x = grad_x.contiguous()
+    base_only = grad_x.view(-1)[mask.positions]
+    grad_x.addmm_(grad_u, a, alpha=mask.keep_scale)
+    grad_x.view(-1)[mask.positions] = base_only
+    return grad_x
 
 
 def _lowrank_param_grads(ctx, grad_z: torch.Tensor, x2: torch.Tensor, a, b, u):
@@ -60,7 +73,7 @@ class LoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
             out = view.forward(x)
-        mask = _sample_mask(x2, dropout)
+        mask = sample_mask(x2, dropout)
         x_in = x2 if mask is None else mask.apply(x2)
         u = torch.mm(x_in, a.t())
         out.view(-1, out.shape[-1]).addmm_(u, b.t(), alpha=scale)
@@ -71,20 +84,11 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x_in, a, b, u = ctx.saved_tensors
-        mask: DropMask | None = ctx.mask
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         grad_u, grad_a, grad_b = _lowrank_param_grads(ctx, g2, x_in, a, b, u)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = ctx.view.input_grad(g2)
-            if mask is None:
-                grad_x.addmm_(grad_u, a)
-            else:  # the dropped entries get the frozen layer's gradient alone
-                grad_x = grad_x.contiguous()
-                base_only = grad_x.view(-1)[mask.positions]
-                grad_x.addmm_(grad_u, a, alpha=mask.keep_scale)
-                grad_x.view(-1)[mask.positions] = base_only
-            grad_x = grad_x.view(ctx.x_shape)
+            grad_x = add_low_rank_input_grad(ctx.view.input_grad(g2), grad_u, a, ctx.mask).view(ctx.x_shape)
         return grad_x, grad_a, grad_b, None, None, None
 
 
@@ -92,7 +96,7 @@ class DoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, magnitude, norm, scale: float, view: BaseLayerView, dropout: float = 0.0):
         x2 = x.reshape(-1, x.shape[-1])
-        mask = _sample_mask(x2, dropout)
+        mask = sample_mask(x2, dropout)
         row_scale = magnitude / norm
         with torch.no_grad():
             if mask is None:

@@ -17,7 +17,7 @@ trainable); each layer keeps a reference to it, not a copy. HF's files store it 
 
 Training runs base and adapter as one autograd node, one of two ways chosen per call by counted
 multiply-adds (:meth:`VeraAdapter.folding_pays`). At r = 256 the rank-r products cost more than the
-layer itself on layers narrower than about 5r, so there, for large batches on a stored weight, the
+layer itself on layers narrower than about 4r, so there, for large batches on a stored weight, the
 node folds ΔW into W (:class:`VeraFoldedFunction`): one dense product ``x (W + ΔW)ᵀ`` forward and
 ``g (W + ΔW)`` backward, ΔW built twice (``in·out·r``, not kept), the vectors' gradients from
 ``H = gᵀ x aᵀ`` in the cheaper order (it keeps ``x``):
@@ -32,7 +32,10 @@ so ``x`` is not kept), with ``v = (λ_d ⊙ u) bᵀ`` and ``out += λ_b ⊙ v``:
 
 The second form of ``g_λb`` is one more rank-r product (``N·out·r``) instead of a saved ``[N, out]``
 and three passes over it: it pays at small r only (:meth:`VeraAdapter.keeps_product`); at VeRA's
-usual r = 256 the product costs ~5x the passes (HF keeps v too).
+usual r = 256 the product costs ~5x the passes (HF keeps v too). With ``vera_dropout`` only this path
+runs (the base sees ``x``, the adapter ``dropout(x)``: ΔW cannot fold into W): ``u = dropout(x) aᵀ``
+with LoRA's mask (``dropout_mask.py``), and ``g_x``'s adapter term goes through the mask; A being
+frozen, the dropped-out input is not kept.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from torch import nn
 from peftlab.base import BaseLayerView, Conv1DView, LinearView
 from peftlab.config import AdapterConfig
 from peftlab.methods.adapter import Adapter
-from peftlab.methods.fused import can_fuse
+from peftlab.methods.fused import add_low_rank_input_grad, can_fuse, sample_mask
 from peftlab.methods.lora import add_low_rank
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
 from peftlab.methods.method import Method, MethodOption, UnsupportedBaseError
@@ -175,13 +178,15 @@ class VeraAdapter(Adapter):
         return add_low_rank(base_out, w, b * self.vera_lambda_b[:, None], 1.0)
 
     def fused_forward(self, x: torch.Tensor, base: BaseLayerView) -> torch.Tensor | None:
-        """Base plus adapter as one autograd node that keeps ``u``, not ``x``; None where it does not apply."""
-        if (self.dropout is not None and self.training) or not can_fuse(x, base, self.vera_lambda_d, self.vera_lambda_b):
+        """Base plus adapter as one autograd node that keeps ``u``, not ``x``; None where it does not apply.
+        With dropout the base and the adapter see different inputs, so ΔW cannot fold into W."""
+        if not can_fuse(x, base, self.vera_lambda_d, self.vera_lambda_b):
             return None
         a, b = self.sliced(self.vera_lambda_d)
-        if _stores_weight(base) and self.folding_pays(x.numel() // max(1, x.shape[-1])):
+        dropout = self.dropout.p if self.dropout is not None and self.training else 0.0
+        if not dropout and _stores_weight(base) and self.folding_pays(x.numel() // max(1, x.shape[-1])):
             return VeraFoldedFunction.apply(x, self.vera_lambda_d, self.vera_lambda_b, a, b, base)
-        return VeraLinearFunction.apply(x, self.vera_lambda_d, self.vera_lambda_b, a, b, base, self.keeps_product())
+        return VeraLinearFunction.apply(x, self.vera_lambda_d, self.vera_lambda_b, a, b, base, self.keeps_product(), dropout)
 
     def keeps_product(self) -> bool:
         """Whether the rank-r path keeps ``v = (λ_d ⊙ u) bᵀ`` for ``g_λb`` (the passes over ``[N, out]``
@@ -221,11 +226,12 @@ class VeraAdapter(Adapter):
 
 class VeraLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lambda_d, lambda_b, a, b, view: BaseLayerView, keep_product: bool = False):
+    def forward(ctx, x, lambda_d, lambda_b, a, b, view: BaseLayerView, keep_product: bool = False, dropout: float = 0.0):
         x2 = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
             out = view.forward(x)
-        u = torch.mm(x2, a.t())
+        mask = sample_mask(x2, dropout)  # A is frozen: the dropped-out input is used here and not kept
+        u = torch.mm(x2 if mask is None else mask.apply(x2), a.t())
         out2 = out.view(-1, out.shape[-1])
         v = None
         if keep_product and ctx.needs_input_grad[2]:  # v is kept for λ_b's gradient alone
@@ -234,7 +240,7 @@ class VeraLinearFunction(torch.autograd.Function):
         else:
             out2.addmm_(u * lambda_d, (b * lambda_b[:, None]).t())
         ctx.save_for_backward(u, lambda_d, lambda_b, a, b, v)
-        ctx.view, ctx.x_shape = view, x.shape
+        ctx.view, ctx.x_shape, ctx.mask = view, x.shape, mask
         return out
 
     @staticmethod
@@ -244,14 +250,12 @@ class VeraLinearFunction(torch.autograd.Function):
         grad_w = torch.mm(g, b * lambda_b[:, None])  # [N, r]
         grad_x = grad_d = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = ctx.view.input_grad(g)
-            grad_x.addmm_(grad_w * lambda_d, a)
-            grad_x = grad_x.view(ctx.x_shape)
+            grad_x = add_low_rank_input_grad(ctx.view.input_grad(g), grad_w * lambda_d, a, ctx.mask).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             grad_d = (grad_w * u).sum(0)
         if ctx.needs_input_grad[2]:
             grad_b = (g * v).sum(0) if v is not None else (torch.mm(g.t(), u * lambda_d) * b).sum(1)
-        return grad_x, grad_d, grad_b, None, None, None, None
+        return grad_x, grad_d, grad_b, None, None, None, None, None
 
 
 def _stores_weight(view: BaseLayerView) -> bool:
