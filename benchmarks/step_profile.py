@@ -37,15 +37,8 @@ def profile_variant(model, optimizer, hooks, batch: dict, steps: int, first_inde
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="minilm-l6")
-    parser.add_argument("--targets", default="query,value")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--r", type=int, default=None, help="every adapter's rank (default: each method's lab default)")
-    parser.add_argument("--dropout", type=float, default=0.0, help="the adapters' lora_dropout (default: 0)")
+    train_step.add_workload_arguments(parser)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per variant")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default="floor,peftlab-lora,hf-lora", help="the first is the baseline of the order")
     parser.add_argument("--rows", type=int, default=30)
     args = parser.parse_args()
@@ -56,10 +49,7 @@ def main() -> None:
     batch = train_step.make_batch(base, causal, args.batch, args.length)
     table = {}
     for name in variants:
-        model, optimizer, hooks = train_step.build_variant(name, base, causal, args.targets, args.r, args.dropout)
-        model.train()
-        for index in range(args.warmup):
-            train_step.step(model, optimizer, batch, hooks, index)
+        model, optimizer, hooks = train_step.warmed_variant(name, base, causal, batch, args)
         table[name] = profile_variant(model, optimizer, hooks, batch, args.steps, args.warmup)
         print(f"  profiled {name}", file=sys.stderr)
         del model, optimizer, hooks

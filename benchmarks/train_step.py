@@ -276,16 +276,21 @@ def measure_memory(args, variants) -> dict:
     return results
 
 
+def warmed_variant(name: str, base, causal: bool, batch: dict, args):
+    """``build_variant`` for ``args``' workload, in training mode, after its ``args.warmup`` steps."""
+    model, optimizer, hooks = build_variant(name, base, causal, args.targets, args.r, args.dropout)
+    model.train()
+    for index in range(args.warmup):
+        step(model, optimizer, batch, hooks, index)
+    return model, optimizer, hooks
+
+
 def measure_time(args, variants) -> dict[str, list[float]]:
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     base, causal = load_base(args.model)
     batch = make_batch(base, causal, args.batch, args.length)
-    built = {name: build_variant(name, base, causal, args.targets, args.r, args.dropout) for name in variants}
-    for name, (model, optimizer, hooks) in built.items():
-        model.train()
-        for index in range(args.warmup):
-            step(model, optimizer, batch, hooks, index)
+    built = {name: warmed_variant(name, base, causal, batch, args) for name in variants}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(args.steps):
         # Rotate the order each round so no variant always runs right after the same neighbour.
@@ -299,8 +304,8 @@ def measure_time(args, variants) -> dict[str, list[float]]:
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, adapters, batch and threads a variant steps with (this script's and ``step_profile.py``'s)."""
     parser.add_argument("--model", default="minilm-l6")
     parser.add_argument("--targets", default="query,value")
     parser.add_argument("--batch", type=int, default=32)
@@ -308,9 +313,14 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=None,
                         help="every adapter's rank (default: each method's lab default, as peftlab compare: 8, VeRA 256)")
     parser.add_argument("--dropout", type=float, default=0.0, help="the adapters' lora_dropout (default: 0)")
-    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_arguments(parser)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: process CPU time, robust to other load on a shared machine (use with --threads 1)")
