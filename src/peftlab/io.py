@@ -54,10 +54,11 @@ def is_disk_full(error: BaseException) -> bool:
 
 @contextmanager
 def explain_disk_full(what: str) -> Iterator[None]:
-    """A full disk inside the block becomes a DiskFullError: "disk full while ``what``", and what to do."""
+    """A full disk inside the block becomes a DiskFullError: "disk full while ``what``", and what to do.
+    Any exception is judged by :func:`is_disk_full` (safetensors reports a full disk in its own type)."""
     try:
         yield
-    except OSError as error:
+    except Exception as error:
         if is_disk_full(error) and not isinstance(error, DiskFullError):
             raise DiskFullError(f"disk full while {what}. Free space on that disk, or write elsewhere.") from error
         raise
@@ -68,16 +69,15 @@ def _stage(path: Path, write: Writer) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; the file gets what open() would give it
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if is_disk_full(error):
-            raise DiskFullError(f"disk full while writing {path}: nothing was replaced there. Free space on that disk, or write elsewhere.") from error
-        raise
+    with explain_disk_full(f"writing {path}: nothing was replaced there"):
+        try:
+            os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; the file gets what open() would give it
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return tmp
 
 
