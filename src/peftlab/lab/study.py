@@ -257,6 +257,7 @@ class StudyCommand:
         if args.study_resume and (holds_one if len(studies) > 1 else holds_several and not holds_one):
             raise OptionsError(f"{out} holds {'one study' if holds_one else 'several studies (study all)'}, not what "
                                f"study {args.study} writes there; resume it with the study it was started as.")
+        resumed = bool(args.study_resume)
         total, done, began = sum(len(runs) for _, runs, _ in plans), 0, time.monotonic()
         weights = iter(run_weights([run for _, runs, _ in plans for run in runs]))
         work = [sum(next(weights) for _ in runs) for _, runs, _ in plans]  # each study's
@@ -268,7 +269,7 @@ class StudyCommand:
                       flush=True)
             try:
                 results = run_comparison(runs, config, folders[study.name], environment(),
-                                         resuming=bool(args.study_resume), head=study_head(study))
+                                         resuming=resumed, head=study_head(study))
             except KeyboardInterrupt:
                 print(f"\npeftlab study: interrupted. What finished is in {out}; continue with: peftlab study "
                       f"{args.study} --resume {out} (and the same options)", file=sys.stderr)
@@ -284,7 +285,6 @@ class StudyCommand:
             outcomes.append((study, results, study_verdicts))
         if len(studies) > 1:
             elapsed = time.monotonic() - began
-            resumed = bool(args.study_resume)
             html_path = write_study_all_report(outcomes, out, folders, elapsed, left_out, resumed=resumed)
             atomic_write_text(out / VERDICTS_FILE, "\n".join(verdicts_markdown(s, v) for s, _, v in outcomes))
             print(f"\n{len(plans)} studies, {total} runs, in {elapsed / 60:.1f} min{' (this --resume)' if resumed else ''}; "

@@ -25,7 +25,7 @@ from peftlab.lab.report import (
     key_value_table,
     write_blocks,
 )
-from peftlab.lab.results import Results
+from peftlab.lab.results import Results, RunRecord
 from peftlab.lab.study import STUDIES, Study, verdicts
 from peftlab.lab.study_findings import all_findings, study_findings
 from peftlab.lab.study_plots import plot_study
@@ -84,14 +84,13 @@ def write_study_all_report(outcomes: Sequence[tuple[Study, Results, list[Verdict
     failed = sum(not run.ok for run in runs)
     config = outcomes[0][1].config if outcomes else {}
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    training_s = sum(run.train_time_s or 0 for run in runs)
     took = (f"this --resume took {elapsed_s / 60:.1f} min (the runs it found finished are not in that figure)"
             if resumed else f"in {elapsed_s / 60:.1f} min")
     blocks: list[Block] = [
         Heading(1, ALL_TITLE),
         Paragraph(f"{len(outcomes)} studies, {len(runs)} runs ({len(runs) - failed} ok, {failed} failed) on "
                   f"{config.get('model', '?')} with {config.get('dataset', '?')}, {took}; "
-                  f"{training_s / 60:.1f} min of training in all runs. Generated {generated}."),
+                  f"{_training_min(runs):.1f} min of training in all runs. Generated {generated}."),
         Heading(2, "Verdicts"),
         Table(["study", "claim", "verdict", "measured"],
               [[name, verdict.claim, verdict.outcome + verdict.note, verdict.measured] for name, verdict in all_verdicts],
@@ -104,12 +103,17 @@ def write_study_all_report(outcomes: Sequence[tuple[Study, Results, list[Verdict
     for study, results, _ in outcomes:
         folder = folders[study.name]
         failed_runs = sum(not run.ok for run in results.runs)
-        training_s = sum(run.train_time_s or 0 for run in results.runs)
         blocks += [Heading(2, f"Study {study.name}"), *study_blocks(study, results, folder / "plots", level=3),
-                   Paragraph(f"{len(results.runs)} runs ({failed_runs} failed), {training_s / 60:.1f} min of training "
+                   Paragraph(f"{len(results.runs)} runs ({failed_runs} failed), "
+                             f"{_training_min(results.runs):.1f} min of training "
                              f"in all. Every run, table and plot of this study: "
                              f"{folder.relative_to(out).as_posix()}/report.html.")]
     if outcomes:
         blocks += [Heading(2, "Environment"), key_value_table(outcomes[0][1].environment)]
     write_blocks(blocks, out, ALL_TITLE)
     return out / "report.html"
+
+
+def _training_min(runs: Sequence[RunRecord]) -> float:
+    """The runs' training time summed, in minutes (a run without one counts 0)."""
+    return sum(run.train_time_s or 0 for run in runs) / 60
