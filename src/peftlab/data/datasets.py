@@ -151,6 +151,18 @@ def load_dataset_spec(
     return dataset.select(sample(len(dataset), max_samples, seed))
 
 
+def task_of_dataset(name_or_path: str | Path, data_dir: str | Path | None = None) -> str:
+    """"causal-lm" or "seq-cls", as the data's format says (a file or folder that cannot be read: "seq-cls",
+    and loading it reports why)."""
+    if is_plain_text(name_or_path):
+        return "causal-lm"
+    try:
+        table, _, _ = _read_split(name_or_path, "train", data_dir)
+        return "causal-lm" if table.rows and table_format(table) in CAUSAL_LM_FORMATS else "seq-cls"
+    except DataError:
+        return "seq-cls"
+
+
 #: How a labelled example becomes a prompt for a causal LM; the response is " <label name>".
 LABEL_PROMPT = "Text: {text}\nLabel:"
 
