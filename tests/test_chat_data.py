@@ -89,7 +89,7 @@ def test_bad_conversations_name_the_file_and_line(tmp_path: Path, turns, message
 
 def test_bad_files_name_the_file_and_line(tmp_path: Path) -> None:
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [chat_row(("user", "hi"), ("assistant", "yes")), {"prompt": "p", "response": "r"}])
-    with pytest.raises(DataError, match="mixed.jsonl, line 2: a prompt-response row, but .*line 1 is a chat row"):
+    with pytest.raises(DataError, match="mixed.jsonl, line 2: a prompt-response row \\(no 'messages' value\\), but .*line 1 is a chat row"):
         load_dataset_spec(mixed, "train", held_out=False)
     unknown = write_jsonl(tmp_path / "unknown.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(DataError, match="unknown.jsonl, line 1: keys question, answer match no data format; expected one of chat: messages"):
