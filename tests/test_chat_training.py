@@ -68,3 +68,8 @@ def test_the_cli_tells_the_task_from_the_data_and_asks_for_a_template(chat_llama
     assert "train data: 0 of 24 rows (0%) cut at --max-length 23" in err
     saved = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert saved["options"]["task"] == "causal-lm" and saved["options"]["chat_template"] == str(template)
+    code, out, err = run_cli(capsys, "eval", "--adapter", str(tmp_path / "b"))
+    assert code == 0, err
+    assert f"chat_template={template}" in err  # the run's template, taken from its metrics.json
+    scores = json.loads(out)
+    assert scores["max_length"] == 23 and scores["eval_rows"] == 6 and scores["eval_rows_truncated"] == 0
