@@ -29,6 +29,11 @@ class DoraAdapter(LoraAdapter):
         self._merged_scale: torch.Tensor | None = None
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm(base).to(self.lora_A.dtype))
 
+    def after_base_init(self, base: BaseLayerView) -> None:
+        # As HF: the magnitude is the row norm of the started weight W_res + s·BA (LoftQ's differs from W's).
+        with torch.no_grad():
+            self.lora_magnitude_vector.copy_(self.weight_norm(base))
+
     def _weight_row_sq(self, base: BaseLayerView, weight: torch.Tensor) -> torch.Tensor:
         key = (base.weight_version(), weight.dtype, weight.device)
         if self._row_sq_cache is None or self._row_sq_cache[0] != key:

@@ -25,13 +25,13 @@ from torch import nn
 
 from peftlab.base import BaseLayerView
 from peftlab.config import AdapterConfig, check_regex, default_field
+from peftlab.methods import lora_init
 from peftlab.methods.adapter import Adapter
 from peftlab.methods.fused import LoraLinearFunction, can_fuse
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
 from peftlab.methods.method import ADAPTER_DROPOUT, Method, MethodOption, UnsupportedBaseError
+from peftlab.methods.lora_init.loftq import LoftQConfig
 from peftlab.methods.registry import register_method
-
-INIT_CHOICES = (True, False, "gaussian")
 
 
 @dataclass
@@ -43,7 +43,10 @@ class LoraConfig(AdapterConfig):
     use_dora: bool = False
     fan_in_fan_out: bool = False
     bias: str = "none"
+    #: Where the adapter starts (``lora_init/``): True, False, "gaussian", "orthogonal", "pissa", ...
     init_lora_weights: bool | str = True
+    #: HF's sub-config of ``init_lora_weights="loftq"`` (a LoftQConfig, kept as a dict as HF does).
+    loftq_config: LoftQConfig | dict = default_field({})
     rank_pattern: dict = default_field({})
     alpha_pattern: dict = default_field({})
     #: HF's field: a tied output embedding shares the input embedding's trained copy (``modules_to_save``).
@@ -78,8 +81,7 @@ class LoraConfig(AdapterConfig):
             from peftlab.methods.loraplus import check_ratio
 
             check_ratio(self.loraplus_lr_ratio)
-        if self.init_lora_weights not in INIT_CHOICES:
-            raise ValueError(f"init_lora_weights={self.init_lora_weights!r}: choose one of {INIT_CHOICES}.")
+        lora_init.check_init_config(self)
 
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         """The rank and alpha of one module: ``rank_pattern``/``alpha_pattern`` override, as in HF."""
@@ -107,8 +109,14 @@ class LoraMethod(Method):
     #: With these and the shared defaults (batch 32, max length 64, linear decay after 6% warmup),
     #: LoRA on MiniLM-L6 reaches 0.85 on SST-2 validation after one epoch over 8000 examples.
     run_defaults = {"lr": 1e-3, "r": 8, "lora_alpha": 16, "lora_dropout": 0.05}
+    #: The ``init_lora_weights`` values this method runs (None: every one in ``lora_init/``).
+    initialisations: tuple | None = None
+
+    def check_model(self, model, config):
+        lora_init.check_method_runs(self, config)
 
     def check_base(self, config, view, path):
+        lora_init.init_for(config.init_lora_weights).check_base(config, view, path)
         if config.use_dora and view.takes_ids:
             raise UnsupportedBaseError(
                 f"DoRA on an Embedding layer ({path}) is not supported; target linear layers, or use LoRA for embeddings."
@@ -137,7 +145,9 @@ class LoraMethod(Method):
             from peftlab.methods.dora import DoraAdapter
 
             adapter_class = DoraAdapter
-        return adapter_class(view, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+        adapter = adapter_class(view, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+        lora_init.start_from_base(adapter, view, config, path)
+        return adapter
 
     def param_groups(self, model, adapter_name, lr, weight_decay):
         config = model.peft_config[adapter_name]
@@ -185,23 +195,12 @@ class LoraAdapter(Adapter):
         self.reset_parameters(init)
 
     def reset_parameters(self, init) -> None:
+        """The random start of ``init_lora_weights=init`` (see ``lora_init/``), in HF's order of draws."""
         with torch.no_grad():
-            if self.is_embedding:
-                # The embedding convention (HF): A = 0, B ~ N(0, 1); init=False makes both random.
-                nn.init.normal_(self.lora_B)
-                if init is False:
-                    nn.init.normal_(self.lora_A)
-                else:
-                    nn.init.zeros_(self.lora_A)
-                return
-            if init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1 / self.r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            if init is False:
-                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(self.lora_B)
+            lora_init.init_for(init).draw(self, init)
+
+    def after_base_init(self, base: BaseLayerView) -> None:
+        """Called once an init has set A, B (and maybe rewritten the base) from the frozen weight."""
 
     def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_embedding and x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):

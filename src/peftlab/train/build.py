@@ -60,11 +60,17 @@ def make_collator(options: TrainOptions, tokenizer) -> Any:
     return collator(tokenizer, max_length=options.max_length)
 
 
-def quantize(model: nn.Module) -> None:
+def quantize(model: nn.Module, double_quant: bool = True) -> None:
     """NF4 for every linear layer but the heads, in place (the QLoRA base)."""
     from peftlab.quant import quantize_model
 
-    quantize_model(model)
+    quantize_model(model, double_quant=double_quant)
+
+
+def quantizes_itself(init_lora_weights: Any) -> bool:
+    """LoftQ quantizes the full-precision weights itself: the adapter is built (or loaded) first, and the
+    base then stored in NF4 without double quantization, which holds LoftQ's codes exactly (lora_init/loftq.py)."""
+    return init_lora_weights == "loftq"
 
 
 def build_model(
@@ -78,7 +84,16 @@ def build_model(
     if options.task == "seq-cls" and label_names:
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {name: i for i, name in enumerate(label_names)}
-    if options.quantization:
+    adapter_options = {} if options.is_full_fine_tuning else options.adapter_options()
+    loftq = quantizes_itself(adapter_options.get("init_lora_weights"))
+    if loftq and not options.quantization:
+        raise OptionsError(
+            "init_lora_weights=loftq fits the adapter to the error of a 4-bit base, but this run's base is not "
+            "quantized: use --method qlora (or --quantize nf4 with a LoRA-family method), or another init."
+        )
+    if loftq:
+        adapter_options.setdefault("loftq_config", {"loftq_bits": 4, "loftq_iter": 1})
+    elif options.quantization:
         quantize(model)
     if options.is_full_fine_tuning:
         check_max_length(options.max_length, model)
@@ -90,11 +105,13 @@ def build_model(
         config = method_named(options.method).make_config(  # the base is quantized above when the method asks
             task_type=PEFT_TASK_TYPES[options.task],
             base_model_name_or_path=options.model,
-            **options.adapter_options(),
+            **adapter_options,
         )
     except TypeError as error:  # an option the method's config does not have
         raise OptionsError(f"method {options.method!r} does not take these options: {error}") from None
     model = get_peft_model(model, config)
+    if loftq:
+        quantize(model.base_model, double_quant=False)
     check_max_length(options.max_length, model)  # after the method: it may extend the context
     return model, tokenizer, options
 
@@ -176,8 +193,12 @@ def load_trained(
     if adapter is not None and task == "seq-cls":
         num_labels = num_labels or saved_num_labels(adapter)
     loaded, tokenizer = load_model_and_tokenizer(model, task, num_labels=num_labels or 2)
-    if quantization:
+    loftq = adapter is not None and quantizes_itself(read_adapter_config(Path(adapter)).get("init_lora_weights"))
+    if quantization and not loftq:
         quantize(loaded)
     if adapter is None:
         return loaded, tokenizer
-    return PeftModel.from_pretrained(loaded, adapter), tokenizer
+    peft_model = PeftModel.from_pretrained(loaded, adapter)  # a LoftQ adapter re-quantizes the base as in training
+    if quantization and loftq:
+        quantize(peft_model.base_model, double_quant=False)
+    return peft_model, tokenizer

@@ -1,0 +1,68 @@
+"""The initialisations in the training engine: ``peftlab train --method-option init_lora_weights=...``.
+
+LoftQ there runs on the full-precision model and the base is then stored in NF4 without double
+quantization, which holds LoftQ's codes exactly; evaluation reloads it the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from tiny_models import tiny_batch
+from train_fixtures import llama_dir, prompt_dir, tiny_options  # noqa: F401 (fixtures)
+
+import pytest
+from peftlab.assets import load_model_and_tokenizer
+from peftlab.methods.lora_init.loftq import loftq_factors
+from peftlab.quant import Linear4bit
+from peftlab.train.build import build_model, load_trained, save_trained
+from peftlab.train.options import OptionsError, add_train_arguments, options_from_args
+
+
+def _options(llama_dir, prompt_dir, tmp_path, **changes):
+    return tiny_options(llama_dir, prompt_dir, tmp_path / "out", task="causal-lm", **changes).with_method_defaults()
+
+
+def test_qlora_with_loftq_stores_loftqs_codes_and_reloads_them(llama_dir, prompt_dir, tmp_path):
+    options = _options(llama_dir, prompt_dir, tmp_path, method="qlora", r=4, lora_alpha=4,
+                       method_options={"init_lora_weights": "loftq"})
+    model, tokenizer, options = build_model(options, None)
+    original, _ = load_model_and_tokenizer(str(llama_dir), "causal-lm")
+    layers = dict(model.adapted_layers())
+    assert layers and all(isinstance(layer.base_layer, Linear4bit) for layer in layers.values())
+    for path, layer in layers.items():
+        assert not layer.base_layer.double_quant
+        dequantized, low, high = loftq_factors(original.get_submodule(path).weight.float(), 4, 1)
+        assert torch.equal(layer.view.weight(torch.float32), dequantized)
+        torch.testing.assert_close(layer.adapters["default"].delta_weight(layer.view), low @ high, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.01 * torch.randn_like(param))
+    batch = tiny_batch(model)
+    expected = model(**batch).logits
+    save_trained(model, tokenizer, tmp_path / "out")
+    reloaded, _ = load_trained(str(llama_dir), str(tmp_path / "out"), "causal-lm", quantization="nf4")
+    assert all(isinstance(layer.base_layer, Linear4bit) for _, layer in reloaded.adapted_layers())
+    torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_loftq_without_a_quantized_base_is_refused(llama_dir, prompt_dir, tmp_path):
+    options = _options(llama_dir, prompt_dir, tmp_path, method="lora", method_options={"init_lora_weights": "loftq"})
+    with pytest.raises(OptionsError, match="loftq fits the adapter to the error of a 4-bit base.*--method qlora"):
+        build_model(options, None)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "orthogonal"])
+def test_an_init_from_the_command_line_reaches_the_adapter(llama_dir, prompt_dir, tmp_path, init):
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    options = options_from_args(parser.parse_args([
+        "--model", str(llama_dir), "--dataset", str(prompt_dir), "--task", "causal-lm", "--out", str(tmp_path / "out"),
+        "--max-length", "16", "--method", "lora", "--method-option", f"init_lora_weights={init}",
+    ]))
+    assert options.method_options == {"init_lora_weights": init}
+    model, _, _ = build_model(options.with_method_defaults(), None)
+    assert model.peft_config["default"].init_lora_weights == init
+    assert any(layer.adapters["default"].lora_B.abs().sum() > 0 for _, layer in model.adapted_layers())
