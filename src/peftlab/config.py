@@ -78,7 +78,7 @@ class AdapterConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The adapter_config.json content: HF peft's keys only, sorted on write."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.peftlab_only_fields}
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in self.peftlab_only_fields}
         out["peft_type"] = self.peft_type
         return out
 
@@ -139,6 +139,11 @@ class AdapterConfig:
         from peftlab.io import CONFIG_NAME, atomic_write_text
 
         atomic_write_text(Path(save_directory) / CONFIG_NAME, json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _plain(value: Any) -> Any:
+    """A sub-config (HF's EvaConfig, CordaConfig: dataclasses) as the dict JSON holds, as HF writes it."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
 
 
 def check_regex(what: str, pattern: str) -> None:

@@ -92,8 +92,14 @@ def init_for(value: Any) -> LoraInit:
 def check_init_config(config: LoraConfig) -> None:
     """Validate ``init_lora_weights`` and its sub-config (``LoraConfig.__post_init__``); as HF, a
     LoftQConfig is kept as a dict, and one given with another init is dropped with a warning."""
+    from peftlab.methods.lora_init.eva import EvaConfig
+
     if dataclasses.is_dataclass(config.loftq_config):
         config.loftq_config = dataclasses.asdict(config.loftq_config)
+    if isinstance(config.eva_config, dict):  # as read from adapter_config.json
+        config.eva_config = EvaConfig(**config.eva_config)
+    if config.eva_config is not None and config.init_lora_weights != "eva":
+        warnings.warn("eva_config is ignored: init_lora_weights is not 'eva' (as HF peft).", stacklevel=4)
     if config.loftq_config and config.init_lora_weights != "loftq":
         warnings.warn("loftq_config is ignored: init_lora_weights is not 'loftq' (as HF peft).", stacklevel=4)
         config.loftq_config = {}
