@@ -453,6 +453,8 @@ class PeftModel(nn.Module):
         (error warned and written in the README); ``max_rank`` is the engine's rank limit."""
         if not safe_serialization:
             raise ValueError("save_pretrained(safe_serialization=False): peftlab writes safetensors only (no pickle files); drop the argument.")
+        # HF's argument: write a PiSSA/OLoRA adapter as the rank-2r LoRA of the unmodified base (lora_init/conversion.py).
+        initial_dir = kwargs.pop("path_initial_model_for_weight_conversion", None)
         _warn_ignored(kwargs)
         if not is_main_process:
             return
@@ -472,11 +474,14 @@ class PeftModel(nn.Module):
             for name, export in exports.items():
                 write_lora_export(export, save_directory, name, saved_base_facts(self.base_model))
         for name in names:
-            if name not in exported:
-                io.write_adapter(
-                    io.adapter_dir(save_directory, name), self._config_to_save(name), self.adapter_state_dict(name),
-                    saved_base_facts(self.base_model),
-                )
+            if name in exported:
+                continue
+            config, tensors = self._config_to_save(name), self.adapter_state_dict(name)
+            if initial_dir is not None:
+                from peftlab.methods.lora_init.conversion import converted_for_original_base
+
+                config, tensors = converted_for_original_base(self, name, initial_dir, config)
+            io.write_adapter(io.adapter_dir(save_directory, name), config, tensors, saved_base_facts(self.base_model))
 
     @classmethod
     def from_pretrained(
@@ -718,8 +723,7 @@ def check_adapter_fits_in_memory(method: Method, config: AdapterConfig, targets:
 
 def _warn_ignored(kwargs: dict[str, Any]) -> None:
     # HF arguments peftlab has no use for; a value that asks for something is named, never dropped silently.
-    inert = {"save_embedding_layers": "auto", "state_dict": None, "push_to_hub": False, "convert_pissa_to_lora": None,
-             "path_initial_model_for_weight_conversion": None}
+    inert = {"save_embedding_layers": "auto", "state_dict": None, "push_to_hub": False, "convert_pissa_to_lora": None}
     asked = [k for k, v in kwargs.items() if k != "state_dict" and inert.get(k, object()) != v]
     if asked:
         warnings.warn(f"save_pretrained: peftlab ignores {', '.join(asked)}; it writes the adapter files only.", stacklevel=3)

@@ -163,6 +163,12 @@ class LoraMethod(Method):
         groups = loraplus_param_groups(model, named, lr, config.loraplus_lr_ratio, config.loraplus_lr_embedding, weight_decay)
         return [group for group in groups if group["params"]]
 
+    def as_low_rank(self, model, adapter_name, rank=None):
+        from peftlab.methods.lora_init.conversion import against_original_base
+
+        # An init that rewrote the base (PiSSA, OLoRA): the export is for the original base its config names.
+        return against_original_base(model, adapter_name, super().as_low_rank(model, adapter_name, rank))
+
     def rename_saved_keys(self, tensors):
         # Older HF versions wrote DoRA's magnitude with a ".weight" suffix.
         return {re.sub(r"lora_magnitude_vector\.weight$", "lora_magnitude_vector", k): v for k, v in tensors.items()}

@@ -123,6 +123,10 @@ def start_from_base(adapter: LoraAdapter, view: BaseLayerView, config: LoraConfi
     if type(init).from_base is LoraInit.from_base:
         return
     init.from_base(adapter, view, config, path, config.init_lora_weights)
+    if init.changes_base:
+        from peftlab.methods.lora_init.conversion import keep_initial_factors
+
+        keep_initial_factors(adapter)
     adapter.after_base_init(view)
 
 
