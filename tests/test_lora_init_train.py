@@ -66,3 +66,28 @@ def test_an_init_from_the_command_line_reaches_the_adapter(llama_dir, prompt_dir
     model, _, _ = build_model(options.with_method_defaults(), None)
     assert model.peft_config["default"].init_lora_weights == init
     assert any(layer.adapters["default"].lora_B.abs().sum() > 0 for _, layer in model.adapted_layers())
+
+
+def test_export_of_a_pissa_run_is_for_the_original_base(llama_dir, prompt_dir, tmp_path):
+    """`peftlab export --to lora` reloads the adapter on the original base, where PiSSA runs again and
+    keeps its initial factors: the export is the rank-2r LoRA that reproduces the run on that base."""
+    import copy
+    import warnings
+
+    import peft
+
+    from peftlab.cli import main
+    from tiny_models import perturb
+
+    options = _options(llama_dir, prompt_dir, tmp_path, method="lora", method_options={"init_lora_weights": "pissa"})
+    model, tokenizer, _ = build_model(options, None)
+    perturb(model)
+    batch = tiny_batch(model)
+    expected = model(**batch).logits
+    save_trained(model, tokenizer, tmp_path / "out")
+    assert main(["export", "--to", "lora", "--adapter", str(tmp_path / "out"), "--out", str(tmp_path / "lora")]) == 0
+    original, _ = load_model_and_tokenizer(str(llama_dir), "causal-lm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        served = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "lora")
+    torch.testing.assert_close(served(**batch).logits, expected, atol=1e-5, rtol=0)
