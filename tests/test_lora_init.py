@@ -201,7 +201,7 @@ def test_dora_magnitude_is_the_started_weights_norm(init):
 
 def test_every_registered_init_is_tested():
     """A new init in lora_init/ joins the HF comparison here (or says why it cannot)."""
-    tested = {"pissa" if isinstance(v, str) and v.startswith("pissa") else v for v in EXACT_INITS} | {"eva"}  # test_lora_init_eva.py
+    tested = {"pissa" if isinstance(v, str) and v.startswith("pissa") else v for v in EXACT_INITS} | {"eva", "corda"}  # test_lora_init_eva.py, test_lora_init_corda.py
     assert {init.key for init in INITS.values()} == tested
 
 
@@ -227,7 +227,7 @@ def test_olora_on_a_4bit_base_requantizes_the_residual():
 
 
 def test_unknown_init_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"init_lora_weights='pisa'.*True, False, 'gaussian', 'eva', 'loftq', 'olora', 'orthogonal', 'pissa', 'pissa_niter_N'"):
+    with pytest.raises(ValueError, match=r"init_lora_weights='pisa'.*True, False, 'corda', 'eva', 'gaussian', 'loftq', 'olora', 'orthogonal', 'pissa', 'pissa_niter_N'"):
         LoraConfig(init_lora_weights="pisa")
 
 

@@ -30,6 +30,7 @@ from peftlab.methods.adapter import Adapter
 from peftlab.methods.fused import LoraLinearFunction, can_fuse
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
 from peftlab.methods.method import ADAPTER_DROPOUT, Method, MethodOption, UnsupportedBaseError
+from peftlab.methods.lora_init.corda import CordaConfig
 from peftlab.methods.lora_init.eva import EvaConfig
 from peftlab.methods.lora_init.loftq import LoftQConfig
 from peftlab.methods.registry import register_method
@@ -50,6 +51,8 @@ class LoraConfig(AdapterConfig):
     loftq_config: LoftQConfig | dict = default_field({})
     #: HF's sub-config of ``init_lora_weights="eva"`` (see ``initialize_lora_eva_weights``).
     eva_config: EvaConfig | dict | None = None
+    #: HF's sub-config of ``init_lora_weights="corda"`` (see ``preprocess_corda``).
+    corda_config: CordaConfig | dict | None = None
     rank_pattern: dict = default_field({})
     alpha_pattern: dict = default_field({})
     #: HF's field: a tied output embedding shares the input embedding's trained copy (``modules_to_save``).

@@ -73,7 +73,8 @@ def register_init(init: LoraInit) -> LoraInit:
 
 
 def valid_values() -> list[str]:
-    return [init.shown or repr(init.key) for init in INITS.values()]
+    ordered = sorted(INITS.values(), key=lambda i: (0, not i.key) if isinstance(i.key, bool) else (1, i.key))
+    return [init.shown or repr(init.key) for init in ordered]
 
 
 def init_for(value: Any) -> LoraInit:
@@ -92,14 +93,18 @@ def init_for(value: Any) -> LoraInit:
 def check_init_config(config: LoraConfig) -> None:
     """Validate ``init_lora_weights`` and its sub-config (``LoraConfig.__post_init__``); as HF, a
     LoftQConfig is kept as a dict, and one given with another init is dropped with a warning."""
+    from peftlab.methods.lora_init.corda import CordaConfig
     from peftlab.methods.lora_init.eva import EvaConfig
 
     if dataclasses.is_dataclass(config.loftq_config):
         config.loftq_config = dataclasses.asdict(config.loftq_config)
     if isinstance(config.eva_config, dict):  # as read from adapter_config.json
         config.eva_config = EvaConfig(**config.eva_config)
-    if config.eva_config is not None and config.init_lora_weights != "eva":
-        warnings.warn("eva_config is ignored: init_lora_weights is not 'eva' (as HF peft).", stacklevel=4)
+    if isinstance(config.corda_config, dict):
+        config.corda_config = CordaConfig(**config.corda_config)
+    for name in ("eva", "corda"):
+        if getattr(config, f"{name}_config") is not None and config.init_lora_weights != name:
+            warnings.warn(f"{name}_config is ignored: init_lora_weights is not {name!r} (as HF peft).", stacklevel=4)
     if config.loftq_config and config.init_lora_weights != "loftq":
         warnings.warn("loftq_config is ignored: init_lora_weights is not 'loftq' (as HF peft).", stacklevel=4)
         config.loftq_config = {}
