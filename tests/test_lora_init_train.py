@@ -91,3 +91,11 @@ def test_export_of_a_pissa_run_is_for_the_original_base(llama_dir, prompt_dir, t
         warnings.simplefilter("ignore")
         served = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "lora")
     torch.testing.assert_close(served(**batch).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["vera", "mora"])
+def test_an_init_on_a_method_without_it_names_the_methods_with_it(llama_dir, prompt_dir, tmp_path, method):
+    options = tiny_options(llama_dir, prompt_dir, tmp_path / "out", task="causal-lm", lora_dropout=None, method=method,
+                           method_options={"init_lora_weights": "pissa"}).with_method_defaults()
+    with pytest.raises(OptionsError, match=f"method '{method}' does not take.*init_lora_weights.*run on lora, rslora, dora, qlora"):
+        build_model(options, None)

@@ -108,12 +108,22 @@ def build_model(
             **adapter_options,
         )
     except TypeError as error:  # an option the method's config does not have
-        raise OptionsError(f"method {options.method!r} does not take these options: {error}") from None
+        raise OptionsError(f"method {options.method!r} does not take these options: {error}{_init_hint(error)}") from None
     model = get_peft_model(model, config)
     if loftq:
         quantize(model.base_model, double_quant=False)
     check_max_length(options.max_length, model)  # after the method: it may extend the context
     return model, tokenizer, options
+
+
+def _init_hint(error: Exception) -> str:
+    if "init_lora_weights" not in str(error):
+        return ""
+    from peftlab.methods import METHODS
+    from peftlab.methods.lora import LoraConfig
+
+    family = ", ".join(name for name, method in METHODS.items() if issubclass(method.config_class, LoraConfig))
+    return f"; the LoRA initialisations (init_lora_weights) run on {family}."
 
 
 def save_trained(model: nn.Module, tokenizer, out: Path) -> None:
