@@ -99,3 +99,46 @@ def test_an_init_on_a_method_without_it_names_the_methods_with_it(llama_dir, pro
                            method_options={"init_lora_weights": "pissa"}).with_method_defaults()
     with pytest.raises(OptionsError, match=f"method '{method}' does not take.*init_lora_weights.*run on lora, rslora, dora, qlora"):
         build_model(options, None)
+
+
+@pytest.mark.parametrize("init", ["eva", "corda"])
+def test_data_driven_inits_draw_from_the_runs_data(llama_dir, prompt_dir, tmp_path, init, capsys):
+    """EVA and CorDA in `peftlab train`: batches of the run's training set, a progress line, the cost in
+    metrics.json, and the trained adapter reloads to the same logits."""
+    from peftlab.train.loop import run_training
+
+    options = tiny_options(llama_dir, prompt_dir, tmp_path / "out", task="causal-lm", method="lora", r=4, max_steps=2,
+                           method_options={"init_lora_weights": init})
+    metrics = run_training(options)
+    assert metrics["init_time_s"] > 0
+    assert ("EVA" if init == "eva" else "CorDA") in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize("init", ["eva", "corda", "pissa_niter_2", "olora"])
+def test_a_runs_adapter_reloads_to_the_trained_model(llama_dir, prompt_dir, tmp_path, init):
+    """CorDA and the randomized PiSSA cannot run again on reload: the run saves them as the rank-2r LoRA
+    of the original base; EVA and OLoRA are saved as HF writes them."""
+    from peftlab.train.build import load_datasets, make_collator
+    from peftlab.train.data_init import DataDrivenInit
+    from tiny_models import perturb
+
+    options = _options(llama_dir, prompt_dir, tmp_path, method="lora", r=4, method_options={"init_lora_weights": init})
+    train, _ = load_datasets(options)
+    init_data = DataDrivenInit(train, lambda tokenizer: make_collator(options, tokenizer), options.batch_size, options.seed)
+    model, tokenizer, _ = build_model(options, None, None, init_data)
+    perturb(model)
+    batch = tiny_batch(model)
+    expected = model(**batch).logits
+    save_trained(model, tokenizer, tmp_path / "out")
+    reloaded, _ = load_trained(str(llama_dir), str(tmp_path / "out"), "causal-lm")
+    converted = init in ("corda", "pissa_niter_2")
+    assert reloaded.peft_config["default"].init_lora_weights == (True if converted else init)
+    assert (tmp_path / "out" / "initial_adapter").is_dir() == converted
+    torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_data_driven_init_without_data_is_refused(llama_dir, prompt_dir, tmp_path):
+    options = _options(llama_dir, prompt_dir, tmp_path, method_options={"init_lora_weights": "eva"})
+    with pytest.raises(ValueError, match="init_lora_weights='eva' starts from the layers' inputs on sample data"):
+        build_model(options, None)

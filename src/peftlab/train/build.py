@@ -18,6 +18,7 @@ from peftlab.hf_compat import saved_num_labels
 from peftlab.io import LABEL_NAMES_KEY, QUANTIZATION_KEY, read_adapter_config, read_adapter_metadata
 from peftlab.methods import method_named
 from peftlab.model import PeftModel, get_peft_model
+from peftlab.train.data_init import DataDrivenInit, check_has_data
 from peftlab.train.options import OptionsError, TrainOptions, default_target_modules
 
 PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
@@ -74,12 +75,14 @@ def quantizes_itself(init_lora_weights: Any) -> bool:
 
 
 def build_model(
-    options: TrainOptions, num_labels: int | None, label_names: tuple[str, ...] | None = None
+    options: TrainOptions, num_labels: int | None, label_names: tuple[str, ...] | None = None,
+    init_data: DataDrivenInit | None = None,
 ) -> tuple[nn.Module, Any, TrainOptions]:
     """The model ready to train: quantized if asked, with the method's adapter (or all trainable for
     full fine-tuning). Returns the options with ``target_modules`` resolved for this model.
     ``label_names`` become the classifier's ``id2label``, saved with the adapter or model so that
-    ``peftlab eval`` maps class names as training did."""
+    ``peftlab eval`` maps class names as training did. ``init_data``: the run's data, which EVA and CorDA
+    start from (``data_init.py``)."""
     model, tokenizer = load_model_and_tokenizer(options.model, options.task, num_labels=num_labels or 2)
     if options.task == "seq-cls" and label_names:
         model.config.id2label = dict(enumerate(label_names))
@@ -109,7 +112,13 @@ def build_model(
         )
     except TypeError as error:  # an option the method's config does not have
         raise OptionsError(f"method {options.method!r} does not take these options: {error}{_init_hint(error)}") from None
+    init = getattr(config, "init_lora_weights", None)
+    check_has_data(init, init_data)
+    if init_data is not None:
+        init_data.before_adapter(model, tokenizer, config)
     model = get_peft_model(model, config)
+    if init_data is not None:
+        init_data.after_adapter(model, tokenizer)
     if loftq:
         quantize(model.base_model, double_quant=False)
     check_max_length(options.max_length, model)  # after the method: it may extend the context
@@ -126,8 +135,19 @@ def _init_hint(error: Exception) -> str:
     return f"; the LoRA initialisations (init_lora_weights) run on {family}."
 
 
+#: Where a run keeps the adapter as it started, for the adapters it saves converted (below).
+INITIAL_ADAPTER = "initial_adapter"
+
+
 def save_trained(model: nn.Module, tokenizer, out: Path) -> None:
-    """An adapter in the HF PEFT format; for full fine-tuning the whole model and its tokenizer."""
+    """An adapter in the HF PEFT format; for full fine-tuning the whole model and its tokenizer. An adapter
+    whose init rewrote the base and could not run again on reload (CorDA, randomized PiSSA) is saved as
+    the rank-2r LoRA of the original base (HF's conversion), with its start in ``initial_adapter/``."""
+    from peftlab.methods.lora_init.conversion import saved_for_original_base
+
+    if isinstance(model, PeftModel) and saved_for_original_base(model, "default"):
+        model.save_pretrained(out, path_initial_model_for_weight_conversion=str(Path(out) / INITIAL_ADAPTER))
+        return
     model.save_pretrained(out)
     if not isinstance(model, PeftModel):
         tokenizer.save_pretrained(out)

@@ -56,6 +56,7 @@ from peftlab.train.hooks import HookRunner, TrainingProgress, discover_hooks
 from peftlab.train.options import METHOD_OPTIONS, OptionsError, TrainOptions
 from peftlab.train.phase_clock import PhaseClock, split_per_step
 from peftlab.train.build import build_model, load_datasets, make_collator, save_trained
+from peftlab.train.data_init import DataDrivenInit
 from peftlab.train.run_folder import claim_output_folder
 
 #: Options a resumed run must share with the saved one for its loss curve to continue exactly.
@@ -140,8 +141,12 @@ class TrainingRun:
         self.out = Path(options.out)
         seed_everything(options.seed)
         self.train_data, self.eval_data = load_datasets(options)
+        # EVA and CorDA start from the run's own batches (train/data_init.py).
+        self.init_data = DataDrivenInit(self.train_data, lambda tokenizer: make_collator(options, tokenizer),
+                                        options.batch_size, options.seed)
         model, self.tokenizer, options = build_model(
-            options, getattr(self.train_data, "num_labels", None), getattr(self.train_data, "label_names", None)
+            options, getattr(self.train_data, "num_labels", None), getattr(self.train_data, "label_names", None),
+            self.init_data,
         )
         self.options = options
         if options.gradient_checkpointing:
@@ -389,6 +394,7 @@ class TrainingRun:
         metrics = {
             **{k: v for k, v in last_eval.items() if k != "step"},
             "train_time_s": train_time,
+            "init_time_s": self.init_data.seconds,  # EVA's or CorDA's pass over the data; 0 for the others
             "peak_memory_mb": max(peak_memory),
             "peak_memory_mb_per_process": peak_memory,
             "training_peak_memory_mb_per_process": training_peak_memory,  # from the first step on

@@ -46,6 +46,11 @@ class LoraInit:
     #: It rewrites the frozen weight, so the adapter fits only the rewritten base.
     changes_base: ClassVar[bool] = False
 
+    def reruns_on_load(self, value: Any) -> bool:
+        """Whether loading a saved adapter on the original base can run the init again to the same start
+        (no data, no random draws): False for CorDA and the randomized PiSSA."""
+        return True
+
     def check_config(self, config: LoraConfig, value: Any) -> None:
         """Raise ValueError if ``config`` cannot use this init (a sub-config out of range)."""
 

@@ -49,6 +49,14 @@ def rewrites_base(model: PeftModel, adapter_name: str) -> bool:
     return init_for(getattr(config, "init_lora_weights", True)).changes_base
 
 
+def saved_for_original_base(model: PeftModel, adapter_name: str) -> bool:
+    """Whether a training run saves the adapter converted for the original base (rank 2r): where a reload
+    could not run the init again to the same start (CorDA, "pissa_niter_N")."""
+    config = model.peft_config[adapter_name]
+    init = init_for(getattr(config, "init_lora_weights", True))
+    return init.changes_base and not init.reruns_on_load(config.init_lora_weights)
+
+
 def _initial_factors(model: PeftModel, adapter_name: str, what: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     config = model.peft_config[adapter_name]
     init = config.init_lora_weights

@@ -66,6 +66,9 @@ class Corda(LoraInit):
     key = "corda"
     changes_base = True
 
+    def reruns_on_load(self, value):
+        return False  # it needs the sample data again
+
     def check_config(self, config, value):
         import warnings
 
@@ -114,8 +117,11 @@ register_init(Corda())
 
 
 def _targets(model: nn.Module, config) -> Iterator[tuple[str, nn.Module]]:
+    from peftlab.model import _default_targets
     from peftlab.targets import ALL_LINEAR, expand_all_linear, select_targets
 
+    if config.target_modules is None:  # as get_peft_model: the method's default for the model type
+        config = config.replace(target_modules=_default_targets(model, config))
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         config = config.replace(target_modules=expand_all_linear(model, config))
     for path in select_targets(model, config):

@@ -47,6 +47,9 @@ class Pissa(LoraInit):
     shown = "'pissa', 'pissa_niter_N'"
     changes_base = True
 
+    def reruns_on_load(self, value):
+        return _niter(value) is None
+
     def check_config(self, config, value):
         _niter(value)
 
