@@ -87,16 +87,13 @@ def build_model(
     if options.task == "seq-cls" and label_names:
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {name: i for i, name in enumerate(label_names)}
-    adapter_options = {} if options.is_full_fine_tuning else options.adapter_options()
-    loftq = quantizes_itself(adapter_options.get("init_lora_weights"))
+    loftq = not options.is_full_fine_tuning and quantizes_itself(options.adapter_options().get("init_lora_weights"))
     if loftq and not options.quantization:
         raise OptionsError(
             "init_lora_weights=loftq fits the adapter to the error of a 4-bit base, but this run's base is not "
             "quantized: use --method qlora (or --quantize nf4 with a LoRA-family method), or another init."
         )
-    if loftq:
-        adapter_options.setdefault("loftq_config", {"loftq_bits": 4, "loftq_iter": 1})
-    elif options.quantization:
+    if options.quantization and not loftq:
         quantize(model)
     if options.is_full_fine_tuning:
         check_max_length(options.max_length, model)
@@ -104,6 +101,9 @@ def build_model(
         return model, tokenizer, options
     if options.target_modules is None:
         options = dataclasses.replace(options, target_modules=default_target_modules(model.config.model_type))
+    adapter_options = options.adapter_options()
+    if loftq:  # the CLI's LoftQ needs no sub-config: HF's defaults (4 bits, one alternation)
+        adapter_options.setdefault("loftq_config", {"loftq_bits": 4, "loftq_iter": 1})
     try:
         config = method_named(options.method).make_config(  # the base is quantized above when the method asks
             task_type=PEFT_TASK_TYPES[options.task],

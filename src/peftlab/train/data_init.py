@@ -36,7 +36,7 @@ class DataDrivenInit:
 
     def before_adapter(self, model: nn.Module, tokenizer, config) -> None:
         """CorDA: decompose each targeted layer against its input covariance on the drawn batches."""
-        if config.init_lora_weights != "corda":
+        if getattr(config, "init_lora_weights", None) != "corda":
             return
         from peftlab.methods.lora_init.corda import preprocess_corda
 
@@ -53,8 +53,7 @@ class DataDrivenInit:
 
     def after_adapter(self, model: nn.Module, tokenizer) -> None:
         """EVA: fill A with each layer's top input components and move the ranks."""
-        config = model.peft_config["default"]
-        if config.init_lora_weights != "eva":
+        if getattr(model.peft_config["default"], "init_lora_weights", None) != "eva":
             return
         from peftlab.methods.lora_init.eva import initialize_lora_eva_weights
 
