@@ -35,7 +35,9 @@ MODELS = {
     "llama": (lambda: tiny_llama(hidden=64), "all-linear"),
     "gpt2": (lambda: tiny_gpt2(hidden=64), ["c_attn", "c_proj", "c_fc"]),
 }
-EXACT_INITS = [True, False, "gaussian", "orthogonal", "pissa", "pissa_niter_4", "olora", "loftq"]
+EXACT_INITS = [True, False, "gaussian", "orthogonal", "pissa", "pissa_niter_4", "olora", "loftq", "mica"]
+# MiCA freezes B: refused with DoRA (no such HF variant) and LoRA-FA (A frozen too: nothing would train).
+REFUSED = {("dora", "mica"), ("lora_fa", "mica")}
 # HF decomposes GPT-2's Conv1D weight as stored ([in, out]): its factors come out transposed (see olora.py, loftq.py).
 HF_WRONG_ON_CONV1D = {"olora", "loftq"}
 
@@ -109,6 +111,8 @@ def assert_same_start(hf, ours):
 def test_start_equals_hf(case, init, model_name):
     if model_name == "gpt2" and init in HF_WRONG_ON_CONV1D:
         pytest.skip("HF's factors are transposed on Conv1D; test_start_keeps_the_model covers peftlab's")
+    if (case.name, init) in REFUSED:
+        pytest.skip("refused: test_mica_refusals")
     # s = 1 (alpha / r, or alpha / √r for rsLoRA): there LoftQ's start is HF's (see loftq.py)
     hf, ours = build_pair(case, model_name, init, lora_alpha=2 if case.hf_fields.get("use_rslora") else 4)
     assert_same_start(hf, ours)
@@ -223,11 +227,27 @@ def test_olora_on_a_4bit_base_requantizes_the_residual():
         assert torch.equal(layer.view.weight(torch.float32), expected)
 
 
+def test_mica_trains_a_only_from_zero():
+    model = get_peft_model(tiny_llama(hidden=64), LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights="mica"))
+    for path, layer in model.adapted_layers():
+        adapter = layer.adapters["default"]
+        assert not adapter.lora_A.any() and adapter.lora_A.requires_grad and not adapter.lora_B.requires_grad
+        u = torch.linalg.svd(layer.view.weight(), full_matrices=False)[0]
+        torch.testing.assert_close(adapter.lora_B.data, u[:, -4:], atol=ATOL, rtol=0)
+
+
+def test_mica_refusals():
+    with pytest.raises(ValueError, match="mica.*use_dora=True is not supported"):
+        LoraConfig(init_lora_weights="mica", use_dora=True)
+    with pytest.raises(ValueError, match="lora_fa.*does not run init_lora_weights='mica'"):
+        get_peft_model(tiny_llama(), make_method_config("lora_fa", r=4, target_modules=["q_proj"], init_lora_weights="mica"))
+
+
 # -- bad input ------------------------------------------------------------------------------------
 
 
 def test_unknown_init_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"init_lora_weights='pisa'.*True, False, 'corda', 'eva', 'gaussian', 'loftq', 'olora', 'orthogonal', 'pissa', 'pissa_niter_N'"):
+    with pytest.raises(ValueError, match=r"init_lora_weights='pisa'.*True, False, 'corda', 'eva', 'gaussian', 'loftq', 'mica', 'olora', 'orthogonal', 'pissa', 'pissa_niter_N'"):
         LoraConfig(init_lora_weights="pisa")
 
 

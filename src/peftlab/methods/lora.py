@@ -214,6 +214,12 @@ class LoraAdapter(Adapter):
     def after_base_init(self, base: BaseLayerView) -> None:
         """Called once an init has set A, B (and maybe rewritten the base) from the frozen weight."""
 
+    #: Factors the init keeps frozen (MiCA: lora_B).
+    frozen_factors: tuple[str, ...] = ()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [param for name, param in self.named_parameters() if name not in self.frozen_factors]
+
     def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_embedding and x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.dtype)

@@ -8,6 +8,9 @@ declared piece each, looked up by name (HF peft's names, values and defaults).
     "pissa", "pissa_niter_N"   principal singular vectors; W ← W − s·BA   pissa.py
     "olora"      QR of W; W ← W − s·BA                              olora.py
     "loftq"      alternate NF4 quantization and SVD (LoftQConfig)    loftq.py
+    "eva"        top input components on data; ranks redistributed  eva.py
+    "corda"      SVD of W·C, C the input covariance on data         corda.py
+    "mica"       B = W's minor left singular vectors (frozen), A = 0  mica.py
 
 An init is a :class:`LoraInit` registered with :func:`register_init`. The LoRA adapter calls
 ``draw`` while it is built (the random part, in HF's order of draws, so one seed gives HF's
@@ -120,7 +123,7 @@ def check_method_runs(method: Any, config: LoraConfig) -> None:
     """Refuse an init that ``method`` does not run (``LoraMethod.initialisations``: None runs all)."""
     value = config.init_lora_weights
     allowed = method.initialisations
-    if allowed is not None and value not in allowed:
+    if allowed is not None and init_for(value).key not in allowed:
         raise ValueError(
             f"method {method.name!r} does not run init_lora_weights={value!r}; it starts from "
             f"{', '.join(map(repr, allowed))}."
