@@ -191,6 +191,13 @@ def set_factors(adapter: LoraAdapter, a: torch.Tensor, b: torch.Tensor) -> None:
         adapter.lora_B.copy_(b)
 
 
+def fill_sub_config(config: LoraConfig, field: str, default: Any) -> None:
+    """HF's rule for EVA's and CorDA's sub-configs: missing, they take their defaults, with a warning."""
+    if getattr(config, field) is None:
+        warnings.warn(f"init_lora_weights={config.init_lora_weights!r} without {field}: using its defaults (as HF peft).", stacklevel=6)
+        setattr(config, field, default())
+
+
 def refuse_embedding(init_name: str, view: BaseLayerView, path: str) -> None:
     from peftlab.methods.method import UnsupportedBaseError
 

@@ -32,8 +32,8 @@ from transformers.pytorch_utils import Conv1D
 
 from peftlab import io
 from peftlab.methods.lora_init import (
-    LoraInit, base_weight_fp32, burn_layer_inits, refuse_embedding, refuse_quantized, register_init, set_factors,
-    store_base_weight,
+    LoraInit, base_weight_fp32, burn_layer_inits, fill_sub_config, refuse_embedding, refuse_quantized, register_init,
+    set_factors, store_base_weight,
 )
 
 METHODS = ("ipm", "kpm")
@@ -70,11 +70,7 @@ class Corda(LoraInit):
         return False  # it needs the sample data again
 
     def check_config(self, config, value):
-        import warnings
-
-        if config.corda_config is None:
-            warnings.warn("init_lora_weights='corda' without corda_config: using CordaConfig() (as HF peft).", stacklevel=5)
-            config.corda_config = CordaConfig()
+        fill_sub_config(config, "corda_config", CordaConfig)
 
     def check_base(self, config, view, path):
         refuse_embedding("corda", view, path)

@@ -21,16 +21,17 @@ only when the labels are per token.
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from itertools import cycle
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from tqdm import tqdm
 
-from peftlab.methods.lora_init import LoraInit, burn_layer_inits, register_init
+from peftlab.methods.lora_init import (
+    LoraInit, burn_layer_inits, fill_sub_config, refuse_embedding, refuse_quantized, register_init,
+)
 from peftlab.methods.lora_init.incremental_pca import IncrementalPCA
 
 #: Above this rho, HF caps it at the largest layer dimension over r.
@@ -61,13 +62,9 @@ class Eva(LoraInit):
     key = "eva"
 
     def check_config(self, config, value):
-        if config.eva_config is None:
-            warnings.warn("init_lora_weights='eva' without eva_config: using EvaConfig() (as HF peft).", stacklevel=5)
-            config.eva_config = EvaConfig()
+        fill_sub_config(config, "eva_config", EvaConfig)
 
     def check_base(self, config, view, path):
-        from peftlab.methods.lora_init import refuse_embedding, refuse_quantized
-
         refuse_embedding("eva", view, path)
         refuse_quantized("eva", view, path, "peftlab's EVA runs on full-precision layers; initialise before quantizing.")
 
