@@ -193,6 +193,9 @@ def _pattern_value(patterns: dict, module_path: str, default):
 
 
 class LoraAdapter(Adapter):
+    #: Factors the init keeps frozen (MiCA: lora_B).
+    frozen_factors: tuple[str, ...] = ()
+
     def __init__(self, base: BaseLayerView, r: int, alpha: float, dropout: float, use_rslora: bool, init) -> None:
         super().__init__()
         self.r = r
@@ -213,9 +216,6 @@ class LoraAdapter(Adapter):
 
     def after_base_init(self, base: BaseLayerView) -> None:
         """Called once an init has set A, B (and maybe rewritten the base) from the frozen weight."""
-
-    #: Factors the init keeps frozen (MiCA: lora_B).
-    frozen_factors: tuple[str, ...] = ()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [param for name, param in self.named_parameters() if name not in self.frozen_factors]
