@@ -1,6 +1,5 @@
 """peftlab: parameter-efficient fine-tuning, correct to the papers and interoperable with HF peft."""
 
-from peftlab import hf_trainer
 from peftlab.config import AdapterConfig
 from peftlab.hf_compat import (
     AutoPeftModel,
@@ -27,9 +26,6 @@ from peftlab.hf_compat import (
 from peftlab.methods import METHODS, Method, MethodOption, make_method_config, register_method
 from peftlab.methods.lora import LoraConfig
 from peftlab.model import PeftModel, get_peft_model
-
-# HF Trainer / TRL write adapter folders for peftlab models (see hf_trainer.py).
-hf_trainer.install()
 
 __all__ = [
     "AdapterConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",

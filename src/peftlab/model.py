@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from peftlab import io
+from peftlab import hf_trainer, io
 from peftlab.base import BaseLayerView, Conv1DView, LossyMergeWarning, base_view
 from peftlab.config import SEQ_CLS_HEAD_NAMES, AdapterConfig
 from peftlab.hooks import TrainingProgress
@@ -42,6 +42,7 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
 class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
         super().__init__()
+        hf_trainer.install(PeftModel)  # HF Trainer / TRL save and resume peftlab models (not done on import)
         self.base_model = model
         self.peft_config: dict[str, AdapterConfig] = {}
         # Model-level state of methods that have some (Method.inject), by adapter name.
