@@ -31,6 +31,7 @@ from peftlab import (
     prepare_model_for_kbit_training,
     set_peft_model_state_dict,
 )
+from peftlab.config import TASK_TYPES
 from peftlab.methods import register_method, unregister_method
 from peftlab.methods.lora import LoraMethod
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
@@ -54,6 +55,7 @@ def test_hf_peft_name_exists_in_peftlab(name):
 
 def test_task_type_values_are_hfs():
     assert {t.value for t in TaskType} == {t.value for t in peft.TaskType}
+    assert {t.value for t in TaskType} == set(TASK_TYPES)  # the names configs accept
     assert TaskType.CAUSAL_LM == "CAUSAL_LM" and LoraConfig(task_type=TaskType.SEQ_CLS).task_type == "SEQ_CLS"
 
 

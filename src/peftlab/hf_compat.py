@@ -15,20 +15,31 @@ from __future__ import annotations
 import enum
 import os
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 import torch
 from torch import nn
 
 from peftlab import io
-from peftlab.config import TASK_TYPES, AdapterConfig
+from peftlab.config import AdapterConfig
 from peftlab.model import PeftModel, get_peft_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: HF's name for the config base class.
 PeftConfig = AdapterConfig
 
-TaskType = enum.Enum("TaskType", {name: name for name in TASK_TYPES}, type=str, module=__name__)
-TaskType.__doc__ = "The task an adapter is trained for (``LoraConfig(task_type=TaskType.CAUSAL_LM)``), as HF's."
+class TaskType(str, enum.Enum):
+    """The task an adapter is trained for (``LoraConfig(task_type=TaskType.CAUSAL_LM)``), as HF's: the values
+    of ``peftlab.config.TASK_TYPES`` (a test holds the two equal)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
 class PeftTypeName(str):
@@ -245,8 +256,8 @@ def inject_adapter_in_model(peft_config: AdapterConfig, model: nn.Module, adapte
 
 
 def prepare_model_for_kbit_training(
-    model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
-) -> nn.Module:
+    model: PreTrainedModel, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
+) -> PreTrainedModel:
     """Ready a 4-bit base (``peftlab.quant.quantize_model``) for adapter training, as HF does for
     bitsandbytes: freeze every parameter, keep the full-precision ones (norms, embeddings, heads)
     in float32 for stable training, and turn on gradient checkpointing with inputs that require

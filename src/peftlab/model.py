@@ -13,7 +13,6 @@ Method names and behaviour follow HF peft so users can switch by changing an imp
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import json
 import os
@@ -40,6 +39,8 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 class PeftModel(nn.Module):
+    base_model: Any  # the transformers model (or any nn.Module): its own methods (generate, ...) are called
+
     def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
         super().__init__()
         hf_trainer.install(PeftModel)  # HF Trainer / TRL save and resume peftlab models (not done on import)
@@ -69,7 +70,7 @@ class PeftModel(nn.Module):
         """``(module path, adapter)`` of every layer that ``adapter_name`` adapts."""
         for path, layer in self.adapted_layers():
             if adapter_name in layer.adapters:
-                yield path, layer.adapters[adapter_name]
+                yield path, layer.adapter(adapter_name)
 
     def adapter_parameters(self, adapter_name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """The per-layer parameters of one adapter, named by module path (trainable or not)."""
@@ -182,7 +183,7 @@ class PeftModel(nn.Module):
         copy = self._trained_copy_at(path)
         if adapter_name in copy.copies:
             copy.remove(adapter_name)
-        copy.add(adapter_name, weight=inputs.copies[adapter_name].weight)
+        copy.add(adapter_name, weight=inputs.trained_weight(adapter_name))
 
     def _warn_untied_embedding(self, adapter_name: str, config: AdapterConfig) -> None:
         """HF peft's warning (peft#2777): the model ties its output embedding to its input embedding and the
@@ -190,10 +191,10 @@ class PeftModel(nn.Module):
         so after training they differ -- no longer the tied pair the base model was."""
         get_input = getattr(self.base_model, "get_input_embeddings", None)
         get_output = getattr(self.base_model, "get_output_embeddings", None)
-        ends = [get() if get else None for get in (get_input, get_output)]
-        if any(end is None for end in ends):
+        ends = input_end, output_end = tuple(get() if get else None for get in (get_input, get_output))
+        if input_end is None or output_end is None:
             return
-        inputs, outputs = (_unwrapped(end) for end in ends)
+        inputs, outputs = _unwrapped(input_end), _unwrapped(output_end)
         if getattr(outputs, "weight", None) is not getattr(inputs, "weight", object()):
             return  # not tied
         tied = [path for path, module in self.base_model.named_modules() if module in ends and _holds(module, adapter_name)]
@@ -257,7 +258,8 @@ class PeftModel(nn.Module):
         """Only the active adapters (and their trained copies) train, unless loaded for inference;
         within an adapter, only what ``Adapter.trainable_parameters()`` declares."""
         for _, layer in self.adapted_layers():
-            for name, adapter in layer.adapters.items():
+            for name in layer.adapters:
+                adapter = layer.adapter(name)
                 adapter.requires_grad_(False)
                 if name in self.active_adapters and not self.peft_config[name].inference_mode:
                     for param in adapter.trainable_parameters():
@@ -589,7 +591,7 @@ def _one_warning_for_lossy_layers(action: str) -> Iterator[None]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
-    lossy = [w.message for w in caught if issubclass(w.category, LossyMergeWarning)]
+    lossy = [w.message for w in caught if isinstance(w.message, LossyMergeWarning)]
     for w in caught:
         if not issubclass(w.category, LossyMergeWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
@@ -726,8 +728,7 @@ def _warn_ignored(kwargs: dict[str, Any]) -> None:
         warnings.warn(f"save_pretrained: peftlab ignores {', '.join(asked)}; it writes the adapter files only.", stacklevel=3)
 
 
-@functools.lru_cache(maxsize=None)
-def _class_with_signature(peft_class: type, base_class: type) -> type:
+def _class_with_signature(peft_class: type, base_class: type[nn.Module]) -> type:
     base_sig = inspect.signature(base_class.forward)
     params = list(base_sig.parameters.values())
     names = {p.name for p in params}
@@ -739,7 +740,7 @@ def _class_with_signature(peft_class: type, base_class: type) -> type:
     def forward(self, *args, adapter_names=None, **kwargs):
         return peft_class.forward(self, *args, adapter_names=adapter_names, **kwargs)
 
-    forward.__signature__ = base_sig.replace(parameters=params)
+    setattr(forward, "__signature__", base_sig.replace(parameters=params))  # what inspect.signature reports
     name = f"{peft_class.__name__}For{base_class.__name__}"
     namespace = {"forward": forward, "_signature_of": base_class, "__module__": peft_class.__module__, "__qualname__": name}
     return type(name, (peft_class,), namespace)
@@ -748,4 +749,11 @@ def _class_with_signature(peft_class: type, base_class: type) -> type:
 def _class_with_signature_of(peft_class: type, model: nn.Module) -> type:
     if getattr(peft_class, "_signature_of", None) is type(model):
         return peft_class
-    return _class_with_signature(peft_class, type(model))
+    key = (peft_class, type(model))
+    if key not in _SIGNATURE_CLASSES:
+        _SIGNATURE_CLASSES[key] = _class_with_signature(*key)
+    return _SIGNATURE_CLASSES[key]
+
+
+#: One subclass per (PeftModel class, base model class), made once.
+_SIGNATURE_CLASSES: dict[tuple[type, type[nn.Module]], type] = {}

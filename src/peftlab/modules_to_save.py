@@ -7,7 +7,7 @@ be saved with it. Each adapter gets its own copy, so switching adapters switches
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 from torch import nn
@@ -23,13 +23,17 @@ class TrainedCopy(nn.Module):
         self.active: str | None = None
         self.disabled = False
 
-    def add(self, name: str, weight: nn.Parameter | None = None) -> None:
+    def add(self, name: str, weight: torch.Tensor | None = None) -> None:
         """A trained copy for adapter ``name``; with ``weight``, the copy's weight is that tensor (an
         output embedding tied to the input embedding's trained copy) instead of a copy of its own."""
         memo = {} if weight is None else {id(self.original_module.weight): weight}
         trained = copy.deepcopy(self.original_module, memo)
         trained.requires_grad_(True)
         self.copies[name] = trained
+
+    def trained_weight(self, name: str) -> torch.Tensor:
+        """The weight of adapter ``name``'s copy (typed: ``nn.ModuleDict`` returns a plain Module)."""
+        return cast(torch.Tensor, self.copies[name].weight)
 
     def remove(self, name: str) -> None:
         del self.copies[name]

@@ -179,9 +179,9 @@ class LoraAdapter(Adapter):
         self.is_embedding = base.takes_ids
         # HF applies no dropout to token ids.
         self.dropout = nn.Dropout(dropout) if dropout > 0 and not self.is_embedding else None
-        factory = {"device": base.device, "dtype": torch.float32 if base.dtype not in (torch.float32, torch.float64) else base.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, **factory))
+        dtype = torch.float32 if base.dtype not in (torch.float32, torch.float64) else base.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=base.device, dtype=dtype))
         self.reset_parameters(init)
 
     def reset_parameters(self, init) -> None:

@@ -135,7 +135,7 @@ class Method:
     #: Config fields shown as ``peftlab train`` flags.
     options: ClassVar[dict[str, MethodOption]] = {}
     #: Training-run defaults (``lr`` and values of ``options``) for options the user left unset.
-    run_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3}
+    run_defaults: dict[str, Any] = {"lr": 1e-3}  # the class's; each instance adds its name's own
     #: Its adapter files are always its exact plain-LoRA export (see the module docstring).
     saves_as_lora: ClassVar[bool] = False
 
@@ -247,7 +247,7 @@ class Method:
         change (scales folded into ``B``), or None where it is not low rank. ``rank`` is the rank the
         export asks for: only a method that runs at several ranks uses it."""
         return {
-            path: layer.adapters[adapter_name].low_rank(layer.view)
+            path: layer.adapter(adapter_name).low_rank(layer.view)
             for path, layer in model.adapted_layers()
             if adapter_name in layer.adapters
         }
