@@ -21,7 +21,7 @@ from peftlab.base import BaseLayerView
 from peftlab.config import AdapterConfig
 from peftlab.io import KEY_PREFIX
 from peftlab.methods import Method, UnsupportedBaseError, method_for, register_method, unregister_method
-from peftlab.methods.adapter import Adapter
+from peftlab.adapter import Adapter
 from peftlab.methods.lora import LoraMethod
 from peftlab.optim import make_optimizer
 from peftlab.train.options import OptionsError, TrainOptions

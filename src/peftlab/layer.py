@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from peftlab.base import BaseLayerView, base_view
-from peftlab.methods.adapter import Adapter
+from peftlab.adapter import Adapter
 
 BASE_ROW = "__base__"
 
@@ -83,10 +83,9 @@ class AdaptedLayer(nn.Module):
         view = self.view
         if len(names) == 1 and rows is None and not args and not kwargs:
             # The common training case: one adapter; let it run base and adapter as one node.
-            fused = getattr(self.adapters[names[0]], "fused_forward", None)
-            out = fused(x, view) if fused is not None else None
-            if out is not None:
-                return out
+            fused = self.adapter(names[0]).fused_forward(x, view)
+            if fused is not None:
+                return fused
         out = self.base_layer(x, *args, **kwargs)
         if rows is not None:
             return self._forward_mixed(x, out, rows)

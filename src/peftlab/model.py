@@ -28,7 +28,7 @@ from peftlab.config import SEQ_CLS_HEAD_NAMES, AdapterConfig
 from peftlab.hooks import TrainingProgress
 from peftlab.layer import BASE_ROW, AdaptedLayer, rows_use_adapters
 from peftlab.methods import Method, config_class_for, method_for
-from peftlab.methods.adapter import Adapter
+from peftlab.adapter import Adapter
 from peftlab.modules_to_save import TrainedCopy
 from peftlab.targets import ALL_LINEAR, expand_all_linear, select_targets
 

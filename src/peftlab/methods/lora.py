@@ -25,7 +25,7 @@ from torch import nn
 
 from peftlab.base import BaseLayerView
 from peftlab.config import AdapterConfig, check_regex, default_field
-from peftlab.methods.adapter import Adapter
+from peftlab.adapter import Adapter
 from peftlab.methods.fused import LoraLinearFunction, can_fuse
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
 from peftlab.methods.method import ADAPTER_DROPOUT, Method, MethodOption, UnsupportedBaseError

@@ -1,7 +1,7 @@
 """The method protocol: everything the core asks of a PEFT method, in the order of an adapter's life.
 
 A method is one file in ``peftlab/methods/`` that defines a config dataclass, an
-:class:`~peftlab.methods.adapter.Adapter` (the per-layer module), a :class:`Method` subclass, and
+:class:`~peftlab.adapter.Adapter` (the per-layer module), a :class:`Method` subclass, and
 registers one instance per name users type::
 
     @dataclass
@@ -95,7 +95,7 @@ from peftlab import io
 from peftlab.base import BaseLayerView
 from peftlab.config import AdapterConfig
 from peftlab.hooks import TrainingHook
-from peftlab.methods.adapter import Adapter
+from peftlab.adapter import Adapter
 
 if TYPE_CHECKING:
     from peftlab.model import PeftModel
