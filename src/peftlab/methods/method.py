@@ -95,6 +95,7 @@ from peftlab import io
 from peftlab.base import BaseLayerView
 from peftlab.config import AdapterConfig
 from peftlab.hooks import TrainingHook
+from peftlab.weight_decay import decay_groups
 from peftlab.adapter import Adapter
 
 if TYPE_CHECKING:
@@ -203,8 +204,6 @@ class Method:
 
     def param_groups(self, model: PeftModel, adapter_name: str, lr: float, weight_decay: float) -> list[dict]:
         """Optimizer groups of the adapter's trainable tensors; default: matrices decayed, the rest not."""
-        from peftlab.optim import decay_groups
-
         return decay_groups(trainable(model.adapter_parameters(adapter_name)), lr, weight_decay)
 
     def training_hooks(self, model: PeftModel, adapter_name: str) -> list[TrainingHook]:
