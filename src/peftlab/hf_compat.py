@@ -22,7 +22,16 @@ from torch import nn
 
 from peftlab import io
 from peftlab.config import AdapterConfig
-from peftlab.model import PeftModel, get_peft_model
+from peftlab.model import (  # the task classes are the model's; HF users import them from here
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -79,45 +88,6 @@ class PeftType(metaclass=_PeftTypeRegistry):
 
 
 # -- the task classes ----------------------------------------------------------------------------
-
-
-class PeftModelForSequenceClassification(PeftModel):
-    """A PeftModel on a sequence classifier (``task_type="SEQ_CLS"``: the head trains in full)."""
-
-
-class PeftModelForCausalLM(PeftModel):
-    """A PeftModel on a causal language model (``task_type="CAUSAL_LM"``)."""
-
-
-class PeftModelForSeq2SeqLM(PeftModel):
-    """A PeftModel on an encoder-decoder language model (``task_type="SEQ_2_SEQ_LM"``)."""
-
-
-class PeftModelForTokenClassification(PeftModel):
-    """A PeftModel on a token classifier (``task_type="TOKEN_CLS"``)."""
-
-
-class PeftModelForQuestionAnswering(PeftModel):
-    """A PeftModel on an extractive question-answering model (``task_type="QUESTION_ANS"``)."""
-
-
-class PeftModelForFeatureExtraction(PeftModel):
-    """A PeftModel on an encoder used for its hidden states (``task_type="FEATURE_EXTRACTION"``)."""
-
-
-PEFT_MODEL_CLASSES: dict[str, type[PeftModel]] = {
-    "SEQ_CLS": PeftModelForSequenceClassification,
-    "CAUSAL_LM": PeftModelForCausalLM,
-    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
-    "TOKEN_CLS": PeftModelForTokenClassification,
-    "QUESTION_ANS": PeftModelForQuestionAnswering,
-    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
-}
-
-
-def peft_model_class(task_type: str | None) -> type[PeftModel]:
-    """The class ``get_peft_model`` returns for ``task_type`` (plain PeftModel when none is set)."""
-    return PEFT_MODEL_CLASSES.get(task_type or "", PeftModel)
 
 
 # -- AutoPeftModel -------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from torch import nn
 from peftlab import hf_trainer, io
 from peftlab.base import BaseLayerView, Conv1DView, LossyMergeWarning, base_view
 from peftlab.config import SEQ_CLS_HEAD_NAMES, AdapterConfig
+from peftlab.export import build_lora_export, write_lora_export
 from peftlab.hooks import TrainingProgress
 from peftlab.layer import BASE_ROW, AdaptedLayer, rows_use_adapters
 from peftlab.methods import Method, config_class_for, method_for
@@ -468,8 +469,6 @@ class PeftModel(nn.Module):
             self._check_known(name)
         exported = [name for name in names if as_lora or self.method_of(name).saves_as_lora]
         if exported:
-            from peftlab.export import build_lora_export, write_lora_export
-
             # Every adapter is checked before anything is written: a refusal leaves the folder as it was.
             exports = {name: build_lora_export(self, name, rank, max_rank) for name in exported}
             for name, export in exports.items():
@@ -493,8 +492,6 @@ class PeftModel(nn.Module):
         config = load_config(model_id, is_trainable, config)
         check_task(config, model, f"adapter in {model_id}")
         if cls is PeftModel:  # as HF: the task's class, e.g. PeftModelForCausalLM
-            from peftlab.hf_compat import peft_model_class
-
             cls = peft_model_class(config.task_type)
         peft_model = cls(model, config, adapter_name)
         peft_model._load_weights(model_id, adapter_name)
@@ -648,8 +645,6 @@ def load_config(model_id: str | os.PathLike, is_trainable: bool = False, config:
 def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default", **_: Any) -> PeftModel:
     """Wrap ``model`` with a new trainable adapter; the base model's parameters are frozen. The
     result is the task's class (``PeftModelForCausalLM`` for ``task_type="CAUSAL_LM"``), as in HF."""
-    from peftlab.hf_compat import peft_model_class
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"get_peft_model needs a torch model (an nn.Module, e.g. from AutoModel.from_pretrained), got {type(model).__name__}.")
     if not isinstance(config, AdapterConfig):
@@ -757,3 +752,44 @@ def _class_with_signature_of(peft_class: type, model: nn.Module) -> type:
 
 #: One subclass per (PeftModel class, base model class), made once.
 _SIGNATURE_CLASSES: dict[tuple[type, type[nn.Module]], type] = {}
+
+
+# -- the task classes (HF's names): get_peft_model and from_pretrained return the task's ----------------
+
+class PeftModelForSequenceClassification(PeftModel):
+    """A PeftModel on a sequence classifier (``task_type="SEQ_CLS"``: the head trains in full)."""
+
+
+class PeftModelForCausalLM(PeftModel):
+    """A PeftModel on a causal language model (``task_type="CAUSAL_LM"``)."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """A PeftModel on an encoder-decoder language model (``task_type="SEQ_2_SEQ_LM"``)."""
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """A PeftModel on a token classifier (``task_type="TOKEN_CLS"``)."""
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """A PeftModel on an extractive question-answering model (``task_type="QUESTION_ANS"``)."""
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """A PeftModel on an encoder used for its hidden states (``task_type="FEATURE_EXTRACTION"``)."""
+
+
+PEFT_MODEL_CLASSES: dict[str, type[PeftModel]] = {
+    "SEQ_CLS": PeftModelForSequenceClassification,
+    "CAUSAL_LM": PeftModelForCausalLM,
+    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
+    "TOKEN_CLS": PeftModelForTokenClassification,
+    "QUESTION_ANS": PeftModelForQuestionAnswering,
+    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
+}
+
+
+def peft_model_class(task_type: str | None) -> type[PeftModel]:
+    """The class ``get_peft_model`` returns for ``task_type`` (plain PeftModel when none is set)."""
+    return PEFT_MODEL_CLASSES.get(task_type or "", PeftModel)
