@@ -237,3 +237,18 @@ def test_lora_family_options_are_flags_from_the_methods():
     names = [f.name for f in dataclasses.fields(TrainOptions)]
     assert {"r", "lora_alpha", "lora_dropout"} <= set(names)
     assert TrainOptions(method="dora", r=4).adapter_options() == {"r": 4}
+
+
+def test_the_documented_call_order_names_every_hook_and_nothing_else():
+    """The module docstring's call order is the protocol a new method reads: it lists each public method of
+    ``Method`` (a hook), and names no hook the class does not have."""
+    import inspect
+    import re
+
+    import peftlab.methods.method as protocol
+
+    order = protocol.__doc__.split("The core calls, in order")[1].split("\n\n", 2)[1]
+    documented = set(re.findall(r"^ {8}(?:state = )?([a-z_]+)\(", order, flags=re.MULTILINE))
+    hooks = {name for name, member in inspect.getmembers(Method, inspect.isfunction) if not name.startswith("_")}
+    assert documented == hooks, (f"hooks missing from the docstring: {sorted(hooks - documented)}; "
+                                 f"documented but not on Method: {sorted(documented - hooks)}")

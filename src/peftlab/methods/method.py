@@ -19,13 +19,22 @@ registers one instance per name users type::
 
 The registry (:mod:`peftlab.methods.registry`) imports every module of this package, so the file
 is all a new method needs. Every hook below but ``make_adapter`` has a default that does nothing
-or does what LoRA needs, so a LoRA-like method overrides little. The core calls, in order:
+or does what LoRA needs, so a LoRA-like method overrides little. The core calls, in order (a test
+holds this list to the class: every hook is here, and nothing else):
 
+    planning a run (the lab, the training engine)
+        make_config(**fields)                 the config from the run's options over this name's preset
+        check_model_config(model_config)      the transformers config, before weights load: raise
+                                              ValueError to refuse a family (compare --methods all skips it)
     get_peft_model / add_adapter
         check_model(model, config)            the whole model, before its targets are resolved:
                                               raise ValueError to refuse a model family
         check_base(config, view, path)        every targeted layer, before anything is built:
                                               raise UnsupportedBaseError to refuse (4-bit, Embedding)
+        check_targets(config, targets)        all targets at once: refuse a per-module option (a rank
+                                              pattern) that matches none of them
+        adapter_numel(config, view, path)     values the layer's adapter will hold, checked against
+                                              free memory before anything is allocated; default 0
         state = inject(model, name, config, targets)
                                               model-level state shared by the layers (VeRA's
                                               random matrices): an nn.Module or None; the core
