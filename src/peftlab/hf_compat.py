@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from peftlab import io
+from peftlab.checkpointing import enable_activation_checkpointing
 from peftlab.config import AdapterConfig
 from peftlab.model import (  # the task classes are the model's; HF users import them from here
     PeftModel,
@@ -243,7 +244,5 @@ def prepare_model_for_kbit_training(
     quantized = any(isinstance(m, Linear4bit) for m in model.modules())
     if quantized and use_gradient_checkpointing:
         kwargs = {"use_reentrant": True, **(gradient_checkpointing_kwargs or {})}  # HF's default
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(kwargs)
-        model.enable_input_require_grads()
+        enable_activation_checkpointing(model, kwargs)
     return model

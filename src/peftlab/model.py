@@ -24,6 +24,7 @@ from torch import nn
 
 from peftlab import hf_trainer, io
 from peftlab.base import BaseLayerView, Conv1DView, LossyMergeWarning, base_view
+from peftlab.checkpointing import enable_activation_checkpointing
 from peftlab.config import SEQ_CLS_HEAD_NAMES, AdapterConfig
 from peftlab.export import build_lora_export, write_lora_export
 from peftlab.hooks import TrainingProgress
@@ -358,19 +359,8 @@ class PeftModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
-        """As the base model's, plus inputs that require grad so adapters get gradients.
-
-        Reentrant checkpointed blocks recompute only when their input needs grad; with a frozen
-        embedding it does not, and the adapters would silently get no gradient.
-        """
-        # transformers 5 renamed it; the old name is a deprecated alias there.
-        renamed = getattr(self.base_model, "activation_checkpointing_enable", None)
-        if renamed is not None:
-            renamed(gradient_checkpointing_kwargs, **kwargs)
-        else:
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
-        if hasattr(self.base_model, "enable_input_require_grads"):
-            self.base_model.enable_input_require_grads()
+        """As the base model's, plus inputs that require grad so adapters get gradients (:mod:`peftlab.checkpointing`)."""
+        enable_activation_checkpointing(self.base_model, gradient_checkpointing_kwargs, **kwargs)
 
     def update_and_allocate(self, global_step: int) -> None:
         """HF's call for custom training loops (AdaLoRA's name): after ``optimizer.step()`` and before
