@@ -30,6 +30,7 @@ from peftlab.export import build_lora_export, write_lora_export
 from peftlab.hooks import TrainingProgress
 from peftlab.layer import BASE_ROW, AdaptedLayer, rows_use_adapters
 from peftlab.methods import Method, config_class_for, method_for
+from peftlab.methods.capabilities import MovesRankBudget, PatchesTheModel, RunsAtSeveralRanks
 from peftlab.adapter import Adapter
 from peftlab.modules_to_save import TrainedCopy
 from peftlab.targets import ALL_LINEAR, expand_all_linear, select_targets
@@ -111,7 +112,8 @@ class PeftModel(nn.Module):
         if not adapter_name or "." in adapter_name or adapter_name == BASE_ROW:
             raise ValueError(f"invalid adapter name {adapter_name!r}: use a non-empty name without '.', not {BASE_ROW!r}.")
         method = method_for(config)
-        method.check_model(self, config)
+        if isinstance(method, PatchesTheModel):
+            method.check_model(self, config)
         if config.target_modules is None:
             config = config.replace(target_modules=_default_targets(self.base_model, config))
         if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
@@ -305,7 +307,9 @@ class PeftModel(nn.Module):
         """The plain model with merged adapters kept and unmerged ones dropped."""
         for name in self.peft_config:
             state = self.method_state[name] if name in self.method_state else None
-            self.method_of(name).unload(self, name, state)
+            method = self.method_of(name)
+            if isinstance(method, PatchesTheModel):
+                method.unload(self, name, state)
         for path, layer in list(self.adapted_layers()):
             _set_module(self.base_model, path, layer.base_layer)
         for path, copy in list(self.trained_copies()):
@@ -379,13 +383,20 @@ class PeftModel(nn.Module):
         """Run the adapter (default: the active one) at ``rank``, for methods trained to work at
         several ranks (DyLoRA: any ``1 <= rank <= r``); the others refuse."""
         name = adapter_name or self.active_adapter
-        self.method_of(name).set_rank(self, name, rank)
+        method = self.method_of(name)
+        if not isinstance(method, RunsAtSeveralRanks):
+            raise ValueError(
+                f"set_rank: the {method.name} method trains one fixed rank; only methods trained to work at several "
+                "ranks (dylora) can change it after training."
+            )
+        method.set_rank(self, name, rank)
 
     def rank_per_layer(self, adapter_name: str | None = None) -> dict[str, int] | None:
         """``{module path: live rank}`` for methods that move their rank budget between layers
         (AdaLoRA, dora_rank); None for a fixed rank."""
         name = adapter_name or self.active_adapter
-        return self.method_of(name).rank_per_layer(self, name)
+        method = self.method_of(name)
+        return method.rank_per_layer(self, name) if isinstance(method, MovesRankBudget) else None
 
     # -- parameters ------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import warnings
 from typing import Any
 
 from peftlab.config import MARKED_CONFIG_CLASSES, PEFT_TYPES, AdapterConfig
+from peftlab.methods.capabilities import check_capabilities
 from peftlab.methods.method import Method
 
 #: Name users type (``peftlab train --method dora``) -> the method, in registration order.
@@ -23,6 +24,7 @@ _LOADERS: dict[str, Method] = {}
 
 def register_method(method: Method) -> Method:
     """Add a method under ``method.name``; conflicts are errors, never silent replacements."""
+    check_capabilities(method)
     if method.name in METHODS:
         raise ValueError(f"method name {method.name!r} is registered twice ({METHODS[method.name]!r} and {method!r}).")
     runner = _RUNNERS.get(method.config_class)
