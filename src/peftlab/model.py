@@ -32,7 +32,13 @@ from peftlab.layer import BASE_ROW, AdaptedLayer, rows_use_adapters
 from peftlab.methods import Method, config_class_for, method_for
 from peftlab.methods.capabilities import MovesRankBudget, PatchesTheModel, RunsAtSeveralRanks
 from peftlab.adapter import Adapter
-from peftlab.modules_to_save import TrainedCopy
+from peftlab.modules_to_save import (
+    TrainedCopy,
+    check_tied_tensors_agree,
+    embedding_weights,
+    tie_output_embedding_copy,
+    warn_untied_embedding,
+)
 from peftlab.targets import ALL_LINEAR, expand_all_linear, select_targets
 
 
@@ -160,9 +166,9 @@ class PeftModel(nn.Module):
             for path in paths:
                 self._trained_copy_at(path).add(adapter_name)
         if getattr(config, "ensure_weight_tying", False):
-            self._tie_output_embedding_copy(adapter_name)
+            tie_output_embedding_copy(self.base_model, adapter_name, self._trained_copy_at)
         else:
-            self._warn_untied_embedding(adapter_name, config)
+            warn_untied_embedding(self.base_model, adapter_name, config)
 
     def _trained_copy_at(self, path: str) -> TrainedCopy:
         module = self.base_model.get_submodule(path)
@@ -170,49 +176,6 @@ class PeftModel(nn.Module):
             module = TrainedCopy(module)
             _set_module(self.base_model, path, module)
         return module
-
-    def _tie_output_embedding_copy(self, adapter_name: str) -> None:
-        """HF's ``ensure_weight_tying``: where the model ties its output embedding to its input embedding
-        and the input embedding trains as a copy, the output layer gets a copy holding that same trained
-        tensor, so the two stay one (in training, in the files, and after merge_and_unload)."""
-        get_input = getattr(self.base_model, "get_input_embeddings", None)
-        get_output = getattr(self.base_model, "get_output_embeddings", None)
-        inputs, outputs = (get_input() if get_input else None), (get_output() if get_output else None)
-        if not isinstance(inputs, TrainedCopy) or adapter_name not in inputs.copies or outputs is None:
-            return
-        original = outputs.original_module if isinstance(outputs, TrainedCopy) else outputs
-        if getattr(original, "weight", None) is not inputs.original_module.weight:
-            return  # not tied: nothing to keep together
-        path = next(p for p, m in self.base_model.named_modules() if m is outputs)
-        copy = self._trained_copy_at(path)
-        if adapter_name in copy.copies:
-            copy.remove(adapter_name)
-        copy.add(adapter_name, weight=inputs.trained_weight(adapter_name))
-
-    def _warn_untied_embedding(self, adapter_name: str, config: AdapterConfig) -> None:
-        """HF peft's warning (peft#2777): the model ties its output embedding to its input embedding and the
-        adapter trains one of them (``modules_to_save``) or adapts it (``target_modules``) without the other,
-        so after training they differ -- no longer the tied pair the base model was."""
-        get_input = getattr(self.base_model, "get_input_embeddings", None)
-        get_output = getattr(self.base_model, "get_output_embeddings", None)
-        ends = input_end, output_end = tuple(get() if get else None for get in (get_input, get_output))
-        if input_end is None or output_end is None:
-            return
-        inputs, outputs = _unwrapped(input_end), _unwrapped(output_end)
-        if getattr(outputs, "weight", None) is not getattr(inputs, "weight", object()):
-            return  # not tied
-        tied = [path for path, module in self.base_model.named_modules() if module in ends and _holds(module, adapter_name)]
-        if not tied:
-            return
-        remedy = ("set ensure_weight_tying=True to keep them one" if hasattr(config, "ensure_weight_tying")
-                  else f"{config.peft_type} has no ensure_weight_tying to keep them one")
-        warnings.warn(
-            f"The model ties its output embedding to its input embedding (tie_word_embeddings=True) and adapter "
-            f"{adapter_name!r} trains or adapts {' and '.join(tied)} on its own, so the two will differ after "
-            f"training (a problem when merging the adapter or converting the model to other formats); {remedy}. "
-            "See https://github.com/huggingface/peft/issues/2777",
-            stacklevel=4,
-        )
 
     def _remove_adapter_modules(self, adapter_name: str) -> None:
         if adapter_name in self.peft_config:
@@ -517,7 +480,7 @@ class PeftModel(nn.Module):
         saved = method.rename_saved_keys(saved)
         expected = self.adapter_state_dict(adapter_name)
         # HF saves the full embedding weights along with an adapter on an embedding (save_embedding_layers): load them too.
-        expected.update({k: v for k, v in self._embedding_weights().items() if k in saved and k not in expected})
+        expected.update({k: v for k, v in embedding_weights(self.base_model).items() if k in saved and k not in expected})
         missing = sorted(set(expected) - set(saved))
         unexpected = sorted(set(saved) - set(expected))
         if missing or unexpected:
@@ -536,51 +499,13 @@ class PeftModel(nn.Module):
                 )
             if saved[key].is_floating_point() and not torch.isfinite(saved[key]).all():
                 raise ValueError(f"{source} holds NaN or infinite values in {key}: the adapter is broken; retrain it or restore a good copy.")
-        _check_tied_tensors_agree(expected, saved, source)
+        check_tied_tensors_agree(expected, saved, source)
         own = method.export_tensors(self, adapter_name)
         method.load_tensors(self, adapter_name, {key: saved[key] for key in own})
         with torch.no_grad():  # trained copies and embedding weights: plain parameters
             for key, tensor in expected.items():
                 if key not in own:
                     tensor.copy_(saved[key].to(tensor.dtype))
-
-    def _embedding_weights(self) -> dict[str, torch.Tensor]:
-        """The input and output embedding weights under the keys HF peft saves them with."""
-        weights = {}
-        for getter in ("get_input_embeddings", "get_output_embeddings"):
-            layer = getattr(self.base_model, getter, lambda: None)()
-            path = next((p for p, m in self.base_model.named_modules() if m is layer), None) if layer is not None else None
-            if path is not None:
-                inner = f"{path}.base_layer" if isinstance(layer, AdaptedLayer) else path
-                weights[f"{io.KEY_PREFIX}{inner}.weight"] = self.base_model.get_submodule(inner).weight
-        return weights
-
-
-def _unwrapped(module: nn.Module) -> nn.Module:
-    """The base model's own module under a trained copy or an adapted layer."""
-    if isinstance(module, TrainedCopy):
-        return module.original_module
-    return module.base_layer if isinstance(module, AdaptedLayer) else module
-
-
-def _holds(module: nn.Module, adapter_name: str) -> bool:
-    """Whether ``module`` trains a copy for, or is adapted by, ``adapter_name``."""
-    if isinstance(module, TrainedCopy):
-        return adapter_name in module.copies
-    return isinstance(module, AdaptedLayer) and adapter_name in module.adapters
-
-
-def _check_tied_tensors_agree(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], source: str) -> None:
-    """Keys that are one tensor in the model (a tied embedding and output layer) must hold one value in
-    the file; otherwise whichever loaded last would win, silently."""
-    first_key: dict[int, str] = {}
-    for key, tensor in expected.items():
-        other = first_key.setdefault(id(tensor), key)
-        if other != key and not torch.equal(saved[other], saved[key]):
-            raise ValueError(
-                f"{source}: {other} and {key} are one tied tensor in this model but differ in the file; it was "
-                "saved from a model whose embeddings were not tied. Load it on an untied base, or re-save it tied."
-            )
 
 
 @contextlib.contextmanager
