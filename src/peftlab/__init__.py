@@ -1,6 +1,5 @@
 """peftlab: parameter-efficient fine-tuning, correct to the papers and interoperable with HF peft."""
 
-from peftlab import hf_trainer
 from peftlab.config import AdapterConfig
 from peftlab.hf_compat import (
     AutoPeftModel,
@@ -30,9 +29,6 @@ from peftlab.methods.lora_init.corda import CordaConfig, preprocess_corda
 from peftlab.methods.lora_init.eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
 from peftlab.methods.lora_init.loftq import LoftQConfig
 from peftlab.model import PeftModel, get_peft_model
-
-# HF Trainer / TRL write adapter folders for peftlab models (see hf_trainer.py).
-hf_trainer.install()
 
 __all__ = [
     "AdapterConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",

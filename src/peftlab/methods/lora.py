@@ -25,8 +25,8 @@ from torch import nn
 
 from peftlab.base import BaseLayerView
 from peftlab.config import AdapterConfig, check_regex, default_field
+from peftlab.adapter import Adapter
 from peftlab.methods import lora_init
-from peftlab.methods.adapter import Adapter
 from peftlab.methods.fused import LoraLinearFunction, can_fuse
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
 from peftlab.methods.method import ADAPTER_DROPOUT, Method, MethodOption, UnsupportedBaseError
@@ -118,9 +118,6 @@ class LoraMethod(Method):
     #: The ``init_lora_weights`` values this method runs (None: every one in ``lora_init/``).
     initialisations: tuple | None = None
 
-    def check_model(self, model, config):
-        lora_init.check_method_runs(self, config)
-
     def check_base(self, config, view, path):
         lora_init.init_for(config.init_lora_weights).check_base(config, view, path)
         if config.use_dora and view.takes_ids:
@@ -129,6 +126,7 @@ class LoraMethod(Method):
             )
 
     def check_targets(self, config, targets):
+        lora_init.check_method_runs(self, config)
         # A rank_pattern/alpha_pattern key that matches no adapted module is a typo, not a no-op.
         paths = list(targets)
         for option, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
@@ -204,9 +202,9 @@ class LoraAdapter(Adapter):
         self.is_embedding = base.takes_ids
         # HF applies no dropout to token ids.
         self.dropout = nn.Dropout(dropout) if dropout > 0 and not self.is_embedding else None
-        factory = {"device": base.device, "dtype": torch.float32 if base.dtype not in (torch.float32, torch.float64) else base.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, **factory))
+        dtype = torch.float32 if base.dtype not in (torch.float32, torch.float64) else base.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=base.device, dtype=dtype))
         self.reset_parameters(init)
 
     def reset_parameters(self, init) -> None:

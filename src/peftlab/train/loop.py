@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from peftlab.checkpointing import enable_activation_checkpointing
 from peftlab.io import append_text, atomic_write_text
 from peftlab.model import PeftModel, count_parameters
 from peftlab.optim import make_optimizer, make_scheduler
@@ -458,16 +459,9 @@ class TrainingRun:
 
 
 def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
-    """Recompute each block's activations in backward.
-
-    With a frozen embedding, the blocks' input needs no gradient, and reentrant checkpointing
-    would then give the adapters none; making the embedding output require grad fixes that.
-    Non-reentrant checkpointing (the default, and the one that works under DDP) has no such trap.
-    """
+    """Recompute each block's activations in backward (:mod:`peftlab.checkpointing`); non-reentrant by
+    default, the kind that works under DDP."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise OptionsError(f"{type(base).__name__} does not support gradient checkpointing; drop --gradient-checkpointing.")
-    # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias).
-    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
-    enable({"use_reentrant": use_reentrant})
-    base.enable_input_require_grads()
+    enable_activation_checkpointing(base, {"use_reentrant": use_reentrant})

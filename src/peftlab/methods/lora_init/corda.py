@@ -113,11 +113,13 @@ register_init(Corda())
 
 
 def _targets(model: nn.Module, config) -> Iterator[tuple[str, nn.Module]]:
-    from peftlab.model import _default_targets
     from peftlab.targets import ALL_LINEAR, expand_all_linear, select_targets
 
     if config.target_modules is None:  # as get_peft_model: the method's default for the model type
-        config = config.replace(target_modules=_default_targets(model, config))
+        model_type = getattr(getattr(model, "config", None), "model_type", "")
+        if model_type not in config.default_target_modules:
+            raise ValueError(f"preprocess_corda: target_modules is not set and LoRA has no default for model type {model_type!r}; name the layers.")
+        config = config.replace(target_modules=config.default_target_modules[model_type])
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         config = config.replace(target_modules=expand_all_linear(model, config))
     for path in select_targets(model, config):

@@ -285,8 +285,6 @@ def initialize_lora_eva_weights(
 
 def load_eva_state_dict(model, eva_state_dict: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
     """Rebuild each layer at its EVA rank with A = its components, B = 0; record ranks and alphas."""
-    from peftlab.model import _set_module
-
     config = model.peft_config[adapter_name]
     method = model.method_of(adapter_name)
     state = {key.removeprefix("base_model.model."): value for key, value in eva_state_dict.items()}
@@ -303,7 +301,8 @@ def load_eva_state_dict(model, eva_state_dict: dict[str, torch.Tensor], adapter_
         if rank == 0:  # HF: the layer keeps no adapter
             layer.remove(adapter_name)
             if not layer.adapters:
-                _set_module(model.base_model, path, layer.base_layer)
+                parent, _, child = path.rpartition(".")
+                setattr(model.base_model.get_submodule(parent), child, layer.base_layer)
             continue
         if rank != r and config.eva_config.adjust_scaling_factors:
             alpha *= rank / r
