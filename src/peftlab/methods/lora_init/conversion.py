@@ -121,7 +121,7 @@ def converted_for_original_base(
                 lora_alpha=config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2),
                 rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
                 alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()})
-    data["loftq_config"], data["eva_config"] = {}, None
+    data.update(loftq_config={}, eva_config=None, corda_config=None)  # a plain LoRA now: no init sub-config
     return data, tensors
 
 
@@ -133,7 +133,8 @@ def _initial_tensors(model: PeftModel, adapter_name: str, directory: Path, what:
         tensors = {}
         for path, (a0, b0) in initial.items():
             tensors[f"{io.KEY_PREFIX}{path}.lora_A.weight"], tensors[f"{io.KEY_PREFIX}{path}.lora_B.weight"] = a0, b0
-        data = model.finish_saved_config(adapter_name, dataclasses.replace(model.peft_config[adapter_name], init_lora_weights=True).to_hf_dict())
+        data = model.finish_saved_config(adapter_name, dataclasses.replace(
+            model.peft_config[adapter_name], init_lora_weights=True, corda_config=None).to_hf_dict())
         io.write_adapter(directory, data, tensors)
     saved = io.read_adapter_weights(directory)
     wrong = [k for k, v in expected.items() if k not in saved or saved[k].shape != v.shape]
