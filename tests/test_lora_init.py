@@ -227,6 +227,23 @@ def test_olora_on_a_4bit_base_requantizes_the_residual():
         assert torch.equal(layer.view.weight(torch.float32), expected)
 
 
+@pytest.mark.parametrize("init", [True, False, "gaussian", "orthogonal"])
+def test_random_starts_on_a_4bit_base_equal_hfs(init):
+    """The random starts do not read the weight: on peftlab's NF4 base they are HF's (same seed, same draws)."""
+    from peftlab.quant import quantize_model
+
+    base = tiny_llama(hidden=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(SEED)
+        hf = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=init))
+    torch.manual_seed(SEED)
+    ours = get_peft_model(quantize_model(copy.deepcopy(base)), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=init))
+    theirs = peft.get_peft_model_state_dict(hf)
+    for key, value in ours.adapter_state_dict("default").items():
+        torch.testing.assert_close(value, theirs[key], atol=0, rtol=0, msg=key)
+
+
 def test_mica_trains_a_only_from_zero():
     model = get_peft_model(tiny_llama(hidden=64), LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights="mica"))
     for path, layer in model.adapted_layers():

@@ -121,3 +121,16 @@ def test_whitening_divides_each_layer_once():
         unwhitened = dict(plain.adapters_of("default"))[path].lora_A.data
         ratio = unwhitened / adapter.lora_A.data  # sqrt of each component's singular value, the same along a row
         torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), atol=1e-4, rtol=1e-4)
+
+
+def test_eva_on_a_4bit_base_fills_a_with_the_quantized_models_input_components():
+    """QLoRA + EVA: the components come from the inputs the 4-bit model gives its layers."""
+    from peftlab.quant import quantize_model
+
+    base = quantize_model(MODELS["llama"][0]())
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["down_proj"], init_lora_weights="eva", eva_config=EvaConfig(rho=1.0)))
+    initialize_lora_eva_weights(model, batches(8), show_progress_bar=False)
+    for _, adapter in model.adapters_of("default"):
+        a = adapter.lora_A.data
+        assert a.shape[0] == 4 and not adapter.lora_B.any()
+        torch.testing.assert_close(a @ a.T, torch.eye(4), atol=1e-4, rtol=0)  # orthonormal principal directions

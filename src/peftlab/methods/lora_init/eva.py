@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from peftlab.methods.lora_init import (
-    LoraInit, burn_layer_inits, fill_sub_config, refuse_embedding, refuse_quantized, register_init,
+    LoraInit, burn_layer_inits, fill_sub_config, refuse_embedding, register_init,
 )
 from peftlab.methods.lora_init.incremental_pca import IncrementalPCA
 
@@ -65,8 +65,7 @@ class Eva(LoraInit):
         fill_sub_config(config, "eva_config", EvaConfig)
 
     def check_base(self, config, view, path):
-        refuse_embedding("eva", view, path)
-        refuse_quantized("eva", view, path, "peftlab's EVA runs on full-precision layers; initialise before quantizing.")
+        refuse_embedding("eva", view, path)  # HF leaves embeddings at the default init; peftlab says so instead
 
     def draw(self, adapter, value):
         burn_layer_inits(adapter)  # A keeps nn.Linear's default until initialize_lora_eva_weights fills it
