@@ -244,6 +244,21 @@ def test_random_starts_on_a_4bit_base_equal_hfs(init):
         torch.testing.assert_close(value, theirs[key], atol=0, rtol=0, msg=key)
 
 
+@pytest.mark.parametrize("init", [True, False, "gaussian"])
+def test_embedding_starts_equal_hfs(init):
+    """HF's Embedding convention and draws: randn A and B, then (True) A = 0 and B ~ N(0, 1) again."""
+    base = tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(SEED)
+        hf = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=init))
+    torch.manual_seed(SEED)
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=init))
+    theirs = peft.get_peft_model_state_dict(hf)
+    for key, value in ours.adapter_state_dict("default").items():
+        torch.testing.assert_close(value, theirs[key], atol=0, rtol=0, msg=key)
+
+
 def test_mica_trains_a_only_from_zero():
     model = get_peft_model(tiny_llama(hidden=64), LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights="mica"))
     for path, layer in model.adapted_layers():
