@@ -135,6 +135,29 @@ def test_start_keeps_the_model(init, model_name):
     torch.testing.assert_close(model(**batch).logits, expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora", "loftq"])
+def test_bfloat16_base_equals_hf(init):
+    """On a bfloat16 model the decomposition runs in float32 and the residual is rounded once to bfloat16, as HF.
+    HF then rounds A and B to bfloat16 too (it casts the adapter to the base's dtype before upcasting it), so
+    its start is off by that rounding; peftlab keeps them in float32, and HF's are peftlab's rounded."""
+    base = tiny_llama(hidden=64).to(torch.bfloat16)
+    options = dict(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"], init_lora_weights=init, **_extra(init))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(SEED)
+        hf = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**options), autocast_adapter_dtype=True)
+        torch.manual_seed(SEED)
+        ours = get_peft_model(copy.deepcopy(base), LoraConfig(**options))
+    theirs = peft.get_peft_model_state_dict(hf)
+    for key, value in ours.adapter_state_dict("default").items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value.to(torch.bfloat16).float(), theirs[key].float(), atol=0, rtol=0, msg=key)
+    mine_w = base_weights(ours)
+    for path, weight in hf_base_weights(hf, mine_w).items():
+        torch.testing.assert_close(mine_w[path], weight, atol=0, rtol=0, msg=path)
+        assert ours.get_submodule(path).base_layer.weight.dtype == torch.bfloat16
+
+
 def test_pissa_takes_the_principal_part():
     """A and B span W's top-r singular directions; the residual holds the rest of the spectrum."""
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"], init_lora_weights="pissa"))
