@@ -16,7 +16,9 @@ An init is a :class:`LoraInit` registered with :func:`register_init`. The LoRA a
 ``draw`` while it is built (the random part, in HF's order of draws, so one seed gives HF's
 tensors) and the method calls ``from_base`` once the adapter exists (the part that reads, and may
 rewrite, the frozen weight). Inits that rewrite it (``changes_base``) make an adapter that only
-fits the rewritten base: see ``save_pretrained(path_initial_model_for_weight_conversion=...)``.
+fits the rewritten base: ``conversion.py`` writes it for the unmodified one
+(``save_pretrained(path_initial_model_for_weight_conversion=...)``, the plain-LoRA export).
+``incremental_pca.py`` is EVA's estimator.
 """
 
 from __future__ import annotations
