@@ -29,7 +29,8 @@ from peftlab.adapter import Adapter
 from peftlab.methods import lora_init
 from peftlab.methods.fused import LoraLinearFunction, can_fuse
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
-from peftlab.methods.method import ADAPTER_DROPOUT, Method, MethodOption, UnsupportedBaseError
+from peftlab.methods.lora_variant import lora_variants, variants_of
+from peftlab.methods.method import ADAPTER_DROPOUT, Method, MethodOption
 from peftlab.methods.lora_init.corda import CordaConfig
 from peftlab.methods.lora_init.eva import EvaConfig
 from peftlab.methods.lora_init.loftq import LoftQConfig
@@ -83,10 +84,8 @@ class LoraConfig(AdapterConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}; 0 turns dropout off.")
         if self.bias != "none":
             raise ValueError(f"bias={self.bias!r} is not supported: peftlab trains no base biases; use bias='none'.")
-        if self.loraplus_lr_ratio is not None:
-            from peftlab.methods.loraplus import check_ratio
-
-            check_ratio(self.loraplus_lr_ratio)
+        for variant in variants_of(self):
+            variant.check_config(self)
         lora_init.check_init_config(self)
 
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
@@ -99,7 +98,7 @@ class LoraConfig(AdapterConfig):
 
 class LoraMethod(Method):
     config_class = LoraConfig
-    #: The per-layer module (None: LoRA's, or DoRA's where ``use_dora``); a LoRA variant sets its own.
+    #: The per-layer module (None: LoRA's, or an applying variant's, e.g. DoRA's); a LoRA-based method sets its own.
     adapter_class: type[Adapter] | None = None
     options = {
         "r": MethodOption(int, "adapter rank", "positive", lambda v: v > 0),
@@ -120,10 +119,8 @@ class LoraMethod(Method):
 
     def check_base(self, config, view, path):
         lora_init.init_for(config.init_lora_weights).check_base(config, view, path)
-        if config.use_dora and view.takes_ids:
-            raise UnsupportedBaseError(
-                f"DoRA on an Embedding layer ({path}) is not supported; target linear layers, or use LoRA for embeddings."
-            )
+        for variant in variants_of(config):
+            variant.check_base(config, view, path)
 
     def check_targets(self, config, targets):
         lora_init.check_method_runs(self, config)
@@ -140,29 +137,32 @@ class LoraMethod(Method):
 
     def adapter_numel(self, config, view, path):
         r, _ = config.rank_and_alpha(path)
-        return r * (view.in_features + view.out_features) + (view.out_features if config.use_dora else 0)
+        return r * (view.in_features + view.out_features) + sum(v.extra_numel(config, view) for v in variants_of(config))
 
     def make_adapter(self, config, view, path, state):
         r, alpha = config.rank_and_alpha(path)
-        adapter_class = self.adapter_class or LoraAdapter
-        if config.use_dora:
-            from peftlab.methods.dora import DoraAdapter
-
-            adapter_class = DoraAdapter
-        adapter = adapter_class(view, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+        adapter = self._adapter_class(config)(view, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
         lora_init.start_from_base(adapter, view, config, path)
         return adapter
 
+    def _adapter_class(self, config: LoraConfig) -> type[Adapter]:
+        own = [v.adapter_class for v in variants_of(config) if v.adapter_class is not None]
+        if len(own) > 1:
+            raise ValueError(f"LoRA variants with their own layers cannot combine: {', '.join(c.__name__ for c in own)}.")
+        if own and self.adapter_class is not None:
+            raise ValueError(f"the {self.name} method has its own layer ({self.adapter_class.__name__}); it cannot run "
+                             f"the variant {own[0].__name__} as well.")
+        return self.adapter_class or (own[0] if own else LoraAdapter)
+
     def param_groups(self, model, adapter_name, lr, weight_decay):
         config = model.peft_config[adapter_name]
-        if config.loraplus_lr_ratio is None:
-            return super().param_groups(model, adapter_name, lr, weight_decay)
-        from peftlab.methods.loraplus import loraplus_param_groups
-
         own = {id(p) for _, p in model.adapter_parameters(adapter_name)}
         named = [(n, p) for n, p in model.named_parameters() if id(p) in own and p.requires_grad]
-        groups = loraplus_param_groups(model, named, lr, config.loraplus_lr_ratio, config.loraplus_lr_embedding, weight_decay)
-        return [group for group in groups if group["params"]]
+        for variant in variants_of(config):
+            groups = variant.param_groups(model, named, lr, weight_decay, config)
+            if groups is not None:
+                return [group for group in groups if group["params"]]
+        return super().param_groups(model, adapter_name, lr, weight_decay)
 
     def as_low_rank(self, model, adapter_name, rank=None):
         from peftlab.methods.lora_init.conversion import against_original_base
@@ -171,8 +171,9 @@ class LoraMethod(Method):
         return against_original_base(model, adapter_name, super().as_low_rank(model, adapter_name, rank))
 
     def rename_saved_keys(self, tensors):
-        # Older HF versions wrote DoRA's magnitude with a ".weight" suffix.
-        return {re.sub(r"lora_magnitude_vector\.weight$", "lora_magnitude_vector", k): v for k, v in tensors.items()}
+        for variant in lora_variants():
+            tensors = variant.rename_saved_keys(tensors)
+        return tensors
 
 
 def _check_positive(name: str, value, whole: bool = False) -> None:
