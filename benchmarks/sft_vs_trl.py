@@ -5,7 +5,9 @@ tokenised rows: a seeded set of conversations with a realistic spread of lengths
 answers from a few words to a few hundred), rendered with the model's chat template by
 ``peftlab.data.render_conversation`` (ids + assistant-token mask); TRL gets those ids with the
 same labels, so its own tokenisation plays no part. Same lr (linear decay, no warmup), max grad
-norm, batch, max length, steps and seed; AdamW (torch) on both.
+norm, batch, max length, steps and seed; AdamW (torch) on both; no gradient checkpointing on
+either (SFTConfig's default turns it on). TRL keeps its other defaults (it also computes the
+entropy and token accuracy it logs).
 
 Batches: ``--batch`` conversations per step, padded to the longest (``packing off``), or packed
 without padding (``packing on``: peftlab packs each batch's rows into rows of ``--max-length``;
@@ -134,6 +136,7 @@ def run_trl(args: argparse.Namespace, data: Path, packing: bool) -> dict[str, An
         optim="adamw_torch", seed=args.seed, data_seed=args.seed, max_length=args.max_length, packing=packing,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=args.device == "cpu", bf16=False,
         dataloader_num_workers=0, disable_tqdm=True,
+        gradient_checkpointing=False,  # TRL's SFTConfig turns it on by default; peftlab's default is off
     )
     lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
