@@ -156,6 +156,8 @@ def task_of_dataset(name_or_path: str | Path, data_dir: str | Path | None = None
     and loading it reports why)."""
     if is_plain_text(name_or_path):
         return "causal-lm"
+    if str(name_or_path) in NAMED_DATASETS:  # labelled; not read here (SST-2 may come from the hub)
+        return "seq-cls"
     try:
         table, _, _ = _read_split(name_or_path, "train", data_dir)
         return "causal-lm" if table.rows and table_format(table) in CAUSAL_LM_FORMATS else "seq-cls"
