@@ -189,3 +189,12 @@ def test_truncation_is_counted_and_all_masked_data_refused() -> None:
     assert (nothing.rows, nothing.truncated, nothing.nothing_to_learn) == (2, 2, 2)
     with pytest.raises(DataError, match="all 2 rows have every label masked after the cut at --max-length 6 \\(2 truncated"):
         refuse_if_nothing_to_learn(nothing, "rows")
+
+
+def test_the_task_follows_from_the_data(tmp_path: Path) -> None:
+    from peftlab.data.datasets import task_of_dataset
+
+    chat = write_jsonl(tmp_path / "chat.jsonl", [chat_row(("user", "hi"), ("assistant", "yes"))])
+    labelled = write_jsonl(tmp_path / "labelled.jsonl", [{"text": "good", "label": 1}])
+    assert [task_of_dataset(chat), task_of_dataset(labelled), task_of_dataset("sst2"), task_of_dataset("notes.txt")] == [
+        "causal-lm", "seq-cls", "seq-cls", "causal-lm"]

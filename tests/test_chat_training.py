@@ -7,10 +7,11 @@ import json
 
 import pytest
 from chat_fixtures import CHATML, chat_tokenizer, write_chat_rows
-from train_fixtures import save_tiny_model, tiny_options
+from train_fixtures import save_tiny_model, tiny_options, write_sentiment_data
 
 from peftlab.cli import main
 from peftlab.train.loop import run_training
+from peftlab.train.options import OptionsError
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -73,3 +74,10 @@ def test_the_cli_tells_the_task_from_the_data_and_asks_for_a_template(chat_llama
     assert f"chat_template={template}" in err  # the run's template, taken from its metrics.json
     scores = json.loads(out)
     assert scores["max_length"] == 23 and scores["eval_rows"] == 6 and scores["eval_rows_truncated"] == 0
+
+
+def test_packing_is_refused_for_classification(tmp_path) -> None:
+    data = write_sentiment_data(tmp_path / "sentiment", n_train=8, n_validation=2)
+    bert = save_tiny_model(tmp_path / "bert", chat_tokenizer(), "bert")
+    with pytest.raises(OptionsError, match="--packing lays causal-LM rows end to end; it does not apply to seq-cls data"):
+        run_training(tiny_options(bert, data, tmp_path / "out", packing=True, max_steps=1))
