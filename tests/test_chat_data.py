@@ -157,12 +157,15 @@ def test_a_response_that_ends_with_eos_gets_no_second_one() -> None:
 
 
 def test_template_errors_are_clear(tmp_path: Path) -> None:
-    with pytest.raises(ChatTemplateError, match="has no chat template.*pass --chat-template FILE.jinja"):
+    with pytest.raises(ChatTemplateError, match="the conversation: conversations need a chat template, and the model's tokenizer has none; pass --chat-template FILE.jinja"):
         render_conversation(chat_tokenizer(template=None), CONVERSATION)
     assert render_conversation(chat_tokenizer(template=None), CONVERSATION, chat_template=CHATML).input_ids[0] == ids("<|im_start|>")[0]
     raising = "{{ raise_exception('this template takes no system message') }}"
     with pytest.raises(ChatTemplateError, match="row 7: the chat template raised an error: this template takes no system"):
         render_conversation(chat_tokenizer(template=raising), CONVERSATION, where="row 7")
+    with pytest.raises(ChatTemplateError, match="^rows, row 2: the conversation: the chat template raised an error"):
+        encode_rows(ChatDataset([CONVERSATION[1:3], CONVERSATION], "rows"),
+                    CausalLMCollator(chat_tokenizer(template=CHATML.replace("{% for", "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}{% for")), max_length=8))
     # a template that renders the last turn unlike the others: its turns cannot be found exactly
     last_differs = CHATML.replace("{{ m['content'] }}", "{{ m['content'] }}{% if loop.last %} ok{% endif %}")
     with pytest.raises(ChatTemplateError, match="does not render this conversation turn by turn"):

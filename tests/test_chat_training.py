@@ -61,7 +61,7 @@ def test_the_cli_tells_the_task_from_the_data_and_asks_for_a_template(chat_llama
     save_tiny_model(bare, tokenizer, "llama")
     flags = ["train", "--dataset", str(chat_data), "--method", "lora", "--max-steps", "1", "--batch-size", "8"]
     code, _, err = run_cli(capsys, *flags, "--model", str(bare), "--out", str(tmp_path / "a"))
-    assert code == 2 and "has no chat template" in err and "pass --chat-template FILE.jinja" in err
+    assert code == 2 and "conversations need a chat template, and the model's tokenizer has none; pass --chat-template FILE.jinja" in err
     template = tmp_path / "chatml.jinja"
     template.write_text(CHATML, encoding="utf-8")
     code, out, err = run_cli(capsys, *flags, "--model", str(bare), "--chat-template", str(template), "--out", str(tmp_path / "b"))
