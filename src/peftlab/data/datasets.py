@@ -216,25 +216,6 @@ def _columns_error(table: Table, wanted: str) -> DataError:
     return DataError(f"{table.source}: expected {wanted}; found columns: {found}")
 
 
-def _is_labelled(table: Table) -> bool:
-    return "label" in table.columns and bool(set(table.columns) & set(TEXT_COLUMNS))
-
-
-def _infer_task(table: Table) -> str:
-    if {"prompt", "response"} <= set(table.columns):
-        return "causal-lm"
-    if _is_labelled(table):
-        return "seq-cls"
-    raise _columns_error(
-        table, "text (or sentence) and label columns for classification, or prompt and response for causal LM"
-    )
-
-
-def _require_columns(table: Table, columns: tuple[str, ...], task_name: str) -> None:
-    if not set(columns) <= set(table.columns):
-        raise _columns_error(table, f"{' and '.join(columns)} columns for {task_name}")
-
-
 def _value(row: Row, column: str) -> Any:
     value = row.values.get(column)
     if value is None:
