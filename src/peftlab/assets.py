@@ -42,6 +42,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from peftlab.io import give_umask_modes
+
 CACHE_ENV = "PEFTLAB_CACHE"
 TASKS = ("seq-cls", "causal-lm")
 
@@ -130,9 +132,9 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    partial_dir.chmod(0o755)  # mkdtemp makes it private; a shared cache should be readable
     try:
         build(partial_dir)
+        give_umask_modes(partial_dir)  # mkdtemp and safetensors make private files; a shared cache should be readable
         try:
             partial_dir.rename(target)
         except OSError:

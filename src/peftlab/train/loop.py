@@ -83,8 +83,8 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
         processes = start_processes(options.device, options.strategy)
         try:
             claim = claim_output_folder(Path(options.out), options.overwrite, resumes_into(options))
-            with claim if processes.is_main else contextlib.nullcontext():
-                return TrainingRun(options, processes).run()
+            with claim if processes.is_main else contextlib.nullcontext(Path(options.out)) as folder:
+                return TrainingRun(options, processes, folder).run()
         finally:
             processes.close()
 
@@ -135,9 +135,9 @@ def reset_peak_memory(device: torch.device) -> bool:
 
 
 class TrainingRun:
-    def __init__(self, options: TrainOptions, processes: Processes) -> None:
+    def __init__(self, options: TrainOptions, processes: Processes, folder: Path | None = None) -> None:
         self.processes = processes
-        self.out = Path(options.out)
+        self.out = folder or Path(options.out)  # a staging folder while the run replaces another (--overwrite)
         seed_everything(options.seed)
         self.train_data, self.eval_data = load_datasets(options)
         model, self.tokenizer, options = build_model(
@@ -294,6 +294,8 @@ class TrainingRun:
         self.optimizer.zero_grad(set_to_none=True)
         saved = checkpoints_in(self.out)
         keep = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved (use --save-every)"
+        if self.out != Path(self.options.out):
+            keep = f"the run it was to replace in {self.options.out} is kept as it was"
         raise TrainingDiverged(
             f"the training {what} became {value} at step {self.state['step'] + 1}; the step was not applied and "
             f"{keep}. Lower --lr (now {self.options.lr:g}), keep --max-grad-norm on, or turn off --bf16."
@@ -310,7 +312,7 @@ class TrainingRun:
         options = self.options
         if not (options.report_to and self.processes.is_main):
             return TrackerGroup([])
-        run = TrackedRun(options.run_name or self.out.resolve().name, options.run_group, self.out, options.to_dict())
+        run = TrackedRun(options.run_name or Path(options.out).resolve().name, options.run_group, self.out, options.to_dict())
         resume_ids = self.state.get("tracker_runs") if resumes_into(options) else None
         trackers = TrackerGroup.start(options.report_to, run, resume_ids)
         self.state["tracker_runs"] = trackers.run_ids()
@@ -413,7 +415,7 @@ class TrainingRun:
         if self.processes.is_main:
             atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
             self.trackers.log("final", {k: v for k, v in metrics.items() if not k.startswith("eval_")}, state["step"])
-            self._log(f"wrote {self.out}")
+            self._log(f"wrote {self.options.out}")
         self.processes.barrier()
         return metrics
 
