@@ -251,6 +251,13 @@ def resolve_target_modules(value: Any, model: str, family_of: Callable[[str], st
     return list(ATTENTION_TARGETS[family])
 
 
+def _shared_for(method: str, shared: dict[str, Any]) -> dict[str, Any]:
+    """The shared options a run of ``method`` takes: full fine-tuning has no adapter, so not the adapters' ones."""
+    if method != FULL_FINE_TUNING:
+        return shared
+    return {k: v for k, v in shared.items() if k not in ADAPTER_OPTIONS or k == "quantize"}
+
+
 def _resolve(method: str, options: dict[str, Any], family_of: Callable[[str], str]) -> dict[str, Any]:
     resolved = dict(options)
     for name, value in options.items():
@@ -297,7 +304,7 @@ def plan_runs(
             values = {axis.option: value for axis, value in zip(own_axes, combination)}
             sweep = {option: _label(value) for option, value in values.items()}
             name = run_name(method, sweep)
-            merged = {**shared, **overrides.get(method, {}), **values, "method": method}
+            merged = {**_shared_for(method, shared), **overrides.get(method, {}), **values, "method": method}
             try:
                 options = _resolve(method, merged, family_of)
                 TrainOptions(**options).with_method_defaults()

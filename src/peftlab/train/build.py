@@ -81,7 +81,7 @@ def build_model(
     if options.quantization:
         quantize(model)
     if options.is_full_fine_tuning:
-        check_max_length(options.max_length, model)
+        check_max_length(options.max_length, model, tokenizer)
         model.requires_grad_(True)
         return model, tokenizer, options
     if options.target_modules is None:
@@ -95,7 +95,7 @@ def build_model(
     except TypeError as error:  # an option the method's config does not have
         raise OptionsError(f"method {options.method!r} does not take these options: {error}") from None
     model = get_peft_model(model, config)
-    check_max_length(options.max_length, model)  # after the method: it may extend the context
+    check_max_length(options.max_length, model, tokenizer)  # after the method: it may extend the context
     return model, tokenizer, options
 
 
@@ -119,8 +119,13 @@ def base_of(model: str | None, adapter: str | None, task: str | None) -> tuple[s
     return model, task or TASKS_BY_PEFT_TYPE.get(saved.get("task_type") or "", "seq-cls")
 
 
-def check_max_length(max_length: int, model: nn.Module) -> None:
-    """--max-length within the model's position limit (beyond it, position embeddings index out of range)."""
+def check_max_length(max_length: int, model: nn.Module, tokenizer: Any = None) -> None:
+    """--max-length within the model's position limit (beyond it, position embeddings index out of range),
+    and above the special tokens the tokenizer adds (at or below them, no text token is left)."""
+    special = tokenizer.num_special_tokens_to_add() if tokenizer is not None else 0
+    if max_length <= special:
+        raise OptionsError(f"--max-length {max_length} leaves no room for text: the tokenizer adds {special} special "
+                           f"token(s) to each example; use --max-length {special + 1} or more (typically 64 to 512).")
     config = model.config
     limit = next((getattr(config, name) for name in ("max_position_embeddings", "n_positions") if getattr(config, name, None)), None)
     if limit is not None and max_length > limit:

@@ -70,7 +70,7 @@ class EvalCommand:
         processes = start_processes(options.device)
         try:
             model, tokenizer = load_trained(model_name, args.adapter, task, getattr(data, "num_labels", None), options.quantize)
-            check_max_length(options.max_length, model)
+            check_max_length(options.max_length, model, tokenizer)
             if args.rank is not None:
                 if args.adapter is None:
                     raise OptionsError("--rank sets the rank of an adapter: give --adapter too.")
