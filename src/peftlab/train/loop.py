@@ -41,6 +41,7 @@ from peftlab.train.checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from peftlab.train.data_fingerprint import data_sha256
 from peftlab.train.distributed import Processes, start_processes
 from peftlab.train.fsdp import (
     full_optimizer_state,
@@ -162,7 +163,7 @@ class TrainingRun:
         self.state: dict[str, Any] = {
             "step": 0, "epoch": 0, "batch_in_epoch": 0, "train_time_s": 0.0, "examples_seen": 0,
             "train_loss_curve": [], "val_curve": [], "train_accuracy": [], "epoch_correct": 0, "epoch_count": 0,
-            "logged": [],
+            "logged": [], "data_sha256": data_sha256(self.train_data, self.eval_data),
         }
         if options.resume:
             self._resume(options.resume)
@@ -206,6 +207,13 @@ class TrainingRun:
                 f"checkpoint {checkpoint.path} was written by {len(checkpoint.rng)} processes; "
                 f"resume with the same number (now {self.processes.world_size})."
             )
+        saved_data = checkpoint.state.get("data_sha256")  # checkpoints before it was recorded have none
+        if saved_data is not None and saved_data != self.state["data_sha256"]:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} was trained on other data: the examples of {self.options.dataset} "
+                "changed since (a file edited, added or removed). Resume with the data it was trained on, or start "
+                "a new run (--overwrite)."
+            )
         params = dict(self.model.named_parameters())
         trainable = {k for k, p in params.items() if p.requires_grad}
         if set(checkpoint.trainable) != trainable:
@@ -215,7 +223,8 @@ class TrainingRun:
         self.scheduler.load_state_dict(checkpoint.scheduler)
         self.hooks.load_state_dict(checkpoint.hooks)
         restore_rng_state(checkpoint.rng[self.processes.rank])
-        self.state = {k: v for k, v in checkpoint.state.items() if k != "options"}
+        self.state = {"data_sha256": self.state["data_sha256"],
+                      **{k: v for k, v in checkpoint.state.items() if k != "options"}}
         self._log(f"resumed from {checkpoint.path} at step {self.state['step']}")
 
     def _save_checkpoint(self) -> None:
