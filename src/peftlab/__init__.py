@@ -28,10 +28,27 @@ from peftlab.methods import METHODS, Method, MethodOption, make_method_config, r
 from peftlab.methods.lora import LoraConfig
 from peftlab.model import PeftModel, get_peft_model
 
+# The configs of every method, under HF peft's names where HF has the method, and HF's tuner classes.
+from peftlab.api_guard import hf_tuner_class
+from peftlab.methods.adalora import AdaLoraConfig
+from peftlab.methods.delta_lora import DeltaLoraConfig
+from peftlab.methods.dora_rank import DoraRankConfig
+from peftlab.methods.dylora import DyLoraConfig
+from peftlab.methods.longlora import LongLoraConfig
+from peftlab.methods.lora_fa import LoraFaConfig
+from peftlab.methods.mora import MoraConfig
+from peftlab.methods.vera import VeraConfig
+
+LoraModel = hf_tuner_class("LoraModel", "LoraConfig")
+AdaLoraModel = hf_tuner_class("AdaLoraModel", "AdaLoraConfig")
+VeraModel = hf_tuner_class("VeraModel", "VeraConfig")
+
 # HF Trainer / TRL write adapter folders for peftlab models (see hf_trainer.py).
 hf_trainer.install()
 
 __all__ = [
+    "AdaLoraConfig", "AdaLoraModel", "DeltaLoraConfig", "DoraRankConfig", "DyLoraConfig", "LongLoraConfig",
+    "LoraFaConfig", "LoraModel", "MoraConfig", "VeraConfig", "VeraModel",
     "AdapterConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "LoraConfig", "METHODS", "Method", "MethodOption", "PeftConfig", "PeftModel",

@@ -645,6 +645,7 @@ def load_config(model_id: str | os.PathLike, is_trainable: bool = False, config:
 def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default", **_: Any) -> PeftModel:
     """Wrap ``model`` with a new trainable adapter; the base model's parameters are frozen. The
     result is the task's class (``PeftModelForCausalLM`` for ``task_type="CAUSAL_LM"``), as in HF."""
+    from peftlab.api_guard import refuse_stacked_adapters
     from peftlab.hf_compat import peft_model_class
 
     if not isinstance(model, nn.Module):
@@ -652,6 +653,7 @@ def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = 
     if not isinstance(config, AdapterConfig):
         hint = " Build one from the dict: LoraConfig(**d)." if isinstance(config, dict) else ""
         raise TypeError(f"get_peft_model needs a peftlab config such as LoraConfig(...), got {type(config).__name__}.{hint}")
+    refuse_stacked_adapters(model)
     return peft_model_class(config.task_type)(model, config, adapter_name)
 
 
