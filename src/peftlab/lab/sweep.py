@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import yaml
 
+from peftlab.methods import method_named
 from peftlab.train.options import (
     FULL_FINE_TUNING,
     METHOD_OPTIONS,
@@ -305,6 +306,8 @@ def plan_runs(
             sweep = {option: _label(value) for option, value in values.items()}
             name = run_name(method, sweep)
             merged = {**_shared_for(method, shared), **overrides.get(method, {}), **values, "method": method}
+            if method != FULL_FINE_TUNING:
+                merged = method_named(method).for_comparison(merged)
             try:
                 options = _resolve(method, merged, family_of)
                 TrainOptions(**options).with_method_defaults()

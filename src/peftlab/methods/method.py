@@ -139,6 +139,11 @@ class Method:
     #: Its adapter files are always its exact plain-LoRA export (see the module docstring).
     saves_as_lora: ClassVar[bool] = False
 
+    def for_comparison(self, options: dict[str, Any]) -> dict[str, Any]:
+        """A comparison's run options for this method: options a single run must give explicitly
+        (LongLoRA's context extension) get the comparison's choice here."""
+        return options
+
     def __init__(
         self, name: str, *, preset: dict[str, Any] | None = None, quantization: str | None = None,
         loads_peft_type: bool = True, run_defaults: dict[str, Any] | None = None,

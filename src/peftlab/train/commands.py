@@ -124,8 +124,12 @@ class MergeCommand:
         add_train_arguments(parser, only=("model", "task", "quantize"))
 
     def run(self, args: argparse.Namespace) -> int:
+        from peftlab.train.build import recorded_quantization
+
         out = _output_folder(args, "the merged model", "transformers would load the merged model with the adapter applied a second time")
         quantization = _quantization(args)
+        if getattr(args, "quantize", None) and not recorded_quantization(args.adapter):
+            _refuse_a_4_bit_base_for_a_full_precision_adapter(args)
         model_name, model, tokenizer = _load_adapter_on_its_base(args, quantization)
         merged = model.merge_and_unload(dequantize=quantization is not None)
         with staged_output(out, "the merged model") as folder:
@@ -178,6 +182,23 @@ def _quantization(args: argparse.Namespace) -> str | None:
     if recorded:
         notice(f"the adapter was trained on a {recorded} base: using that base (exact), as --quantize {recorded}")
     return recorded
+
+
+def _refuse_a_4_bit_base_for_a_full_precision_adapter(args: argparse.Namespace) -> None:
+    """--quantize for an adapter that records no 4-bit base: refused when its run says it trained in full
+    precision (the result would be NF4-rounded weights it never saw), else said."""
+    from peftlab.methods import METHODS
+    from peftlab.train.build import saved_run_options
+
+    run = saved_run_options(args.adapter)
+    method = METHODS.get(run.get("method") or "")
+    if run and not (run.get("quantize") or (method and method.quantization)):
+        raise OptionsError(
+            f"{args.adapter} was trained on a full-precision base (its run: method {run.get('method')}, no --quantize); "
+            f"--quantize {args.quantize} would fold it into NF4-rounded weights it was never trained with. Drop --quantize."
+        )
+    notice(f"{args.adapter} records no 4-bit base: with --quantize {args.quantize} the result holds NF4-rounded base "
+           "weights, exact only if the adapter was trained on such a base")
 
 
 train = TrainCommand()
