@@ -191,7 +191,10 @@ def write_adapter(
 def read_adapter_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: is this a directory written by save_pretrained?")
+        from peftlab.adapter_errors import not_an_adapter
+
+        raise FileNotFoundError(not_an_adapter(directory) + "." if not_an_adapter(directory) else
+                                f"no {CONFIG_NAME} in {directory}: is this a directory written by save_pretrained?")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -206,6 +209,8 @@ def read_adapter_metadata(directory: Path) -> dict[str, str]:
     from safetensors import safe_open
 
     path = directory / WEIGHTS_NAME
+    if not path.is_file() and not (directory / CONFIG_NAME).is_file():
+        read_adapter_config(directory)  # says what the folder is instead
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from peftlab import io
+from peftlab.adapter_errors import on_its_own_base
 from peftlab.base import BaseLayerView, Conv1DView, LossyMergeWarning, base_view
 from peftlab.config import SEQ_CLS_HEAD_NAMES, AdapterConfig
 from peftlab.hooks import TrainingProgress
@@ -493,8 +494,9 @@ class PeftModel(nn.Module):
             from peftlab.hf_compat import peft_model_class
 
             cls = peft_model_class(config.task_type)
-        peft_model = cls(model, config, adapter_name)
-        peft_model._load_weights(model_id, adapter_name)
+        with on_its_own_base(config, model, f"adapter in {model_id}"):
+            peft_model = cls(model, config, adapter_name)
+            peft_model._load_weights(model_id, adapter_name)
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any) -> None:
