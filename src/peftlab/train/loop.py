@@ -171,6 +171,12 @@ class TrainingRun:
     # -- data ----------------------------------------------------------------------------------------
 
     def _count_batches(self) -> int:
+        world_size = self.processes.world_size
+        if self.options.batch_size < world_size:  # a process would get an empty micro-batch
+            raise OptionsError(
+                f"--batch-size {self.options.batch_size} is the global batch, split over {world_size} processes: "
+                f"each needs at least one example; use --batch-size {world_size} or more (or fewer processes)."
+            )
         # A trailing batch too small to give every process an example is dropped.
         full, rest = divmod(len(self.train_data), self.options.batch_size)
         count = full + (rest >= self.processes.world_size)
