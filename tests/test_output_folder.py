@@ -63,10 +63,12 @@ def test_merge_and_export_refuse_a_folder_that_holds_something(command, adapter,
     assert snapshot(out).keys() == first.keys() and not hidden_siblings(out)
 
 
-def test_export_into_a_finished_run_is_refused(adapter, capsys):
+def test_export_into_a_finished_run_or_around_its_input_is_refused(adapter, tmp_path, capsys):
     run = snapshot(adapter)
     code, err = cli(capsys, "export", "--adapter", str(adapter), "--out", str(adapter.parent))
-    assert code == 2 and "already holds something (adapter)" in err and snapshot(adapter) == run
+    assert code == 2 and f"--out {adapter.parent} holds {adapter}, which this command reads" in err
+    code, err = cli(capsys, "merge", "--adapter", str(adapter), "--out", str(adapter.parent), "--overwrite")
+    assert code == 2 and "which this command reads; give a folder outside it" in err and snapshot(adapter) == run
 
 
 def test_a_failed_train_overwrite_leaves_the_old_run_exactly(bert_dir, sentiment_dir, adapter, tmp_path, monkeypatch):  # noqa: F811

@@ -217,6 +217,9 @@ def _output_folder(args: argparse.Namespace, what: str, why_not_the_adapters: st
     that holds something only with --overwrite."""
     out = Path(args.out)
     _refuse_the_adapter_folder(out, args.adapter, why_not_the_adapters)
+    for given in (args.adapter, getattr(args, "model", None)):  # --overwrite would delete what it reads
+        if given and Path(given).exists() and out.resolve() in Path(given).resolve().parents:
+            raise OptionsError(f"--out {out} holds {given}, which this command reads; give a folder outside it.")
     check_output_folder(out, args.overwrite, what)
     return out
 
