@@ -29,6 +29,8 @@ The core calls, in order (a test holds this list to the code: every hook is here
         check_model_config(model_config)      [PatchesTheModel] the transformers config, before weights
                                               load: raise ValueError to refuse a family (compare
                                               --methods all leaves the method out)
+        for_comparison(options)               a comparison's run options: the lab's choice for an
+                                              option a single run must give (LongLoRA's rope_scale)
     get_peft_model / add_adapter
         check_model(model, config)            [PatchesTheModel] the whole model, before its targets are
                                               resolved: raise ValueError to refuse it
