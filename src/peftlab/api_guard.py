@@ -1,10 +1,10 @@
 """Library calls that cannot do what the caller means, refused with what to call instead.
 
-    refuse_stacked_adapters(model)       # get_peft_model on a model that already carries adapters
     require_trainable(model, "...")      # an optimizer (ours, or HF Trainer's) over a model with nothing to train
+    hf_tuner_class("LoraModel", ...)     # HF's tuner class names, which say what to call instead
 
-HF peft stacks a second adapter silently when ``get_peft_model`` is given a PeftModel, and the
-folder it saves cannot be loaded back; torch says "optimizer got an empty parameter list" or
+(``get_peft_model`` refuses a model that already carries adapters itself: HF peft stacks a second adapter
+silently there, and the folder it saves cannot be loaded back.) Torch says "optimizer got an empty parameter list" or
 "element 0 of tensors does not require grad" where the cause is how the model was loaded.
 """
 
@@ -17,31 +17,13 @@ class NothingToTrainError(ValueError):
     """Training was asked of a model none of whose parameters can change."""
 
 
-def refuse_stacked_adapters(model: nn.Module) -> None:
-    from peftlab.layer import AdaptedLayer
-    from peftlab.model import PeftModel
-
-    if isinstance(model, PeftModel):
-        names = ", ".join(model.peft_config)
-        raise ValueError(
-            f"get_peft_model was given a PeftModel, which already carries the adapter(s) {names}; wrapping it again "
-            "would stack adapters in a model no folder can load back. Add another adapter with "
-            "model.add_adapter(name, config), or start from the base: get_peft_model(model.unload(), config)."
-        )
-    if any(isinstance(module, AdaptedLayer) for module in model.modules()):
-        raise ValueError(
-            "get_peft_model was given the base model of a PeftModel (its layers already carry adapters); pass the "
-            "PeftModel's add_adapter(name, config) instead, or unload() it first for a clean base."
-        )
-
-
 def require_trainable(model: nn.Module, what: str) -> None:
-    """Raise NothingToTrainError, saying why, when no parameter of ``model`` requires grad."""
-    from peftlab.model import PeftModel
-
+    """Raise NothingToTrainError, saying why, when no parameter of ``model`` requires grad. A model with
+    adapter configs (``peft_config``: a PeftModel; this module sits below the model and reads it by that)
+    is told which adapters were loaded for inference."""
     if any(p.requires_grad for p in model.parameters()):
         return
-    if isinstance(model, PeftModel):
+    if isinstance(getattr(model, "peft_config", None), dict):
         loaded = [name for name, config in model.peft_config.items() if config.inference_mode]
         if loaded:
             why = (f"its adapter(s) {', '.join(loaded)} were loaded for inference: load with "

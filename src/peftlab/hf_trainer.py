@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from peftlab import io
+from peftlab.api_guard import require_trainable
 
 _MARK = "_peftlab_wrapped"
 #: The class the wrappers handle (peftlab's PeftModel), given to :func:`install`: this module sits below
@@ -94,8 +95,6 @@ def _wrap_load_best_model(original):
 def _wrap_create_optimizer(original):
     @functools.wraps(original)
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
-        from peftlab.api_guard import require_trainable
-
         # torch would say only "optimizer got an empty parameter list", not why
         require_trainable(_peftlab_model(self) or self.model, "Trainer")
         return original(self, *args, **kwargs)

@@ -578,15 +578,28 @@ def load_config(model_id: str | os.PathLike, is_trainable: bool = False, config:
 def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default", **_: Any) -> PeftModel:
     """Wrap ``model`` with a new trainable adapter; the base model's parameters are frozen. The
     result is the task's class (``PeftModelForCausalLM`` for ``task_type="CAUSAL_LM"``), as in HF."""
-    from peftlab.api_guard import refuse_stacked_adapters
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"get_peft_model needs a torch model (an nn.Module, e.g. from AutoModel.from_pretrained), got {type(model).__name__}.")
     if not isinstance(config, AdapterConfig):
         hint = " Build one from the dict: LoraConfig(**d)." if isinstance(config, dict) else ""
         raise TypeError(f"get_peft_model needs a peftlab config such as LoraConfig(...), got {type(config).__name__}.{hint}")
-    refuse_stacked_adapters(model)
+    _refuse_stacked_adapters(model)
     return peft_model_class(config.task_type)(model, config, adapter_name)
+
+
+def _refuse_stacked_adapters(model: nn.Module) -> None:
+    if isinstance(model, PeftModel):
+        names = ", ".join(model.peft_config)
+        raise ValueError(
+            f"get_peft_model was given a PeftModel, which already carries the adapter(s) {names}; wrapping it again "
+            "would stack adapters in a model no folder can load back. Add another adapter with "
+            "model.add_adapter(name, config), or start from the base: get_peft_model(model.unload(), config)."
+        )
+    if any(isinstance(module, AdaptedLayer) for module in model.modules()):
+        raise ValueError(
+            "get_peft_model was given the base model of a PeftModel (its layers already carry adapters); pass the "
+            "PeftModel's add_adapter(name, config) instead, or unload() it first for a clean base."
+        )
 
 
 def saved_base_facts(model: nn.Module) -> dict[str, str]:
