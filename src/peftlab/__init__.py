@@ -30,7 +30,24 @@ from peftlab.methods.lora_init.eva import EvaConfig, get_eva_state_dict, initial
 from peftlab.methods.lora_init.loftq import LoftQConfig
 from peftlab.model import PeftModel, get_peft_model
 
+# The configs of every method, under HF peft's names where HF has the method, and HF's tuner classes.
+from peftlab.api_guard import hf_tuner_class
+from peftlab.methods.adalora import AdaLoraConfig
+from peftlab.methods.delta_lora import DeltaLoraConfig
+from peftlab.methods.dora_rank import DoraRankConfig
+from peftlab.methods.dylora import DyLoraConfig
+from peftlab.methods.longlora import LongLoraConfig
+from peftlab.methods.lora_fa import LoraFaConfig
+from peftlab.methods.mora import MoraConfig
+from peftlab.methods.vera import VeraConfig
+
+LoraModel = hf_tuner_class("LoraModel", "LoraConfig")
+AdaLoraModel = hf_tuner_class("AdaLoraModel", "AdaLoraConfig")
+VeraModel = hf_tuner_class("VeraModel", "VeraConfig")
+
 __all__ = [
+    "AdaLoraConfig", "AdaLoraModel", "DeltaLoraConfig", "DoraRankConfig", "DyLoraConfig", "LongLoraConfig",
+    "LoraFaConfig", "LoraModel", "MoraConfig", "VeraConfig", "VeraModel",
     "AdapterConfig", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "CordaConfig", "EvaConfig", "LoftQConfig", "LoraConfig", "METHODS", "Method", "MethodOption", "PeftConfig", "PeftModel",

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from peftlab import hf_trainer, io
+from peftlab.adapter_errors import on_its_own_base
 from peftlab.base import BaseLayerView, Conv1DView, LossyMergeWarning, base_view
 from peftlab.checkpointing import enable_activation_checkpointing
 from peftlab.config import SEQ_CLS_HEAD_NAMES, AdapterConfig
@@ -462,8 +463,9 @@ class PeftModel(nn.Module):
         check_task(config, model, f"adapter in {model_id}")
         if cls is PeftModel:  # as HF: the task's class, e.g. PeftModelForCausalLM
             cls = peft_model_class(config.task_type)
-        peft_model = cls(model, config, adapter_name)
-        peft_model._load_weights(model_id, adapter_name)
+        with on_its_own_base(config, model, f"adapter in {model_id}"):
+            peft_model = cls(model, config, adapter_name)
+            peft_model._load_weights(model_id, adapter_name)
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any) -> None:
@@ -581,7 +583,23 @@ def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = 
     if not isinstance(config, AdapterConfig):
         hint = " Build one from the dict: LoraConfig(**d)." if isinstance(config, dict) else ""
         raise TypeError(f"get_peft_model needs a peftlab config such as LoraConfig(...), got {type(config).__name__}.{hint}")
+    _refuse_stacked_adapters(model)
     return peft_model_class(config.task_type)(model, config, adapter_name)
+
+
+def _refuse_stacked_adapters(model: nn.Module) -> None:
+    if isinstance(model, PeftModel):
+        names = ", ".join(model.peft_config)
+        raise ValueError(
+            f"get_peft_model was given a PeftModel, which already carries the adapter(s) {names}; wrapping it again "
+            "would stack adapters in a model no folder can load back. Add another adapter with "
+            "model.add_adapter(name, config), or start from the base: get_peft_model(model.unload(), config)."
+        )
+    if any(isinstance(module, AdaptedLayer) for module in model.modules()):
+        raise ValueError(
+            "get_peft_model was given the base model of a PeftModel (its layers already carry adapters); pass the "
+            "PeftModel's add_adapter(name, config) instead, or unload() it first for a clean base."
+        )
 
 
 def saved_base_facts(model: nn.Module) -> dict[str, str]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .checks import duplicate_names
 from .errors import DataError
 
 SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
@@ -51,6 +52,10 @@ def _read_delimited(path: Path, text: str, delimiter: str, quoting: int) -> Tabl
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     try:
         columns = [name.strip() for name in reader.fieldnames or []]
+        twice = duplicate_names(columns)
+        if twice:
+            raise DataError(f"{path}, line 1: the header names the column {twice[0]!r} twice ({', '.join(columns)}); "
+                            "rename or delete one, or the last would silently win")
         reader.fieldnames = columns
         rows = []
         for values in reader:
@@ -73,14 +78,31 @@ def _read_jsonl(path: Path, text: str) -> Table:
             continue
         where = f"{path}, line {number}"
         try:
-            values = json.loads(line)
+            values = json.loads(line, object_pairs_hook=_object_without_repeated_keys)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        except _RepeatedKey as error:
+            raise _repeated_key_error(where, error) from None
         if not isinstance(values, dict):
             raise DataError(f"{where}: expected one JSON object per line, got {type(values).__name__}")
         columns.update(dict.fromkeys(values))
         rows.append(Row(values, where))
     return Table(list(columns), rows, str(path))
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _repeated_key_error(where: str, error: _RepeatedKey) -> DataError:
+    return DataError(f"{where}: the key {error.args[0]!r} is given twice; keep one, or the last would silently win")
+
+
+def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    twice = duplicate_names([key for key, _ in pairs])
+    if twice:
+        raise _RepeatedKey(twice[0])
+    return dict(pairs)
 
 
 def _read_json(path: Path, text: str) -> Table:
@@ -91,14 +113,17 @@ def _read_json(path: Path, text: str) -> Table:
     if not isinstance(values, list):
         raise DataError(f"{path}: a .json file must hold a list of objects, got {type(values).__name__}; "
                         f"wrap the rows in [ ], or write one object per line in a .jsonl file")
-    decoder, rows = json.JSONDecoder(), []
+    decoder, rows = json.JSONDecoder(object_pairs_hook=_object_without_repeated_keys), []
     columns: dict[str, None] = {}
     at = text.index("[") + 1
     for number, value in enumerate(values, start=1):
         while text[at] in " \t\r\n,":  # the separators between items
             at += 1
         where = f"{path}, line {text.count(chr(10), 0, at) + 1} (item {number})"
-        _, at = decoder.raw_decode(text, at)
+        try:
+            _, at = decoder.raw_decode(text, at)
+        except _RepeatedKey as error:
+            raise _repeated_key_error(where, error) from None
         if not isinstance(value, dict):
             raise DataError(f"{where}: expected an object, got {type(value).__name__}")
         columns.update(dict.fromkeys(value))

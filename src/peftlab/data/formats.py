@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from .chat import ChatDataset, check_conversation
+from .checks import checked_texts
 from .errors import DataError
 from .files import Row, Table
 
@@ -82,7 +83,7 @@ def table_format(table: Table) -> str:
 def _string(row: Row, key: str, blank_ok: bool = False) -> str:
     value = row.values.get(key)
     if not isinstance(value, str) or (not blank_ok and not value.strip()):
-        raise DataError(f"{row.where}: {key!r} should be a non-empty string, got {value!r}")
+        raise DataError(f"{row.where}: {key!r} should be a {'' if blank_ok else 'non-empty '}string, got {value!r}")
     return value
 
 
@@ -106,10 +107,16 @@ def causal_lm_dataset(table: Table, format_name: str) -> Any:
     if format_name == "alpaca":
         return ChatDataset([check_conversation(alpaca_conversation(row), row.where) for row in rows], source)
     if format_name == "prompt-response":
-        return CausalLMDataset([_string(r, "prompt", True) for r in rows], [_string(r, "response") for r in rows], source)
+        return CausalLMDataset([_string(r, "prompt", True) for r in rows], _responses(table, "response"), source)
     if format_name == "text":
-        return CausalLMDataset([""] * len(rows), [_string(r, "text") for r in rows], f"{source} (documents)")
+        return CausalLMDataset([""] * len(rows), _responses(table, "text"), f"{source} (documents)")
     return _completion_dataset(table)
+
+
+def _responses(table: Table, key: str) -> list[str]:
+    """The rows' ``key`` strings; a few blank ones are counted, many refused (:func:`.checks.checked_texts`)."""
+    texts = [_string(row, key, blank_ok=True) for row in table.rows]
+    return checked_texts(texts, [row.where for row in table.rows], key, table.source)
 
 
 def _completion_dataset(table: Table) -> Any:
@@ -125,8 +132,7 @@ def _completion_dataset(table: Table) -> Any:
             raise DataError(f"{row.where}: prompt and completion must both be strings or both lists of messages, "
                             f"and the same in every row (as in {first.where})")
     if not kinds[first.where]:
-        return CausalLMDataset([_string(r, "prompt", True) for r in table.rows],
-                               [_string(r, "completion") for r in table.rows], table.source)
+        return CausalLMDataset([_string(r, "prompt", True) for r in table.rows], _responses(table, "completion"), table.source)
     conversations, learn_from = [], []
     for row in table.rows:
         prompt, completion = row.values["prompt"], row.values["completion"]

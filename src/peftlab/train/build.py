@@ -153,7 +153,7 @@ def build_model(
     if options.quantization and not loftq:
         quantize(model)
     if options.is_full_fine_tuning:
-        check_max_length(options.max_length, model)
+        check_max_length(options.max_length, model, tokenizer)
         model.requires_grad_(True)
         return model, tokenizer, options
     if options.target_modules is None:
@@ -178,7 +178,7 @@ def build_model(
         init_data.after_adapter(model, tokenizer)
     if loftq:
         quantize(model.base_model, double_quant=False)
-    check_max_length(options.max_length, model)  # after the method: it may extend the context
+    check_max_length(options.max_length, model, tokenizer)  # after the method: it may extend the context
     return model, tokenizer, options
 
 
@@ -229,10 +229,18 @@ def position_limit(model: nn.Module) -> int | None:
     return next((getattr(config, name) for name in ("max_position_embeddings", "n_positions") if getattr(config, name, None)), None)
 
 
-def check_max_length(max_length: int | None, model: nn.Module) -> None:
-    """--max-length within the model's position limit (beyond it, position embeddings index out of range)."""
+def check_max_length(max_length: int | None, model: nn.Module, tokenizer: Any = None) -> None:
+    """--max-length within the model's position limit (beyond it, position embeddings index out of range),
+    and above the special tokens the tokenizer adds (at or below them, no text token is left); None (chosen
+    from the data later) passes."""
+    if max_length is None:
+        return
+    special = tokenizer.num_special_tokens_to_add() if tokenizer is not None else 0
+    if max_length <= special:
+        raise OptionsError(f"--max-length {max_length} leaves no room for text: the tokenizer adds {special} special "
+                           f"token(s) to each example; use --max-length {special + 1} or more (typically 64 to 512).")
     limit = position_limit(model)
-    if max_length is not None and limit is not None and max_length > limit:
+    if limit is not None and max_length > limit:
         raise OptionsError(f"--max-length {max_length} is above the model's limit of {limit} positions; use --max-length {limit} or less.")
 
 
