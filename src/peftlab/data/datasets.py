@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..assets import TASKS, TEXT_ALIASES
 from .chat import ChatDataset
-from .checks import check_training_classes
+from .checks import check_training_classes, checked_texts
 from .errors import DataError
 from .files import Row, Table, expected_split_files, read_table, split_files
 from .splits import SPLITS, hold_out, sample
