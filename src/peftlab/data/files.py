@@ -71,20 +71,27 @@ def _read_delimited(path: Path, text: str, delimiter: str, quoting: int) -> Tabl
 
 
 def _read_jsonl(path: Path, text: str) -> Table:
-    rows = []
-    columns: dict[str, None] = {}  # an ordered set: keys in the order first seen
+    found = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}, line {number}"
         try:
-            values = json.loads(line, object_pairs_hook=_object_without_repeated_keys)
+            found.append((where, json.loads(line, object_pairs_hook=_object_without_repeated_keys)))
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not valid JSON ({error.msg})") from None
         except _RepeatedKey as error:
             raise _repeated_key_error(where, error) from None
+    return _table_of_objects(path, found, "one JSON object per line")
+
+
+def _table_of_objects(path: Path, found: list[tuple[str, Any]], expected: str) -> Table:
+    """The rows of ``(where, value)`` pairs, each value a JSON object (else an error saying ``expected``)."""
+    rows = []
+    columns: dict[str, None] = {}  # an ordered set: keys in the order first seen
+    for where, values in found:
         if not isinstance(values, dict):
-            raise DataError(f"{where}: expected one JSON object per line, got {type(values).__name__}")
+            raise DataError(f"{where}: expected {expected}, got {type(values).__name__}")
         columns.update(dict.fromkeys(values))
         rows.append(Row(values, where))
     return Table(list(columns), rows, str(path))
@@ -113,8 +120,7 @@ def _read_json(path: Path, text: str) -> Table:
     if not isinstance(values, list):
         raise DataError(f"{path}: a .json file must hold a list of objects, got {type(values).__name__}; "
                         f"wrap the rows in [ ], or write one object per line in a .jsonl file")
-    decoder, rows = json.JSONDecoder(object_pairs_hook=_object_without_repeated_keys), []
-    columns: dict[str, None] = {}
+    decoder, found = json.JSONDecoder(object_pairs_hook=_object_without_repeated_keys), []
     at = text.index("[") + 1
     for number, value in enumerate(values, start=1):
         while text[at] in " \t\r\n,":  # the separators between items
@@ -124,11 +130,8 @@ def _read_json(path: Path, text: str) -> Table:
             _, at = decoder.raw_decode(text, at)
         except _RepeatedKey as error:
             raise _repeated_key_error(where, error) from None
-        if not isinstance(value, dict):
-            raise DataError(f"{where}: expected an object, got {type(value).__name__}")
-        columns.update(dict.fromkeys(value))
-        rows.append(Row(value, where))
-    return Table(list(columns), rows, str(path))
+        found.append((where, value))
+    return _table_of_objects(path, found, "an object")
 
 
 _READERS: dict[str, Callable[[Path, str], Table]] = {
