@@ -28,8 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .chat import render_conversation
 from .errors import DataError
-
-IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
+from .packing import IGNORE_INDEX, pack_rows
 
 
 def _require_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -141,8 +140,6 @@ class CausalLMCollator:
             return _stack_windows(batch)
         rows = [self.fit(*self.encode_whole(item)) for item in batch]
         if self.packing:
-            from .packing import pack_rows  # packing imports IGNORE_INDEX from here
-
             return pack_rows(rows, self.max_length, self.tokenizer.pad_token_id)
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)

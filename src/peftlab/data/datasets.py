@@ -35,7 +35,7 @@ from .checks import check_training_classes, checked_texts
 from .errors import DataError
 from .files import Row, Table, expected_split_files, read_table, split_files
 from .splits import SPLITS, hold_out, sample
-from .formats import CAUSAL_LM_FORMATS, causal_lm_dataset, table_format
+from .formats import CAUSAL_LM_FORMATS, causal_lm_rows, table_format
 from .sst2 import LABEL_NAMES as SST2_LABEL_NAMES
 from .sst2 import load_rt_snippets, load_sst2
 from .text import TokenWindows, is_plain_text, load_text_windows
@@ -143,7 +143,8 @@ def load_dataset_spec(
         classes = _classification(table, label_tables, num_labels, fixed or dataset_names, fixed is not None)
         dataset: TextDataset = labels_as_responses(classes)
     elif task == "causal-lm":
-        dataset = causal_lm_dataset(table, format_name)
+        rows = causal_lm_rows(table, format_name)
+        dataset = rows if isinstance(rows, ChatDataset) else CausalLMDataset(*rows)
     elif format_name != "labelled":
         raise _columns_error(table, f"text (or sentence) and label columns for classification (these are {format_name} "
                                     f"rows, which a causal LM learns: use --task causal-lm)")

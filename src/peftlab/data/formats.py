@@ -24,7 +24,6 @@ prompt/completion, text) stay plain, as TRL does: the model sees exactly the tex
 
 from __future__ import annotations
 
-from typing import Any
 
 from .chat import ChatDataset, check_conversation
 from .checks import checked_texts
@@ -97,19 +96,21 @@ def alpaca_conversation(row: Row) -> list[dict[str, str]]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-def causal_lm_dataset(table: Table, format_name: str) -> Any:
-    """The table's rows of ``format_name`` (one of :data:`CAUSAL_LM_FORMATS`) as a dataset."""
-    from .datasets import CausalLMDataset  # datasets imports this module
+#: Plain rows: prompts, the responses to learn, and where they came from (a CausalLMDataset's fields).
+PlainRows = tuple[list[str], list[str], str]
 
+
+def causal_lm_rows(table: Table, format_name: str) -> ChatDataset | PlainRows:
+    """The table's rows of ``format_name`` (one of :data:`CAUSAL_LM_FORMATS`): conversations, or plain rows."""
     rows, source = table.rows, table.source
     if format_name == "chat":
         return ChatDataset([check_conversation(row.values["messages"], row.where) for row in rows], source)
     if format_name == "alpaca":
         return ChatDataset([check_conversation(alpaca_conversation(row), row.where) for row in rows], source)
     if format_name == "prompt-response":
-        return CausalLMDataset([_string(r, "prompt", True) for r in rows], _responses(table, "response"), source)
+        return [_string(r, "prompt", True) for r in rows], _responses(table, "response"), source
     if format_name == "text":
-        return CausalLMDataset([""] * len(rows), _responses(table, "text"), f"{source} (documents)")
+        return [""] * len(rows), _responses(table, "text"), f"{source} (documents)"
     return _completion_dataset(table)
 
 
@@ -119,10 +120,8 @@ def _responses(table: Table, key: str) -> list[str]:
     return checked_texts(texts, [row.where for row in table.rows], key, table.source)
 
 
-def _completion_dataset(table: Table) -> Any:
+def _completion_dataset(table: Table) -> ChatDataset | PlainRows:
     """TRL's prompt/completion rows: all strings (plain) or all lists of messages (conversational)."""
-    from .datasets import CausalLMDataset
-
     kinds = {row.where: isinstance(row.values["prompt"], list) or isinstance(row.values["completion"], list)
              for row in table.rows}
     first = table.rows[0]
@@ -132,7 +131,7 @@ def _completion_dataset(table: Table) -> Any:
             raise DataError(f"{row.where}: prompt and completion must both be strings or both lists of messages, "
                             f"and the same in every row (as in {first.where})")
     if not kinds[first.where]:
-        return CausalLMDataset([_string(r, "prompt", True) for r in table.rows], _responses(table, "completion"), table.source)
+        return [_string(r, "prompt", True) for r in table.rows], _responses(table, "completion"), table.source
     conversations, learn_from = [], []
     for row in table.rows:
         prompt, completion = row.values["prompt"], row.values["completion"]

@@ -26,8 +26,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .collate import IGNORE_INDEX
 from .errors import DataError
+
+IGNORE_INDEX = -100  # the label value torch's cross-entropy skips (re-exported by .collate)
 
 
 def pack_rows(rows: list[tuple[list[int], list[bool]]], max_length: int, pad_id: int) -> dict[str, torch.Tensor]:
