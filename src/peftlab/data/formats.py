@@ -24,7 +24,6 @@ prompt/completion, text) stay plain, as TRL does: the model sees exactly the tex
 
 from __future__ import annotations
 
-
 from .chat import ChatDataset, check_conversation
 from .checks import checked_texts
 from .errors import DataError
