@@ -15,7 +15,7 @@ from peftlab.assets import load_model_and_tokenizer, load_tokenizer
 from peftlab.data import CausalLMCollator, ClassificationCollator, TextDataset, load_dataset_spec
 from peftlab.data.text import is_plain_text
 from peftlab.hf_compat import saved_num_labels
-from peftlab.io import LABEL_NAMES_KEY, QUANTIZATION_KEY, read_adapter_config, read_adapter_metadata
+from peftlab.io import LABEL_NAMES_KEY, QUANTIZATION_KEY, QUANTIZATION_NONE, read_adapter_config, read_adapter_metadata
 from peftlab.methods import method_named
 from peftlab.model import PeftModel, get_peft_model
 from peftlab.train.options import OptionsError, TrainOptions, default_target_modules
@@ -154,7 +154,8 @@ def trained_label_names(adapter: str | None, model: str) -> tuple[str, ...] | No
 
 def recorded_quantization(adapter: str | None) -> str | None:
     """The 4-bit quantization an adapter's base had in training (recorded by save_pretrained)."""
-    return read_adapter_metadata(Path(adapter)).get(QUANTIZATION_KEY) if adapter else None
+    recorded = read_adapter_metadata(Path(adapter)).get(QUANTIZATION_KEY) if adapter else None
+    return None if recorded == QUANTIZATION_NONE else recorded
 
 
 def load_run(options: TrainOptions, num_labels: int | None = None) -> tuple[nn.Module, Any]:
