@@ -2,6 +2,7 @@
 base, nor one trained on a full-precision base on a 4-bit one; the export of a QLoRA adapter says
 on which base it is exact and measures the error on the other."""
 
+import copy
 import warnings
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from peftlab import LoraConfig, PeftModel, get_peft_model, io
 from peftlab.base_gap import BaseMismatchWarning, logit_gap, nf4_gap, probe_inputs
 from peftlab.quant import Linear4bit, quantize_model
+from train_fixtures import prompt_dir  # noqa: F401
 from tiny_models import logits, max_diff, perturb, tiny_batch, tiny_llama
 
 CONFIG = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -92,3 +94,47 @@ def test_nf4_gap_of_the_bare_base_is_its_quantization_error():
     assert gap.max_abs > 0 and 0 < gap.relative < 1
     assert not any(isinstance(m, Linear4bit) for m in base.modules())  # left as it was
     assert torch.equal(logits(base, tiny_batch(base)), logits(tiny_llama(hidden=64), tiny_batch(base)))
+
+
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+
+
+def test_cli_qlora_adapter_export_and_merge_keep_the_tokenizer_and_state_the_base(tiny_tokenizer, prompt_dir, tmp_path, capsys):
+    """`peftlab train` saves the tokenizer (and chat template) with the adapter, `merge` with the merged
+    model; `export` of a QLoRA adapter says it is exact on the NF4 base and gives the error measured
+    on the full-precision base, which HF peft (the oracle) reproduces."""
+    import json
+
+    import peft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftlab import AutoPeftModelForCausalLM
+    from peftlab.cli import main
+    from peftlab.export import FULL_PRECISION_GAP_KEY
+    from train_fixtures import save_tiny_model
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = TEMPLATE
+    base_dir = save_tiny_model(tmp_path / "base", tokenizer, "llama")
+    adapter, exported, merged = tmp_path / "adapter", tmp_path / "exported", tmp_path / "merged"
+    assert main(["train", "--model", str(base_dir), "--task", "causal-lm", "--dataset", str(prompt_dir), "--method", "qlora",
+                 "--out", str(adapter), "--max-steps", "2", "--batch-size", "8", "--max-length", "32", "--lr", "1e-2",
+                 "--lora-dropout", "0"]) == 0
+    assert AutoTokenizer.from_pretrained(adapter).chat_template == TEMPLATE
+    assert main(["merge", "--adapter", str(adapter), "--out", str(merged)]) == 0
+    assert AutoTokenizer.from_pretrained(merged).chat_template == TEMPLATE
+
+    assert main(["export", "--to", "lora", "--adapter", str(adapter), "--out", str(exported)]) == 0
+    err = capsys.readouterr().err
+    readme = (exported / "README.md").read_text()
+    assert "exact on the NF4 (4-bit) base" in readme and "On the full-precision base" in readme
+    recorded = json.loads(io.read_adapter_metadata(exported)[FULL_PRECISION_GAP_KEY])
+    assert f"max abs logit difference {recorded['max_abs_logit']:.4g}" in readme and recorded["max_abs_logit"] > 0
+    assert "max abs logit difference" in err
+
+    on_nf4 = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
+    full = AutoModelForCausalLM.from_pretrained(base_dir)
+    served = peft.PeftModel.from_pretrained(full, str(exported)).eval()
+    gap = logit_gap(on_nf4, served, probe_inputs(full, AutoTokenizer.from_pretrained(adapter)))
+    assert gap.max_abs == pytest.approx(recorded["max_abs_logit"], rel=1e-4)
+    assert gap.relative == pytest.approx(recorded["relative_logit"], rel=1e-4)

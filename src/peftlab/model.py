@@ -25,6 +25,7 @@ from torch import nn
 
 from peftlab import hf_trainer, io
 from peftlab.base import BaseLayerView, Conv1DView, LossyMergeWarning, base_view
+from peftlab.base_gap import BaseMismatchWarning, is_quantized, nf4_gap
 from peftlab.checkpointing import enable_activation_checkpointing
 from peftlab.config import SEQ_CLS_HEAD_NAMES, AdapterConfig
 from peftlab.export import build_lora_export, write_lora_export
@@ -622,7 +623,6 @@ def match_recorded_base(
     :func:`saved_base_facts`) against ``model``'s. On a mismatch, ``mode`` "check" refuses, "apply"
     quantizes ``model`` as recorded, "ignore" warns with the logit difference of the adapter
     (``attach(base)``) on the two bases. Files without the record (HF peft's) are not checked."""
-    from peftlab.base_gap import BaseMismatchWarning, nf4_gap
     from peftlab.quant import quantize_model
 
     if mode not in BASE_QUANTIZATION_CHOICES:
@@ -661,12 +661,6 @@ def match_recorded_base(
             f"the adapter in {model_id} was trained on a full-precision base and is loaded on a 4-bit one, as asked: it "
             "computes something else here (not measured: the full-precision weights are not in this model)."
         ), stacklevel=3)
-
-
-def is_quantized(model: nn.Module) -> bool:
-    from peftlab.quant import Linear4bit
-
-    return any(isinstance(m, Linear4bit) for m in model.modules())
 
 
 def _bare_copy(model: nn.Module) -> nn.Module:

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from peftlab.assets import load_model_and_tokenizer, load_tokenizer
+from peftlab.assets import load_model_and_tokenizer, load_tokenizer, tokenizer_from
 from peftlab.data import CausalLMCollator, ClassificationCollator, TextDataset, load_dataset_spec
 from peftlab.data.text import is_plain_text
 from peftlab.hf_compat import saved_num_labels
@@ -100,10 +100,10 @@ def build_model(
 
 
 def save_trained(model: nn.Module, tokenizer, out: Path) -> None:
-    """An adapter in the HF PEFT format; for full fine-tuning the whole model and its tokenizer."""
+    """An adapter in the HF PEFT format (for full fine-tuning the whole model), with the tokenizer
+    and chat template it was trained with, so generation and serving use the same ones."""
     model.save_pretrained(out)
-    if not isinstance(model, PeftModel):
-        tokenizer.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def base_of(model: str | None, adapter: str | None, task: str | None) -> tuple[str, str]:
@@ -181,4 +181,6 @@ def load_trained(
         quantize(loaded)
     if adapter is None:
         return loaded, tokenizer
+    if (Path(adapter) / "tokenizer_config.json").is_file():  # saved with the adapter: the one it was trained with
+        tokenizer = tokenizer_from(Path(adapter), adapter)
     return PeftModel.from_pretrained(loaded, adapter), tokenizer
