@@ -41,6 +41,10 @@ def test_qlora_adapter_on_full_precision_base_is_refused(tmp_path):
     other = get_peft_model(tiny_llama(hidden=64), LoraConfig(**CONFIG), "first")
     with pytest.raises(ValueError, match="NF4"):
         other.load_adapter(tmp_path, "qlora")
+    with pytest.raises(ValueError, match="holds adapters already"):
+        other.load_adapter(tmp_path, "qlora", base_quantization="apply")
+    with pytest.raises(ValueError, match="use one of"):
+        other.load_adapter(tmp_path, "qlora", base_quantization="yes")
     assert list(other.peft_config) == ["first"]
 
 

@@ -612,7 +612,6 @@ def saved_base_facts(model: nn.Module) -> dict[str, str]:
     return facts
 
 
-
 BASE_QUANTIZATION_CHOICES = ("check", "apply", "ignore")
 
 
@@ -633,7 +632,7 @@ def match_recorded_base(
         if mode == "apply" and isinstance(model, PeftModel):
             raise ValueError(
                 f"base_quantization='apply': this model holds adapters already, so its base cannot be quantized now; "
-                f"quantize the base (peftlab.quant.quantize_model) before adding the first adapter."
+                "quantize the base (peftlab.quant.quantize_model) before adding the first adapter."
             )
         if mode == "apply":
             quantize_model(model)
