@@ -285,3 +285,30 @@ def test_each_capability_is_asked_of_the_methods_that_have_it():
     with pytest.raises(ValueError, match="trains one fixed rank"):
         model.set_rank(1)
     assert model.rank_per_layer() is None
+
+
+def test_lora_variants_are_looked_up_from_their_own_files():
+    """DoRA and LoRA+ are declared in dora.py and loraplus.py (lora.py imports neither: the import contract);
+    a config turns them on, and two variants that each bring their own layer refuse to combine."""
+    from peftlab.methods import lora_variant
+    from peftlab.methods.dora import DoraAdapter, DoraVariant
+    from peftlab.methods.loraplus import LoraPlusVariant
+
+    config = LoraConfig(r=3, use_dora=True, loraplus_lr_ratio=16.0, target_modules=["q_proj"])
+    assert [type(v) for v in lora_variant.variants_of(config)] == [DoraVariant, LoraPlusVariant]
+    model = get_peft_model(tiny_llama(), config)
+    assert all(isinstance(a, DoraAdapter) for _, a in model.adapters_of("default"))
+    assert sorted({g["lr"] for g in model.method_of("default").param_groups(model, "default", 1e-3, 0.0)}) == [1e-3, 16e-3]
+
+    class OtherLayer(lora_variant.LoraVariant):
+        adapter_class = DoraAdapter
+
+        def applies(self, config):
+            return config.r == 3
+
+    other = lora_variant.register_lora_variant(OtherLayer())
+    try:
+        with pytest.raises(ValueError, match="cannot combine"):
+            get_peft_model(tiny_llama(), config)
+    finally:
+        lora_variant._VARIANTS.remove(other)

@@ -81,7 +81,7 @@ class AdapterConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The adapter_config.json content: HF peft's keys only, sorted on write."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.peftlab_only_fields}
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in self.peftlab_only_fields}
         out["peft_type"] = self.peft_type
         return out
 
@@ -135,6 +135,11 @@ class AdapterConfig:
     def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
         """Write adapter_config.json (atomically) into ``save_directory``."""
         atomic_write_text(Path(save_directory) / CONFIG_NAME, json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _plain(value: Any) -> Any:
+    """A sub-config (HF's EvaConfig, CordaConfig: dataclasses) as the dict JSON holds, as HF writes it."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
 
 
 #: ``peft_type`` of adapter_config.json -> the config class its files load as (the method registry fills it).

@@ -22,13 +22,12 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from peftlab import io
-from peftlab.base_gap import LogitGap, is_quantized, logit_gap, probe_inputs
+from peftlab.base_gap import LogitGap, is_quantized
 from peftlab.methods.lora import LoraConfig
 from peftlab.methods.registry import name_of
 
@@ -168,16 +167,6 @@ def build_lora_export(
     )
     data = model.finish_saved_config(adapter_name, config.to_hf_dict())
     return LoraExport(data, tensors, target, errors, label, io.QUANTIZATION_NF4 if is_quantized(model) else None)
-
-
-def full_precision_gap(export: LoraExport, nf4_model: nn.Module, full_base: nn.Module, tokenizer: Any = None) -> LogitGap:
-    """How far ``full_base`` (the full-precision base, changed: the export is put on it) with the
-    exported LoRA is from ``nf4_model`` (the QLoRA adapter on its NF4 base) on the probe prompts."""
-    from peftlab.model import get_peft_model
-
-    on_full = get_peft_model(full_base, LoraConfig.from_dict(export.config))
-    on_full.load_adapter_tensors(export.tensors, "default", "the export")
-    return logit_gap(nf4_model, on_full, probe_inputs(full_base, tokenizer))
 
 
 def _layer_factors(adapter, view, factors, rank: int, method_name: str, path: str):

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from peftlab import io
+from peftlab.api_guard import require_trainable
 
 _MARK = "_peftlab_wrapped"
 #: The class the wrappers handle (peftlab's PeftModel), given to :func:`install`: this module sits below
@@ -91,8 +92,19 @@ def _wrap_load_best_model(original):
     return _load_best_model
 
 
+def _wrap_create_optimizer(original):
+    @functools.wraps(original)
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        # torch would say only "optimizer got an empty parameter list", not why
+        require_trainable(_peftlab_model(self) or self.model, "Trainer")
+        return original(self, *args, **kwargs)
+
+    return create_optimizer
+
+
 def _patch_trainer(module: Any) -> None:
     trainer = module.Trainer
+    trainer.create_optimizer = _wrap_create_optimizer(trainer.create_optimizer)
     trainer._save = _wrap_save(trainer._save)
     trainer._load_from_checkpoint = _wrap_load_from_checkpoint(trainer._load_from_checkpoint)
     trainer._load_best_model = _wrap_load_best_model(trainer._load_best_model)

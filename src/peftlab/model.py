@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from peftlab import hf_trainer, io
+from peftlab.adapter_errors import on_its_own_base
 from peftlab.base import BaseLayerView, Conv1DView, LossyMergeWarning, base_view
 from peftlab.base_gap import BaseMismatchWarning, is_quantized, nf4_gap
 from peftlab.checkpointing import enable_activation_checkpointing
@@ -423,6 +424,8 @@ class PeftModel(nn.Module):
         (error warned and written in the README); ``max_rank`` is the engine's rank limit."""
         if not safe_serialization:
             raise ValueError("save_pretrained(safe_serialization=False): peftlab writes safetensors only (no pickle files); drop the argument.")
+        # HF's argument: write a PiSSA/OLoRA adapter as the rank-2r LoRA of the unmodified base (lora_init/conversion.py).
+        initial_dir = kwargs.pop("path_initial_model_for_weight_conversion", None)
         _warn_ignored(kwargs)
         if not is_main_process:
             return
@@ -440,11 +443,14 @@ class PeftModel(nn.Module):
             for name, export in exports.items():
                 write_lora_export(export, save_directory, name, saved_base_facts(self.base_model))
         for name in names:
-            if name not in exported:
-                io.write_adapter(
-                    io.adapter_dir(save_directory, name), self._config_to_save(name), self.adapter_state_dict(name),
-                    saved_base_facts(self.base_model),
-                )
+            if name in exported:
+                continue
+            config, tensors = self._config_to_save(name), self.adapter_state_dict(name)
+            if initial_dir is not None:
+                from peftlab.methods.lora_init.conversion import converted_for_original_base
+
+                config, tensors = converted_for_original_base(self, name, initial_dir, config)
+            io.write_adapter(io.adapter_dir(save_directory, name), config, tensors, saved_base_facts(self.base_model))
 
     @classmethod
     def from_pretrained(
@@ -464,9 +470,10 @@ class PeftModel(nn.Module):
         check_task(config, model, f"adapter in {model_id}")
         if cls is PeftModel:  # as HF: the task's class, e.g. PeftModelForCausalLM
             cls = peft_model_class(config.task_type)
-        match_recorded_base(model, model_id, base_quantization, lambda base: PeftModel._attach_unchecked(base, model_id))
-        peft_model = cls(model, config, adapter_name)
-        peft_model._load_weights(model_id, adapter_name)
+        match_recorded_base(model, model_id, config, base_quantization, lambda base: PeftModel._attach_unchecked(base, model_id))
+        with on_its_own_base(config, model, f"adapter in {model_id}"):
+            peft_model = cls(model, config, adapter_name)
+            peft_model._load_weights(model_id, adapter_name)
         return peft_model
 
     def load_adapter(
@@ -477,7 +484,7 @@ class PeftModel(nn.Module):
         ("apply" is refused here: quantize the base before the first adapter)."""
         config = load_config(model_id, is_trainable)
         check_task(config, self.base_model, f"adapter in {model_id}")
-        match_recorded_base(self, model_id, base_quantization, lambda base: PeftModel._attach_unchecked(base, model_id))
+        match_recorded_base(self, model_id, config, base_quantization, lambda base: PeftModel._attach_unchecked(base, model_id))
         self.add_adapter(adapter_name, config)
         try:
             self._load_weights(model_id, adapter_name)
@@ -598,7 +605,23 @@ def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = 
     if not isinstance(config, AdapterConfig):
         hint = " Build one from the dict: LoraConfig(**d)." if isinstance(config, dict) else ""
         raise TypeError(f"get_peft_model needs a peftlab config such as LoraConfig(...), got {type(config).__name__}.{hint}")
+    _refuse_stacked_adapters(model)
     return peft_model_class(config.task_type)(model, config, adapter_name)
+
+
+def _refuse_stacked_adapters(model: nn.Module) -> None:
+    if isinstance(model, PeftModel):
+        names = ", ".join(model.peft_config)
+        raise ValueError(
+            f"get_peft_model was given a PeftModel, which already carries the adapter(s) {names}; wrapping it again "
+            "would stack adapters in a model no folder can load back. Add another adapter with "
+            "model.add_adapter(name, config), or start from the base: get_peft_model(model.unload(), config)."
+        )
+    if any(isinstance(module, AdaptedLayer) for module in model.modules()):
+        raise ValueError(
+            "get_peft_model was given the base model of a PeftModel (its layers already carry adapters); pass the "
+            "PeftModel's add_adapter(name, config) instead, or unload() it first for a clean base."
+        )
 
 
 def saved_base_facts(model: nn.Module) -> dict[str, str]:
@@ -616,7 +639,7 @@ BASE_QUANTIZATION_CHOICES = ("check", "apply", "ignore")
 
 
 def match_recorded_base(
-    model: nn.Module, model_id: str | os.PathLike, mode: str, attach: Callable[[nn.Module], nn.Module]
+    model: nn.Module, model_id: str | os.PathLike, config: AdapterConfig, mode: str, attach: Callable[[nn.Module], nn.Module]
 ) -> None:
     """Before an adapter is loaded onto ``model``: the base its file records (NF4 or full precision,
     :func:`saved_base_facts`) against ``model``'s. On a mismatch, ``mode`` "check" refuses, "apply"
@@ -626,6 +649,8 @@ def match_recorded_base(
 
     if mode not in BASE_QUANTIZATION_CHOICES:
         raise ValueError(f"base_quantization={mode!r}: use one of {', '.join(map(repr, BASE_QUANTIZATION_CHOICES))}.")
+    if getattr(config, "init_lora_weights", None) == "loftq":
+        return  # LoftQ loads on the full-precision base and rewrites it to its NF4 values itself (lora_init/loftq.py)
     recorded = io.read_adapter_metadata(io.Path(model_id)).get(io.QUANTIZATION_KEY)
     quantized = is_quantized(model)
     if recorded == io.QUANTIZATION_NF4 and not quantized:
@@ -721,8 +746,7 @@ def check_adapter_fits_in_memory(method: Method, config: AdapterConfig, targets:
 
 def _warn_ignored(kwargs: dict[str, Any]) -> None:
     # HF arguments peftlab has no use for; a value that asks for something is named, never dropped silently.
-    inert = {"save_embedding_layers": "auto", "state_dict": None, "push_to_hub": False, "convert_pissa_to_lora": None,
-             "path_initial_model_for_weight_conversion": None}
+    inert = {"save_embedding_layers": "auto", "state_dict": None, "push_to_hub": False, "convert_pissa_to_lora": None}
     asked = [k for k, v in kwargs.items() if k != "state_dict" and inert.get(k, object()) != v]
     if asked:
         warnings.warn(f"save_pretrained: peftlab ignores {', '.join(asked)}; it writes the adapter files only.", stacklevel=3)

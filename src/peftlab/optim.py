@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from peftlab.api_guard import require_trainable
 from peftlab.weight_decay import decay_groups
 
 #: bitsandbytes' 8-bit AdamW (optimizer state in 8 bits; "paged" moves it to CPU memory under GPU
@@ -46,6 +47,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
 def make_optimizer(
     model: nn.Module, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9
 ) -> torch.optim.Optimizer:
+    require_trainable(model, f"an {name} optimizer")
     groups = param_groups(model, lr, weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, fused=_fused_adamw_applies(groups) or None)

@@ -29,6 +29,8 @@ The core calls, in order (a test holds this list to the code: every hook is here
         check_model_config(model_config)      [PatchesTheModel] the transformers config, before weights
                                               load: raise ValueError to refuse a family (compare
                                               --methods all leaves the method out)
+        for_comparison(options)               a comparison's run options: the lab's choice for an
+                                              option a single run must give (LongLoRA's rope_scale)
     get_peft_model / add_adapter
         check_model(model, config)            [PatchesTheModel] the whole model, before its targets are
                                               resolved: raise ValueError to refuse it
@@ -151,6 +153,11 @@ class Method:
     run_defaults: dict[str, Any] = {"lr": 1e-3}  # the class's; each instance adds its name's own
     #: Its adapter files are always its exact plain-LoRA export (see the module docstring).
     saves_as_lora: ClassVar[bool] = False
+
+    def for_comparison(self, options: dict[str, Any]) -> dict[str, Any]:
+        """A comparison's run options for this method: options a single run must give explicitly
+        (LongLoRA's context extension) get the comparison's choice here."""
+        return options
 
     def __init__(
         self, name: str, *, preset: dict[str, Any] | None = None, quantization: str | None = None,
