@@ -651,7 +651,10 @@ def match_recorded_base(
         raise ValueError(f"base_quantization={mode!r}: use one of {', '.join(map(repr, BASE_QUANTIZATION_CHOICES))}.")
     if getattr(config, "init_lora_weights", None) == "loftq":
         return  # LoftQ loads on the full-precision base and rewrites it to its NF4 values itself (lora_init/loftq.py)
-    recorded = io.read_adapter_metadata(io.Path(model_id)).get(io.QUANTIZATION_KEY)
+    try:
+        recorded = io.read_adapter_metadata(io.Path(model_id)).get(io.QUANTIZATION_KEY)
+    except ValueError:
+        return  # a missing or damaged weights file: loading it says so precisely
     quantized = is_quantized(model)
     if recorded == io.QUANTIZATION_NF4 and not quantized:
         if mode == "apply" and isinstance(model, PeftModel):
