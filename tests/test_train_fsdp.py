@@ -86,7 +86,8 @@ DROPOUTS = [f.name for f in dataclasses.fields(TrainOptions) if f.name.endswith(
 def method_run(method: str) -> dict:
     """``RUN`` for ``method``, its adapter dropout off (the fields of other methods left unset)."""
     options = REGISTRY[method].options if method in REGISTRY else {}
-    return {**RUN, "method": method, **{name: 0.0 if name in options else None for name in DROPOUTS}}
+    scale = {"rope_scale": 1.0} if "rope_scale" in options else {}  # LongLoRA says how far it extends the context
+    return {**RUN, "method": method, **scale, **{name: 0.0 if name in options else None for name in DROPOUTS}}
 
 #: The resumed pair: dropout on, so each process's restored RNG state matters; the whole run leaves checkpoint-3.
 RESUME = dict(strategy="fsdp", lora_dropout=0.2, save_every=3)

@@ -380,7 +380,7 @@ def _cannot_load(name_or_path: str | Path, source: Path | str, error: OSError) -
     )
 
 
-def _tokenizer_from(source: Path | str, name_or_path: str | Path) -> PreTrainedTokenizerBase:
+def tokenizer_from(source: Path | str, name_or_path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer in ``source``, padding with EOS when it has no pad token (see load_model_and_tokenizer)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -401,7 +401,7 @@ def _tokenizer_from(source: Path | str, name_or_path: str | Path) -> PreTrainedT
 
 def load_tokenizer(name_or_path: str | Path, cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of a model folder, alias or hub id, as :func:`load_model_and_tokenizer` gives it."""
-    return _tokenizer_from(resolve_model(name_or_path, cache_dir), name_or_path)
+    return tokenizer_from(resolve_model(name_or_path, cache_dir), name_or_path)
 
 
 def _check_saved_head(source: Path | str, name_or_path: str | Path, num_labels: int) -> None:
@@ -434,7 +434,7 @@ def load_model_and_tokenizer(
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}")
     source = resolve_model(name_or_path, cache_dir)
-    tokenizer = _tokenizer_from(source, name_or_path)
+    tokenizer = tokenizer_from(source, name_or_path)
     try:
         if task == "seq-cls":
             _check_saved_head(source, name_or_path, num_labels)

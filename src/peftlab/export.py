@@ -18,6 +18,7 @@ printed by the command and written in the export's README.md.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from peftlab import io
+from peftlab.base_gap import LogitGap, is_quantized
 from peftlab.methods.lora import LoraConfig
 from peftlab.methods.registry import name_of
 
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 #: The ranks vLLM's ``--max-lora-rank`` accepts (SGLang takes any; these are the common limits).
 SERVING_MAX_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 README_NAME = "README.md"
+#: In the export's safetensors metadata, for a QLoRA adapter: its measured logit error on the full-precision base.
+FULL_PRECISION_GAP_KEY = "peftlab.full_precision_logit_gap"
 
 
 class ExportError(ValueError):
@@ -61,6 +65,10 @@ class LoraExport:
     #: Layers that were approximated, with their error; empty when the export is exact.
     errors: dict[str, LayerError] = field(default_factory=dict)
     method: str = ""
+    #: "nf4" for a QLoRA adapter: it computes what the adapter does on that 4-bit base only.
+    base_quantization: str | None = None
+    #: On the full-precision base: its logits there vs the adapter's on the NF4 base (full_precision_gap).
+    full_precision_gap: LogitGap | None = None
 
     @property
     def exact(self) -> bool:
@@ -68,14 +76,29 @@ class LoraExport:
 
     def summary(self) -> str:
         if self.exact:
-            return f"exact: plain LoRA of rank {self.rank} computes what the {self.method} adapter does."
+            return f"exact{self._on_base()}: plain LoRA of rank {self.rank} computes what the {self.method} adapter does."
         worst = max(self.errors.items(), key=lambda item: item[1].relative)
         largest = max(e.max_abs for e in self.errors.values())
         return (
             f"lossy: {len(self.errors)} layer(s) cut to rank {self.rank} by truncated SVD; largest relative "
             f"Frobenius error of the weight update {worst[1].relative:.4g} (at {worst[0]}), largest absolute "
-            f"weight error {largest:.4g}."
+            f"weight error {largest:.4g}{self._on_base()}."
         )
+
+    def _on_base(self) -> str:
+        return f" on the {self.base_quantization.upper()} (4-bit) base it was trained on" if self.base_quantization else ""
+
+    def base_statement(self) -> str:
+        """For a QLoRA adapter: which base it is right on, and its measured error on the other."""
+        if not self.base_quantization:
+            return ""
+        name = self.base_quantization.upper()
+        text = (f"Base: trained on the {name} (4-bit) base; quantize the base the same way "
+                "(`peftlab.quant.quantize_model`, or load it with `peftlab.AutoPeftModel`) to get what the adapter computes. ")
+        if self.full_precision_gap is None:
+            return text + "On the full-precision base it computes something else (not measured here: `peftlab export` measures it)."
+        return (text + f"On the full-precision base (what HF peft, vLLM and SGLang load it onto) it is not exact: "
+                f"{self.full_precision_gap.describe()}, full-precision base + this LoRA vs {name} base + the adapter.")
 
 
 def build_lora_export(
@@ -143,7 +166,7 @@ def build_lora_export(
         ensure_weight_tying=getattr(source, "ensure_weight_tying", False),  # the tied trained copies it holds
     )
     data = model.finish_saved_config(adapter_name, config.to_hf_dict())
-    return LoraExport(data, tensors, target, errors, label)
+    return LoraExport(data, tensors, target, errors, label, io.QUANTIZATION_NF4 if is_quantized(model) else None)
 
 
 def _layer_factors(adapter, view, factors, rank: int, method_name: str, path: str):
@@ -196,6 +219,8 @@ def readme(export: LoraExport, adapter_name: str) -> str:
         "",
         f"Fidelity: {export.summary()}",
     ]
+    if export.base_quantization:
+        lines += ["", export.base_statement()]
     if export.errors:
         lines += ["", "| layer | relative Frobenius error of ΔW | max abs error |", "|---|---|---|"]
         lines += [f"| {path} | {e.relative:.4g} | {e.max_abs:.4g} |" for path, e in sorted(export.errors.items())]
@@ -207,6 +232,9 @@ def write_lora_export(
 ) -> None:
     """Write the export (adapter files, ``metadata`` in the safetensors header, and a README.md
     saying how exact it is); a lossy export also warns with the measured error."""
+    if export.full_precision_gap is not None:
+        gap = export.full_precision_gap
+        metadata = {**(metadata or {}), FULL_PRECISION_GAP_KEY: json.dumps({"max_abs_logit": gap.max_abs, "relative_logit": gap.relative, "prompts": gap.prompts})}
     io.write_adapter(
         io.adapter_dir(directory, adapter_name), export.config, export.tensors, metadata,
         extra_text={README_NAME: readme(export, adapter_name)},

@@ -139,7 +139,7 @@ class AutoPeftModel:
             # The adapter holds the trained head; the base's own head (any size) is replaced by it.
             base_kwargs.update(num_labels=saved_num_labels(folder) or 2, ignore_mismatched_sizes=True)
         base = auto_class.from_pretrained(resolve_model(config.base_model_name_or_path), **base_kwargs)
-        if io.read_adapter_metadata(folder).get(io.QUANTIZATION_KEY) == "nf4":
+        if io.read_adapter_metadata(folder).get(io.QUANTIZATION_KEY) == io.QUANTIZATION_NF4:
             from peftlab.quant import quantize_model
 
             quantize_model(base)

@@ -31,6 +31,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 # peftlab's entries in the adapter's safetensors metadata (HF peft ignores metadata).
 QUANTIZATION_KEY = "peftlab.base_quantization"
+# Its values: the NF4 base of QLoRA, or a full-precision base (HF peft files have no record).
+QUANTIZATION_NF4, QUANTIZATION_NONE = "nf4", "none"
 LABEL_NAMES_KEY = "peftlab.label_names"
 
 

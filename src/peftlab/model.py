@@ -13,11 +13,12 @@ Method names and behaviour follow HF peft so users can switch by changing an imp
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import json
 import os
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from torch import nn
 from peftlab import hf_trainer, io
 from peftlab.adapter_errors import on_its_own_base
 from peftlab.base import BaseLayerView, Conv1DView, LossyMergeWarning, base_view
+from peftlab.base_gap import BaseMismatchWarning, is_quantized, nf4_gap
 from peftlab.checkpointing import enable_activation_checkpointing
 from peftlab.config import SEQ_CLS_HEAD_NAMES, AdapterConfig
 from peftlab.export import build_lora_export, write_lora_export
@@ -453,30 +455,50 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
-        config: AdapterConfig | None = None, **_: Any,
+        config: AdapterConfig | None = None, *, base_quantization: str = "check", **_: Any,
     ) -> "PeftModel":
         """Load a saved adapter onto ``model``; ``config`` (as HF) replaces the saved config, and must be
-        of the saved adapter's method."""
+        of the saved adapter's method.
+
+        ``base_quantization``: what to do when the adapter file records another base than ``model``
+        (a QLoRA adapter's NF4 base, on a full-precision model, or the reverse): "check" (default)
+        refuses, "apply" quantizes ``model`` in place as recorded, "ignore" loads it anyway with a
+        warning that gives the measured logit difference (:mod:`peftlab.base_gap`)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"PeftModel.from_pretrained needs the base model (a torch nn.Module) first, got {type(model).__name__}.")
         config = load_config(model_id, is_trainable, config)
         check_task(config, model, f"adapter in {model_id}")
         if cls is PeftModel:  # as HF: the task's class, e.g. PeftModelForCausalLM
             cls = peft_model_class(config.task_type)
+        match_recorded_base(model, model_id, config, base_quantization, lambda base: PeftModel._attach_unchecked(base, model_id))
         with on_its_own_base(config, model, f"adapter in {model_id}"):
             peft_model = cls(model, config, adapter_name)
             peft_model._load_weights(model_id, adapter_name)
         return peft_model
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any) -> None:
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, *,
+        base_quantization: str = "check", **_: Any,
+    ) -> None:
+        """Load a saved adapter beside the others; ``base_quantization`` as in ``from_pretrained``
+        ("apply" is refused here: quantize the base before the first adapter)."""
         config = load_config(model_id, is_trainable)
         check_task(config, self.base_model, f"adapter in {model_id}")
+        match_recorded_base(self, model_id, config, base_quantization, lambda base: PeftModel._attach_unchecked(base, model_id))
         self.add_adapter(adapter_name, config)
         try:
             self._load_weights(model_id, adapter_name)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+
+    @classmethod
+    def _attach_unchecked(cls, base: nn.Module, model_id: str | os.PathLike) -> "PeftModel":
+        """The saved adapter on ``base`` whatever base it records (to measure it on another base)."""
+        config = load_config(model_id)
+        peft_model = peft_model_class(config.task_type)(base, config)
+        peft_model._load_weights(model_id, "default")
+        return peft_model
 
     def _load_weights(self, model_id: str | os.PathLike, adapter_name: str) -> None:
         self.load_adapter_tensors(io.read_adapter_weights(io.Path(model_id)), adapter_name, f"adapter in {model_id}")
@@ -605,16 +627,78 @@ def _refuse_stacked_adapters(model: nn.Module) -> None:
 def saved_base_facts(model: nn.Module) -> dict[str, str]:
     """What an adapter needs of its base besides the weights, kept in the safetensors metadata (HF
     peft ignores it): the 4-bit quantization it was trained on, and the class names of a classifier."""
-    from peftlab.quant import Linear4bit
-
-    facts = {}
-    if any(isinstance(m, Linear4bit) for m in model.modules()):
-        facts[io.QUANTIZATION_KEY] = "nf4"
+    facts = {io.QUANTIZATION_KEY: io.QUANTIZATION_NF4 if is_quantized(model) else io.QUANTIZATION_NONE}
     id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
     names = [str(id2label[i]) for i in sorted(id2label)]
     if names and names != [f"LABEL_{i}" for i in range(len(names))]:  # transformers' placeholder names
         facts[io.LABEL_NAMES_KEY] = json.dumps(names)
     return facts
+
+
+BASE_QUANTIZATION_CHOICES = ("check", "apply", "ignore")
+
+
+def match_recorded_base(
+    model: nn.Module, model_id: str | os.PathLike, config: AdapterConfig, mode: str, attach: Callable[[nn.Module], nn.Module]
+) -> None:
+    """Before an adapter is loaded onto ``model``: the base its file records (NF4 or full precision,
+    :func:`saved_base_facts`) against ``model``'s. On a mismatch, ``mode`` "check" refuses, "apply"
+    quantizes ``model`` as recorded, "ignore" warns with the logit difference of the adapter
+    (``attach(base)``) on the two bases. Files without the record (HF peft's) are not checked."""
+    from peftlab.quant import quantize_model
+
+    if mode not in BASE_QUANTIZATION_CHOICES:
+        raise ValueError(f"base_quantization={mode!r}: use one of {', '.join(map(repr, BASE_QUANTIZATION_CHOICES))}.")
+    if getattr(config, "init_lora_weights", None) == "loftq":
+        return  # LoftQ loads on the full-precision base and rewrites it to its NF4 values itself (lora_init/loftq.py)
+    try:
+        recorded = io.read_adapter_metadata(io.Path(model_id)).get(io.QUANTIZATION_KEY)
+    except ValueError:
+        return  # a missing or damaged weights file: loading it says so precisely
+    quantized = is_quantized(model)
+    if recorded == io.QUANTIZATION_NF4 and not quantized:
+        if mode == "apply" and isinstance(model, PeftModel):
+            raise ValueError(
+                f"base_quantization='apply': this model holds adapters already, so its base cannot be quantized now; "
+                "quantize the base (peftlab.quant.quantize_model) before adding the first adapter."
+            )
+        if mode == "apply":
+            quantize_model(model)
+        elif mode == "ignore":
+            gap = nf4_gap(_bare_copy(model), attach)
+            warnings.warn(BaseMismatchWarning(
+                f"the adapter in {model_id} was trained on an NF4 (4-bit) base and is loaded on a full-precision one, "
+                f"as asked: it computes something else here ({gap.describe()}, NF4 base vs this base)."
+            ), stacklevel=3)
+        else:
+            raise ValueError(
+                f"the adapter in {model_id} was trained on an NF4 (4-bit, QLoRA) base, but this base is full precision: "
+                "the adapter computes something else on it. Quantize the base first (peftlab.quant.quantize_model(base)), "
+                "or pass base_quantization='apply' to do it here; base_quantization='ignore' loads it anyway with a "
+                "warning giving the measured logit difference."
+            )
+    elif recorded == io.QUANTIZATION_NONE and quantized:
+        if mode != "ignore":
+            raise ValueError(
+                f"the adapter in {model_id} was trained on a full-precision base, but this base is quantized to 4 bits: "
+                "the adapter computes something else on it. Load it on the full-precision base (its weights cannot be "
+                "recovered from the 4-bit ones), or pass base_quantization='ignore' to load it anyway."
+            )
+        warnings.warn(BaseMismatchWarning(
+            f"the adapter in {model_id} was trained on a full-precision base and is loaded on a 4-bit one, as asked: it "
+            "computes something else here (not measured: the full-precision weights are not in this model)."
+        ), stacklevel=3)
+
+
+def _bare_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` without adapters (of a PeftModel: its base, adapters unmerged and removed)."""
+    if not isinstance(model, PeftModel):
+        return copy.deepcopy(model)
+    twin = copy.deepcopy(model)
+    twin.unmerge_adapter()
+    for name in list(twin.peft_config):
+        twin.delete_adapter(name)
+    return twin.base_model
 
 
 _TASK_MODEL_SUFFIXES = {"SEQ_CLS": ("ForSequenceClassification",), "CAUSAL_LM": ("ForCausalLM", "LMHeadModel")}

@@ -11,12 +11,12 @@ from typing import Any
 
 from torch import nn
 
-from peftlab.assets import load_model_and_tokenizer, load_tokenizer, notice
+from peftlab.assets import load_model_and_tokenizer, load_tokenizer, notice, tokenizer_from
 from peftlab.data import CausalLMCollator, ClassificationCollator, TextDataset, load_dataset_spec
 from peftlab.data.encoded import TruncationCount, choose_max_length, count_truncation, encode_rows, refuse_if_nothing_to_learn
 from peftlab.data.text import TokenWindows, is_plain_text
 from peftlab.hf_compat import saved_num_labels
-from peftlab.io import LABEL_NAMES_KEY, QUANTIZATION_KEY, read_adapter_config, read_adapter_metadata
+from peftlab.io import LABEL_NAMES_KEY, QUANTIZATION_KEY, QUANTIZATION_NONE, read_adapter_config, read_adapter_metadata
 from peftlab.methods import method_named
 from peftlab.model import PeftModel, get_peft_model
 from peftlab.train.data_init import DataDrivenInit, check_has_data
@@ -197,17 +197,17 @@ INITIAL_ADAPTER = "initial_adapter"
 
 
 def save_trained(model: nn.Module, tokenizer, out: Path) -> None:
-    """An adapter in the HF PEFT format; for full fine-tuning the whole model and its tokenizer. An adapter
-    whose init rewrote the base and could not run again on reload (CorDA, randomized PiSSA) is saved as
-    the rank-2r LoRA of the original base (HF's conversion), with its start in ``initial_adapter/``."""
+    """An adapter in the HF PEFT format (for full fine-tuning the whole model), with the tokenizer and
+    chat template it was trained with, so generation and serving use the same ones. An adapter whose
+    init rewrote the base and could not run again on reload (CorDA, randomized PiSSA) is saved as the
+    rank-2r LoRA of the original base (HF's conversion), with its start in ``initial_adapter/``."""
     from peftlab.methods.lora_init.conversion import saved_for_original_base
 
     if isinstance(model, PeftModel) and saved_for_original_base(model, "default"):
         model.save_pretrained(out, path_initial_model_for_weight_conversion=str(Path(out) / INITIAL_ADAPTER))
-        return
-    model.save_pretrained(out)
-    if not isinstance(model, PeftModel):
-        tokenizer.save_pretrained(out)
+    else:
+        model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def base_of(model: str | None, adapter: str | None, task: str | None) -> tuple[str, str]:
@@ -271,7 +271,8 @@ def trained_label_names(adapter: str | None, model: str) -> tuple[str, ...] | No
 
 def recorded_quantization(adapter: str | None) -> str | None:
     """The 4-bit quantization an adapter's base had in training (recorded by save_pretrained)."""
-    return read_adapter_metadata(Path(adapter)).get(QUANTIZATION_KEY) if adapter else None
+    recorded = read_adapter_metadata(Path(adapter)).get(QUANTIZATION_KEY) if adapter else None
+    return None if recorded == QUANTIZATION_NONE else recorded
 
 
 def load_run(options: TrainOptions, num_labels: int | None = None) -> tuple[nn.Module, Any]:
@@ -298,6 +299,8 @@ def load_trained(
         quantize(loaded)
     if adapter is None:
         return loaded, tokenizer
+    if (Path(adapter) / "tokenizer_config.json").is_file():  # saved with the adapter: the one it was trained with
+        tokenizer = tokenizer_from(Path(adapter), adapter)
     peft_model = PeftModel.from_pretrained(loaded, adapter)  # a LoftQ adapter re-quantizes the base as in training
     if quantization and loftq:
         quantize(peft_model.base_model, double_quant=False)

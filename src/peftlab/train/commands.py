@@ -159,11 +159,17 @@ class ExportCommand:
 
     def run(self, args: argparse.Namespace) -> int:
         from peftlab.export import build_lora_export, write_lora_export
+        from peftlab.full_precision_gap import full_precision_gap
         from peftlab.model import saved_base_facts
+        from peftlab.train.build import base_of, load_trained
 
         out = _output_folder(args, "the exported adapter", "the export would replace the adapter it is made from")
-        _, model, _ = _load_adapter_on_its_base(args, _quantization(args))
+        model_name, model, _ = _load_adapter_on_its_base(args, _quantization(args))
         export = build_lora_export(model, rank=args.rank, max_rank=args.max_rank)
+        if export.base_quantization:  # QLoRA: exact on its 4-bit base only; measure it on the full-precision one
+            full_base, tokenizer = load_trained(model_name, None, base_of(model_name, args.adapter, getattr(args, "task", None))[1])
+            export.full_precision_gap = full_precision_gap(export, model, full_base, tokenizer)
+            notice(export.base_statement())
         with staged_output(out, "the exported adapter") as folder:
             write_lora_export(export, folder, metadata=saved_base_facts(model.base_model))
         notice(f"exported {args.adapter} as plain LoRA (r = {export.rank}) to {out}: {export.summary()}")
