@@ -201,7 +201,7 @@ def test_bad_generate_input_is_refused(llama_dir, adapter_dir, tmp_path, tiny_to
     code, _, err = run_cli(capsys, "generate", "--adapter", str(tmp_path / "cls"), "the movie")
     assert code == 2 and "task_type=SEQ_CLS (a classifier), not a causal LM" in err
     code, _, err = run_cli(capsys, "generate", "--model", str(bert), "the movie")
-    assert code == 2 and "is a classifier (BertForSequenceClassification)" in err
+    assert code == 2 and "is a BertForSequenceClassification, not a causal LM" in err
     code, _, err = run_cli(capsys, "eval", "--task", "generate", "--adapter", str(tmp_path / "cls"))
     assert code == 2 and "not a causal LM" in err
     code, _, err = run_cli(capsys, "generate", "--model", str(llama_dir), "--system", "review", "the movie")

@@ -192,15 +192,18 @@ def check_same_base(adapter: str, model: str | None) -> None:
 
 
 def check_model_is_generative(model: str) -> None:
-    """A saved classifier (a fully fine-tuned seq-cls model) has no language-model head to generate with."""
+    """A saved model that is not a causal LM (a fully fine-tuned classifier, an encoder) has no
+    language-model head to generate with; refused before it is loaded."""
+    from peftlab.train.build import CAUSAL_LM_ARCHITECTURES
+
     config_path = Path(model) / "config.json"
     if not config_path.is_file():
         return
     architectures = json.loads(config_path.read_text(encoding="utf-8")).get("architectures") or []
-    if any(name.endswith(("ForSequenceClassification", "ForTokenClassification")) for name in architectures):
+    if architectures and not any(name.endswith(CAUSAL_LM_ARCHITECTURES) for name in architectures):
         raise OptionsError(
-            f"{model} is a classifier ({architectures[0]}), not a causal LM: it has no text to generate. "
-            "Score it with `peftlab eval --model`, or give a causal LM."
+            f"{model} is a {architectures[0]}, not a causal LM: it has no text to generate. "
+            "Score a classifier with `peftlab eval --model`, or give a causal LM."
         )
 
 

@@ -22,6 +22,8 @@ from peftlab.train.options import OptionsError, TrainOptions, default_target_mod
 
 PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 TASKS_BY_PEFT_TYPE = {v: k for k, v in PEFT_TASK_TYPES.items()}
+#: How a causal LM's class name ends in its config's ``architectures``.
+CAUSAL_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
 
 
 def load_datasets(options: TrainOptions) -> tuple[TextDataset, TextDataset]:
@@ -56,8 +58,26 @@ def _text_windowing(options: TrainOptions) -> dict[str, Any]:
 
 
 def make_collator(options: TrainOptions, tokenizer) -> Any:
+    if options.task == "causal-lm":
+        check_causal_lm(options.model, tokenizer)
     collator = ClassificationCollator if options.task == "seq-cls" else CausalLMCollator
     return collator(tokenizer, max_length=options.max_length)
+
+
+def check_causal_lm(model: str, tokenizer, config=None) -> None:
+    """A causal LM has a language-model head (its config's architectures say ...ForCausalLM or ...LMHeadModel)
+    and an EOS token to end each response with. An encoder (BERT-like) has neither: typically the
+    default --model, left in place for a causal-LM dataset."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    encoder = architectures and not any(name.endswith(CAUSAL_LM_ARCHITECTURES) for name in architectures)
+    if tokenizer.eos_token_id is not None and not encoder:
+        return
+    what = f"a {architectures[0]}" if encoder else "a model whose tokenizer has no EOS token to end a response with"
+    which = f"the default --model {model} (for classification)" if model == TrainOptions().model else model
+    raise OptionsError(
+        f"--task causal-lm needs a decoder language model, but {which} is {what}, not a causal LM. "
+        "Give one with --model, e.g. --model smollm2-135m."
+    )
 
 
 def quantize(model: nn.Module) -> None:
@@ -75,6 +95,8 @@ def build_model(
     ``label_names`` become the classifier's ``id2label``, saved with the adapter or model so that
     ``peftlab eval`` maps class names as training did."""
     model, tokenizer = load_model_and_tokenizer(options.model, options.task, num_labels=num_labels or 2)
+    if options.task == "causal-lm":
+        check_causal_lm(options.model, tokenizer, model.config)
     if options.task == "seq-cls" and label_names:
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {name: i for i, name in enumerate(label_names)}
