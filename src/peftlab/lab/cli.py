@@ -4,6 +4,7 @@
     peftlab compare --methods lora,dora --sweep r=2,4,8,16 --sweep lora_alpha=r,2r
     peftlab compare --methods all --set full.lr=3e-5 --set lora.lr=1e-3 --out runs/cmp
     peftlab compare --resume runs/cmp                 # rerun what failed or did not finish
+    peftlab compare --model smollm2-135m --task causal-lm   # full, lora, dora, qlora on number-words: exact match
     peftlab report runs/cmp                           # rewrite report.md / report.html from results.json
 
 The training flags are those of `peftlab train`, shared by every run, but --method, --out and
@@ -74,7 +75,8 @@ class CompareCommand:
         parser.epilog = (
             "examples:\n" + textwrap.dedent(__doc__[__doc__.index("    peftlab compare"):])
             + f"\nsweepable options: {', '.join(sweepable_options())}"
-            + f"\ndefault budget: {' '.join(_as_flags(COMPARE_DEFAULTS))}; adapters: "
+            + f"\ndefault budget: {' '.join(_as_flags(COMPARE_DEFAULTS))}; with --task causal-lm: "
+            + f"{' '.join(_as_flags(LLM_COMPARE_DEFAULTS))} (ranked by exact match of the greedy answers); adapters: "
             + " ".join(_as_flags(COMPARE_METHOD_DEFAULTS))
         )
         plan = parser.add_argument_group("the comparison")
