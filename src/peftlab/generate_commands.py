@@ -28,9 +28,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", metavar="DIR", help="adapter folder written by `peftlab train` (any method)")
     parser.add_argument("--system", metavar="TEXT", help="a system prompt before every conversation (chat models)")
     parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="stop after N new tokens (default: 256)")
-    parser.add_argument("--temperature", type=float, default=0.0,
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
                         help="0: greedy, the most likely token each time (default); above 0: sample, flatter as it grows")
-    parser.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens holding this "
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="sample from the smallest set of tokens holding this "
                         "much probability (nucleus sampling; with --temperature; default: 1, all)")
     parser.add_argument("--seed", type=int, help="seed for sampling, for answers that repeat")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: auto)")
