@@ -4,7 +4,8 @@ Classification: ``{"text", "label"}`` items -> ``input_ids``, ``attention_mask``
 (one class id per row). Truncated to ``max_length``; padded to the batch's longest row.
 
 Causal LM: ``{"prompt", "response"}`` items -> the same keys, where ``labels`` copies the response
-tokens and EOS and is -100 (ignored by the loss) on the prompt and the padding::
+tokens and EOS and is -100 (ignored by the loss) on the prompt and the padding (conversations:
+the assistant turns, see :mod:`.chat`; ``packing``: see :mod:`.packing`)::
 
     input_ids  [BOS] p p p  r r r [EOS] [PAD]
     labels     -100  ....   r r r [EOS] -100
@@ -24,6 +25,9 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from .chat import render_conversation
+from .errors import DataError
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 
@@ -64,15 +68,29 @@ class ClassificationCollator:
 
 @dataclass
 class CausalLMCollator:
-    """Batches ``{"prompt", "response"}`` items for causal LM with the loss on the response only.
+    """Batches causal-LM items with the loss on what the model should learn.
 
-    Over ``max_length``, each part keeps its beginning: the response keeps at least half the
-    window (or all of itself, if shorter) and the prompt the rest, so every row keeps some tokens
-    to learn from. A response cut short loses its EOS, since the text did not end there.
+    Items: ``{"prompt", "response"}`` (response and EOS learnt), ``{"messages", "learn_from"}``
+    (a conversation through the chat template, see :func:`.chat.render_conversation`),
+    ``{"input_ids", "label_mask"}`` (already encoded: :mod:`.encoded`), or plain-text windows.
+    ``train_on_prompt``: learn every token. ``chat_template``: the template's text, instead of
+    the tokenizer's own.
+
+    Over ``max_length``, the part before the first learnt token (the prompt) and the rest (the
+    response) each keep their beginning: the response keeps at least half the window (or all of
+    itself, if shorter) and the prompt the rest, so every row keeps some tokens to learn from. A
+    response cut short loses its EOS, since the text did not end there.
+
+    ``packing``: rows are laid end to end in rows of at most ``max_length`` tokens instead of
+    padded one per row (see :mod:`.packing`): ``position_ids`` restart at each example, and there
+    is no ``attention_mask``, which tells transformers to keep the examples apart.
     """
 
     tokenizer: PreTrainedTokenizerBase
     max_length: int = 256
+    chat_template: str | None = None
+    train_on_prompt: bool = False
+    packing: bool = False
 
     def __post_init__(self) -> None:
         _require_pad_token(self.tokenizer)
@@ -83,25 +101,59 @@ class CausalLMCollator:
 
     def encode(self, prompt: str, response: str) -> tuple[list[int], int]:
         """Token ids of prompt + response + EOS, truncated, and how many of them are the prompt's."""
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        response_kept = min(len(response_ids), max(self.max_length - len(prompt_ids), self.max_length // 2))
-        prompt_kept = min(len(prompt_ids), self.max_length - response_kept)
-        return prompt_ids[:prompt_kept] + response_ids[:response_kept], prompt_kept
+        ids, mask = self.encode_whole({"prompt": prompt, "response": response})
+        ids, mask = self.fit(ids, mask)
+        return ids, len(ids) - sum(mask) if not self.train_on_prompt else 0
+
+    def encode_whole(self, item: dict[str, Any]) -> tuple[list[int], list[bool]]:
+        """An item's token ids and loss mask (True: learnt), not truncated."""
+        if "label_mask" in item:
+            return list(item["input_ids"]), list(item["label_mask"])
+        if "messages" in item:
+            rendered = render_conversation(
+                self.tokenizer, item["messages"], chat_template=self.chat_template,
+                train_on_prompt=self.train_on_prompt, learn_from=item.get("learn_from", 0),
+            )
+            return rendered.input_ids, rendered.assistant_mask
+        prompt_ids = self.tokenizer(item["prompt"], add_special_tokens=True, verbose=False)["input_ids"]
+        response_ids = self.tokenizer(item["response"], add_special_tokens=False, verbose=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        if not response_ids or response_ids[-1] != eos:  # a response that spells out EOS keeps one
+            response_ids = response_ids + [eos]
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and prompt_ids[:2] == [bos, bos]:
+            raise DataError(f"the prompt {item['prompt'][:40]!r} starts with the BOS token, which the tokenizer adds "
+                            f"too; remove it from the text")
+        return prompt_ids + response_ids, [self.train_on_prompt] * len(prompt_ids) + [True] * len(response_ids)
+
+    def fit(self, ids: list[int], mask: list[bool]) -> tuple[list[int], list[bool]]:
+        """``ids`` and ``mask`` cut to ``max_length`` as the class docstring says."""
+        if len(ids) <= self.max_length:
+            return ids, mask
+        prompt_length = next((i for i, learnt in enumerate(mask) if learnt), len(mask))
+        response_kept = min(len(ids) - prompt_length, max(self.max_length - prompt_length, self.max_length // 2))
+        prompt_kept = min(prompt_length, self.max_length - response_kept)
+        keep = list(range(prompt_kept)) + list(range(prompt_length, prompt_length + response_kept))
+        return [ids[i] for i in keep], [mask[i] for i in keep]
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if batch and "input_ids" in batch[0]:
+        if batch and "score_from" in batch[0]:
             return _stack_windows(batch)
-        rows = [self.encode(item["prompt"], item["response"]) for item in batch]
+        rows = [self.fit(*self.encode_whole(item)) for item in batch]
+        if self.packing:
+            from .packing import pack_rows  # packing imports IGNORE_INDEX from here
+
+            return pack_rows(rows, self.max_length, self.tokenizer.pad_token_id)
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for row, (ids, prompt_length) in enumerate(rows):
+        for row, (ids, mask) in enumerate(rows):
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
             # Labels come from positions, not token ids, so a pad token equal to EOS is still learnt.
-            labels[row, prompt_length : len(ids)] = input_ids[row, prompt_length : len(ids)]
+            learnt = torch.tensor(mask, dtype=torch.bool)
+            labels[row, : len(ids)] = torch.where(learnt, input_ids[row, : len(ids)], IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

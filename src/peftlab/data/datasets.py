@@ -5,14 +5,16 @@
     "sst2"          SST-2 (local GLUE files, the hub, or an offline stand-in: see :mod:`.sst2`)
     "rt-snippets"   that offline stand-in, asked for by name
     "number-words"  an offline instruction set made here (chat rows; see :mod:`.synthetic`)
-    a directory     train.{csv,tsv,jsonl} and validation.* (or dev.*, val.*)
-    a file          one .csv, .tsv or .jsonl file, split 90/10 into train/validation (fixed seed),
+    a directory     train.{csv,tsv,jsonl,json} and validation.* (or dev.*, val.*)
+    a file          one .csv, .tsv, .jsonl or .json file, split 90/10 into train/validation (fixed seed),
                     or taken whole (``held_out=False``: a file given to ``peftlab eval``)
     plain text      "shakespeare" or a .txt file: causal LM on windows of one token stream, cut
                     with the model's tokenizer (see :mod:`.text`)
 
-Columns: ``text`` (or ``sentence``) and ``label`` for classification; ``prompt`` and ``response``
-for causal LM. Labelled data given to a causal LM (``task="causal-lm"``) becomes prompt/response:
+Columns (told apart by :mod:`.formats`): ``text`` (or ``sentence``) and ``label`` for
+classification; for causal LM ``prompt`` and ``response``, TRL's ``prompt`` and ``completion``,
+chat ``messages``, Alpaca's ``instruction``/``input``/``output`` or a lone ``text`` (conversations
+become a :class:`~.chat.ChatDataset`, learnt through the model's chat template). Labelled data given to a causal LM (``task="causal-lm"``) becomes prompt/response:
 ``Text: <text>\nLabel:`` answered by `` <label name>`` (SST-2's: negative, positive). Labels are class ids (ints, or strings of digits) or class names; names get ids in
 sorted order over every split of the dataset, so train and validation agree, unless the class
 names are fixed (``label_names``: those a trained classifier recorded); a blank label, or ids
@@ -29,9 +31,11 @@ from typing import Any, Callable, Sequence
 from transformers import PreTrainedTokenizerBase
 
 from ..assets import TASKS, TEXT_ALIASES
+from .chat import ChatDataset
 from .errors import DataError
 from .files import Row, Table, expected_split_files, read_table, split_files
 from .splits import SPLITS, hold_out, sample
+from .formats import CAUSAL_LM_FORMATS, causal_lm_dataset, table_format
 from .sst2 import LABEL_NAMES as SST2_LABEL_NAMES
 from .sst2 import load_rt_snippets, load_sst2
 from .synthetic import SYNTHETIC_DATASETS
@@ -87,7 +91,7 @@ class CausalLMDataset:
         )
 
 
-TextDataset = ClassificationDataset | CausalLMDataset | TokenWindows
+TextDataset = ClassificationDataset | CausalLMDataset | ChatDataset | TokenWindows
 
 
 def load_dataset_spec(
@@ -133,19 +137,32 @@ def load_dataset_spec(
     table, label_tables, dataset_names = _read_split(name_or_path, split, data_dir, held_out)
     if not table.rows:
         raise DataError(f"{table.source} has no {split} examples; add rows below the header")
-    task = task or _infer_task(table)
+    format_name = table_format(table)
+    task = task or ("causal-lm" if format_name in CAUSAL_LM_FORMATS else "seq-cls")
     fixed = tuple(label_names) if label_names is not None else None
-    if task == "causal-lm" and _is_labelled(table) and not {"prompt", "response"} <= set(table.columns):
+    if task == "causal-lm" and format_name == "labelled":
         classes = _classification(table, label_tables, num_labels, fixed or dataset_names, fixed is not None)
         dataset: TextDataset = labels_as_responses(classes)
     elif task == "causal-lm":
-        _require_columns(table, ("prompt", "response"), "causal LM")
-        dataset = CausalLMDataset(
-            [_text(row, "prompt") for row in table.rows], [_text(row, "response") for row in table.rows], table.source
-        )
+        dataset = causal_lm_dataset(table, format_name)
+    elif format_name != "labelled":
+        raise _columns_error(table, f"text (or sentence) and label columns for classification (these are {format_name} "
+                                    f"rows, which a causal LM learns: use --task causal-lm)")
     else:
         dataset = _classification(table, label_tables, num_labels, fixed or dataset_names, fixed is not None)
     return dataset.select(sample(len(dataset), max_samples, seed))
+
+
+def task_of_dataset(name_or_path: str | Path, data_dir: str | Path | None = None) -> str:
+    """"causal-lm" or "seq-cls", as the data's format says (a file or folder that cannot be read: "seq-cls",
+    and loading it reports why)."""
+    if is_plain_text(name_or_path):
+        return "causal-lm"
+    try:
+        table, _, _ = _read_split(name_or_path, "train", data_dir)
+        return "causal-lm" if table.rows and table_format(table) in CAUSAL_LM_FORMATS else "seq-cls"
+    except DataError:
+        return "seq-cls"
 
 
 #: How a labelled example becomes a prompt for a causal LM; the response is " <label name>".

@@ -1,7 +1,8 @@
-"""Read a table of examples from a .csv, .tsv or .jsonl file, keeping where each row came from.
+"""Read a table of examples from a .csv, .tsv, .jsonl or .json file, keeping where each row came from.
 
 CSV follows the usual quoting rules; TSV has none (the GLUE convention: a field never holds a tab,
-and quote characters are plain text). Files must be UTF-8 (a BOM is allowed).
+and quote characters are plain text). A .json file holds one list of objects (the Alpaca layout);
+its rows are named by the line each object starts on. Files must be UTF-8 (a BOM is allowed).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Callable
 
 from .errors import DataError
 
-SUFFIXES = (".csv", ".tsv", ".jsonl")
+SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 #: File stems accepted for each split inside a dataset directory, in order of preference.
 SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "dev", "val")}
 
@@ -82,15 +83,39 @@ def _read_jsonl(path: Path, text: str) -> Table:
     return Table(list(columns), rows, str(path))
 
 
+def _read_json(path: Path, text: str) -> Table:
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}, line {error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(values, list):
+        raise DataError(f"{path}: a .json file must hold a list of objects, got {type(values).__name__}; "
+                        f"wrap the rows in [ ], or write one object per line in a .jsonl file")
+    decoder, rows = json.JSONDecoder(), []
+    columns: dict[str, None] = {}
+    at = text.index("[") + 1
+    for number, value in enumerate(values, start=1):
+        while text[at] in " \t\r\n,":  # the separators between items
+            at += 1
+        where = f"{path}, line {text.count(chr(10), 0, at) + 1} (item {number})"
+        _, at = decoder.raw_decode(text, at)
+        if not isinstance(value, dict):
+            raise DataError(f"{where}: expected an object, got {type(value).__name__}")
+        columns.update(dict.fromkeys(value))
+        rows.append(Row(value, where))
+    return Table(list(columns), rows, str(path))
+
+
 _READERS: dict[str, Callable[[Path, str], Table]] = {
     ".csv": lambda path, text: _read_delimited(path, text, ",", csv.QUOTE_MINIMAL),
     ".tsv": lambda path, text: _read_delimited(path, text, "\t", csv.QUOTE_NONE),
     ".jsonl": _read_jsonl,
+    ".json": _read_json,
 }
 
 
 def read_table(path: Path) -> Table:
-    """All rows of a .csv, .tsv or .jsonl file."""
+    """All rows of a .csv, .tsv, .jsonl or .json file."""
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(SUFFIXES)}")

@@ -11,14 +11,15 @@ from typing import Any
 
 from torch import nn
 
-from peftlab.assets import load_model_and_tokenizer, load_tokenizer
+from peftlab.assets import load_model_and_tokenizer, load_tokenizer, notice
 from peftlab.data import CausalLMCollator, ClassificationCollator, TextDataset, load_dataset_spec
-from peftlab.data.text import is_plain_text
+from peftlab.data.encoded import TruncationCount, choose_max_length, count_truncation, encode_rows, refuse_if_nothing_to_learn
+from peftlab.data.text import TokenWindows, is_plain_text
 from peftlab.hf_compat import saved_num_labels
 from peftlab.io import LABEL_NAMES_KEY, QUANTIZATION_KEY, read_adapter_config, read_adapter_metadata
 from peftlab.methods import method_named
 from peftlab.model import PeftModel, get_peft_model
-from peftlab.train.options import OptionsError, TrainOptions, default_target_modules
+from peftlab.train.options import DEFAULT_MAX_LENGTH, OptionsError, TrainOptions, default_target_modules
 
 PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 TASKS_BY_PEFT_TYPE = {v: k for k, v in PEFT_TASK_TYPES.items()}
@@ -54,14 +55,69 @@ def _text_windowing(options: TrainOptions) -> dict[str, Any]:
     """Plain text is cut into windows of the model's tokens: its tokenizer and the window length."""
     if not is_plain_text(options.dataset):
         return {}
-    return {"tokenizer": load_tokenizer(options.model), "max_length": options.max_length}
+    return {"tokenizer": load_tokenizer(options.model), "max_length": options.max_length or DEFAULT_MAX_LENGTH}
 
 
 def make_collator(options: TrainOptions, tokenizer) -> Any:
+    """The batches of ``options.task``; --max-length unset: the default (causal-LM rows: see :func:`prepare_rows`)."""
+    max_length = options.max_length or DEFAULT_MAX_LENGTH
     if options.task == "causal-lm":
         check_causal_lm(options.model, tokenizer)
-    collator = ClassificationCollator if options.task == "seq-cls" else CausalLMCollator
-    return collator(tokenizer, max_length=options.max_length)
+    if options.task == "seq-cls":
+        return ClassificationCollator(tokenizer, max_length=max_length)
+    return CausalLMCollator(
+        tokenizer, max_length=max_length, chat_template=read_chat_template(options.chat_template),
+        train_on_prompt=options.train_on_prompt, packing=options.packing,
+    )
+
+
+def read_chat_template(path: str | None) -> str | None:
+    """The text of a --chat-template file (None: the tokenizer's own template)."""
+    if path is None:
+        return None
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise OptionsError(f"cannot read --chat-template {path}: {getattr(error, 'strerror', None) or error}.") from None
+
+
+@dataclasses.dataclass
+class PreparedRows:
+    """A causal-LM run's data tokenized once, with --max-length resolved and what it cuts."""
+
+    options: TrainOptions
+    train: TextDataset
+    validation: TextDataset
+    counts: dict[str, TruncationCount]
+    chosen: bool  # --max-length chosen from the data
+
+    def metrics(self) -> dict[str, Any]:
+        counted = {k: v for name, count in self.counts.items() for k, v in count.as_metrics(name).items()}
+        return {**counted, "max_length": self.options.max_length, "max_length_from_data": self.chosen}
+
+
+def prepare_rows(options: TrainOptions, train: TextDataset, validation: TextDataset, tokenizer, model: nn.Module) -> PreparedRows:
+    """Causal-LM rows (not plain-text windows) tokenized once as the collator will; --max-length
+    left unset becomes the longest training row up to the model's limit; the rows each split's
+    cut truncates are counted and announced, and a training set with nothing left to learn is refused."""
+    if options.task != "causal-lm" or isinstance(train, TokenWindows):
+        return PreparedRows(options, train, validation, {}, False)
+    encoder = make_collator(options, tokenizer)
+    train, validation = encode_rows(train, encoder), encode_rows(validation, encoder)
+    chosen = options.max_length is None
+    if chosen:
+        limit = position_limit(model)
+        options = dataclasses.replace(options, max_length=choose_max_length(train, limit))
+        notice(f"--max-length {options.max_length}: the longest training row"
+               + (f" (capped at the model's {limit} positions)" if limit and options.max_length == limit else "")
+               + "; give --max-length to choose")
+    collator = make_collator(options, tokenizer)
+    counts = {"train": count_truncation(train, collator), "eval": count_truncation(validation, collator)}
+    refuse_if_nothing_to_learn(counts["train"], train.source)
+    for name, count in counts.items():
+        if count.truncated or name == "train":  # the training count on every run, even when nothing is cut
+            notice(count.describe(f"{name} data"))
+    return PreparedRows(options, train, validation, counts, chosen)
 
 
 def check_causal_lm(model: str, tokenizer, config=None) -> None:
@@ -141,11 +197,16 @@ def base_of(model: str | None, adapter: str | None, task: str | None) -> tuple[s
     return model, task or TASKS_BY_PEFT_TYPE.get(saved.get("task_type") or "", "seq-cls")
 
 
-def check_max_length(max_length: int, model: nn.Module) -> None:
-    """--max-length within the model's position limit (beyond it, position embeddings index out of range)."""
+def position_limit(model: nn.Module) -> int | None:
+    """How many positions the model has (None: not recorded in its config)."""
     config = model.config
-    limit = next((getattr(config, name) for name in ("max_position_embeddings", "n_positions") if getattr(config, name, None)), None)
-    if limit is not None and max_length > limit:
+    return next((getattr(config, name) for name in ("max_position_embeddings", "n_positions") if getattr(config, name, None)), None)
+
+
+def check_max_length(max_length: int | None, model: nn.Module) -> None:
+    """--max-length within the model's position limit (beyond it, position embeddings index out of range)."""
+    limit = position_limit(model)
+    if max_length is not None and limit is not None and max_length > limit:
         raise OptionsError(f"--max-length {max_length} is above the model's limit of {limit} positions; use --max-length {limit} or less.")
 
 

@@ -49,8 +49,13 @@ def batch_totals(task: str, logits: torch.Tensor, labels: torch.Tensor) -> Batch
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The batch without its labels (the loss is ours), on ``device``."""
-    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    """The batch without its labels (the loss is ours), on ``device``. A packed batch (position ids,
+    no attention mask: see :mod:`peftlab.data.packing`) runs without a KV cache, the case in which
+    transformers reads restarting position ids as separate examples."""
+    inputs: dict[str, Any] = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    if "position_ids" in inputs and "attention_mask" not in inputs:
+        inputs["use_cache"] = False
+    return inputs
 
 
 def shard_batches(

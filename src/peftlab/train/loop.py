@@ -55,12 +55,16 @@ from peftlab.train.evaluate import batch_totals, evaluate, label_count, model_in
 from peftlab.train.hooks import HookRunner, TrainingProgress, discover_hooks
 from peftlab.train.options import METHOD_OPTIONS, OptionsError, TrainOptions
 from peftlab.train.phase_clock import PhaseClock, split_per_step
-from peftlab.train.build import build_model, load_datasets, make_collator, save_trained
+from peftlab.data import DataError
+from peftlab.data.encoded import EncodedRows
+from peftlab.data.packing import check_packing_is_exact
+from peftlab.train.build import build_model, load_datasets, make_collator, prepare_rows, save_trained
 from peftlab.train.run_folder import claim_output_folder
 
 #: Options a resumed run must share with the saved one for its loss curve to continue exactly.
 MUST_MATCH_ON_RESUME = (
-    "model", "task", "dataset", "data_dir", "max_train_samples", "max_length", "method", "quantize",
+    "model", "task", "dataset", "data_dir", "max_train_samples", "max_length", "chat_template", "train_on_prompt",
+    "method", "quantize",
     *METHOD_OPTIONS, "target_modules", "method_options", "optimizer", "lr", "weight_decay",
     "momentum", "scheduler", "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum",
     "max_grad_norm", "bf16", "seed",
@@ -139,16 +143,23 @@ class TrainingRun:
         self.processes = processes
         self.out = Path(options.out)
         seed_everything(options.seed)
-        self.train_data, self.eval_data = load_datasets(options)
+        train_data, eval_data = load_datasets(options)
         model, self.tokenizer, options = build_model(
-            options, getattr(self.train_data, "num_labels", None), getattr(self.train_data, "label_names", None)
+            options, getattr(train_data, "num_labels", None), getattr(train_data, "label_names", None)
         )
+        self.prepared = prepare_rows(options, train_data, eval_data, self.tokenizer, model)
+        self.train_data, self.eval_data, options = self.prepared.train, self.prepared.validation, self.prepared.options
         self.options = options
         if options.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         # FSDP2 moves each process's shards to the device itself: the whole model never goes there.
         self.model = model if processes.sharded else model.to(processes.device)
         self.collate = make_collator(options, self.tokenizer)
+        if options.packing:
+            if not isinstance(self.train_data, EncodedRows):
+                raise OptionsError("--packing lays causal-LM rows end to end; it does not apply to "
+                                   f"{options.task} data or plain-text windows (already full): drop --packing.")
+            check_packing_is_exact(self.model)
         self.ddp_model = processes.wrap(self.model)
         self.hooks = HookRunner(discover_hooks(self.model))
         self.optimizer = make_optimizer(self.model, options.optimizer, options.lr, options.weight_decay, options.momentum)
@@ -161,6 +172,7 @@ class TrainingRun:
         torch.manual_seed(options.seed + processes.rank)
         self.state: dict[str, Any] = {
             "step": 0, "epoch": 0, "batch_in_epoch": 0, "train_time_s": 0.0, "examples_seen": 0,
+            "tokens_seen": 0, "token_slots": 0,
             "train_loss_curve": [], "val_curve": [], "train_accuracy": [], "epoch_correct": 0, "epoch_count": 0,
             "logged": [],
         }
@@ -189,6 +201,16 @@ class TrainingRun:
 
     def local_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return self.collate([self.train_data[i] for i in self.processes.shard(indices)])
+
+    def batch_tokens(self, indices: list[int], batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """(real tokens, token slots) of this process's batch: slots include the padding."""
+        slots = batch["input_ids"].numel()
+        if isinstance(self.train_data, EncodedRows):
+            lengths = self.train_data.lengths
+            return sum(min(lengths[i], self.options.max_length) for i in self.processes.shard(indices)), slots
+        if "attention_mask" in batch:
+            return int(batch["attention_mask"].sum()), slots
+        return slots, slots
 
     # -- resume --------------------------------------------------------------------------------------
 
@@ -248,6 +270,17 @@ class TrainingRun:
         batches = [self.local_batch(indices) for indices in global_batches]
         local_count = sum(label_count(task, b["labels"]) for b in batches)
         global_count = float(self.processes.sum(torch.tensor(local_count)))
+        if global_count == 0:
+            rows = sum(len(indices) for indices in global_batches)
+            raise DataError(
+                f"step {self.state['step'] + 1}: every label of its {rows} rows is masked (nothing to learn: "
+                f"responses cut away by --max-length {self.options.max_length}, or empty); raise --max-length, "
+                f"or remove the rows the run's notice counts"
+            )
+        for indices, batch in zip(global_batches, batches):
+            tokens, slots = self.batch_tokens(indices, batch)
+            self.state["tokens_seen"] += tokens
+            self.state["token_slots"] += slots
         progress = self.progress()
         self.hooks.on_step_begin(progress)
         self.ddp_model.train()
@@ -331,7 +364,7 @@ class TrainingRun:
             total=self.total_steps, initial=state["step"], desc="train", unit="step", file=sys.stderr,
             disable=not (self.processes.is_main and sys.stderr.isatty()), dynamic_ncols=True,
         )
-        window: list[tuple[float, float, int]] = []  # (loss, seconds, examples) since the last log line
+        window: list[tuple[float, float, int, int]] = []  # (loss, seconds, examples, tokens) since the last log line
         with bar:
             while state["step"] < self.total_steps:
                 batches = self.epoch_batches(state["epoch"])
@@ -339,7 +372,7 @@ class TrainingRun:
                     start = state["batch_in_epoch"]
                     group = batches[start : start + options.grad_accum]
                     lr = self.scheduler.get_last_lr()[0]
-                    began = time.perf_counter()
+                    began, tokens_before = time.perf_counter(), state["tokens_seen"]
                     loss, examples = self.train_step(group)
                     seconds = time.perf_counter() - began
                     state["step"] += 1
@@ -347,7 +380,7 @@ class TrainingRun:
                     state["train_time_s"] += seconds
                     state["examples_seen"] += examples
                     state["train_loss_curve"].append(loss)
-                    window.append((loss, seconds, examples))
+                    window.append((loss, seconds, examples, state["tokens_seen"] - tokens_before))
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                     if state["step"] % options.log_every == 0 or state["step"] == self.total_steps:
@@ -403,6 +436,10 @@ class TrainingRun:
             "time_per_step_s": train_time / max(state["step"], 1),
             "time_split_per_step_s": split_per_step(state.get("phase_time_s", {}), state["step"]),
             "examples_per_s": state["examples_seen"] / train_time if train_time else 0.0,
+            # this process's tokens (padding excluded), and the share of its batches' slots that were padding
+            "train_tokens_per_s": state["tokens_seen"] / train_time if train_time else 0.0,
+            "padding_share": 1 - state["tokens_seen"] / state["token_slots"] if state["token_slots"] else 0.0,
+            **self.prepared.metrics(),
             "world_size": self.processes.world_size,
             "strategy": self.processes.strategy,
             "options": self.options.to_dict(),
@@ -419,15 +456,16 @@ class TrainingRun:
 
     # -- logging -------------------------------------------------------------------------------------
 
-    def _log_window(self, window: list[tuple[float, float, int]], lr: float) -> None:
-        seconds = sum(s for _, s, _ in window)
+    def _log_window(self, window: list[tuple[float, float, int, int]], lr: float) -> None:
+        seconds = sum(s for _, s, _, _ in window)
         row = {
             "step": self.state["step"],
             "epoch": round(self.progress().epoch, 4),
-            "loss": sum(loss for loss, _, _ in window) / len(window),
+            "loss": sum(loss for loss, _, _, _ in window) / len(window),
             "lr": lr,
             "step_time_s": seconds / len(window),
-            "examples_per_s": sum(n for _, _, n in window) / seconds if seconds else 0.0,
+            "examples_per_s": sum(n for _, _, n, _ in window) / seconds if seconds else 0.0,
+            "tokens_per_s": sum(t for _, _, _, t in window) / seconds if seconds else 0.0,
         }
         self.state["logged"].append(row)
         self._write_metrics_lines([row], mode="a")
@@ -436,7 +474,7 @@ class TrainingRun:
             left = (self.total_steps - row["step"]) * row["step_time_s"]
             self._log(
                 f"step {row['step']}/{self.total_steps} epoch {row['epoch']:.2f} loss {row['loss']:.4f} "
-                f"lr {lr:.2e} {row['examples_per_s']:.1f} ex/s eta {left / 60:.1f} min"
+                f"lr {lr:.2e} {row['examples_per_s']:.1f} ex/s {row['tokens_per_s']:.0f} tok/s eta {left / 60:.1f} min"
             )
 
     def _write_metrics_lines(self, rows: list[dict[str, Any]], mode: str) -> None:

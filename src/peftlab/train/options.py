@@ -39,6 +39,9 @@ QUANTIZATIONS = ("nf4",)
 #: How processes share a run under torchrun / accelerate launch (see peftlab.train.distributed).
 STRATEGIES = ("auto", "ddp", "fsdp")
 
+#: --max-length where it is not chosen from the data (classification, plain-text windows).
+DEFAULT_MAX_LENGTH = 64
+
 #: Full fine-tuning's defaults: a learning rate ~20x below the adapters' (see ``LoraMethod.run_defaults``).
 FULL_FINE_TUNING_DEFAULTS: dict[str, Any] = {"lr": 5e-5}
 
@@ -92,12 +95,25 @@ class RunOptions:
 
     # -- model and data ----------------------------------------------------------------------------
     model: str = _option("minilm-l6", "offline alias (minilm-l6, smollm2-135m), local model folder, or hub id")
-    task: str = _option("seq-cls", "what the model learns", choices=TASKS)
-    dataset: str = _option("sst2", "sst2, rt-snippets, a .csv/.tsv/.jsonl file, a folder with train.* and validation.*, or plain text for causal LM (shakespeare, a .txt file)")
+    task: str = _option("seq-cls", "what the model learns (on the command line: by default told from the data's columns)", choices=TASKS)
+    dataset: str = _option("sst2", "sst2, rt-snippets, a .csv/.tsv/.jsonl/.json file, a folder with train.* and validation.*, or plain text for causal LM (shakespeare, a .txt file); causal-LM rows: chat messages, prompt/completion, prompt/response, Alpaca instruction/input/output, or text")
     data_dir: str | None = _option(None, "folder with SST-2's GLUE files (train.tsv, validation.tsv)")
     max_train_samples: int | None = _option(None, "train on this many examples, drawn with --seed (default: all)")
     max_eval_samples: int | None = _option(None, "evaluate on this many validation examples (default: all)")
-    max_length: int = _option(64, "truncate inputs to this many tokens")
+    max_length: int | None = _option(
+        None, f"truncate inputs to this many tokens (default: {DEFAULT_MAX_LENGTH} for classification and plain-text "
+        "windows; for causal-LM rows the longest training row, up to the model's limit)"
+    )
+    chat_template: str | None = _option(
+        None, "a Jinja chat template file (.jinja) for conversations, instead of the tokenizer's own"
+    )
+    train_on_prompt: bool = _option(
+        False, "causal LM: learn every token, not only the responses (assistant turns and their end-of-turn)"
+    )
+    packing: bool = _option(
+        False, "causal LM: lay each batch's rows end to end in rows of --max-length tokens, without padding "
+        "(attention kept within each example)"
+    )
     # -- method ------------------------------------------------------------------------------------
     method: str = _option("lora", f"full (full fine-tuning) or a registered method: {', '.join(METHODS)}")
     quantize: str | None = _option(None, "quantize the frozen base before adding the adapter", choices=QUANTIZATIONS)
@@ -420,8 +436,13 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
             later["method_options"] = {**resumed["method_options"], **later["method_options"]}
     if "method_options" in given and "method_options" in values:
         given["method_options"] = {**values["method_options"], **given["method_options"]}
+    merged = {**resumed, **values, **given}
+    if "task" not in merged and "dataset" in merged:  # --task not given: the data says which
+        from peftlab.data.datasets import task_of_dataset
+
+        merged["task"] = task_of_dataset(merged["dataset"], merged.get("data_dir"))
     try:
-        return TrainOptions(**{**resumed, **values, **given})
+        return TrainOptions(**merged)
     except OptionsError as error:
         source = f" (in {args.config} or the flags)" if getattr(args, "config", None) else ""
         raise OptionsError(f"{error}{source}") from None
