@@ -75,7 +75,9 @@ def test_number_words_is_seeded_and_its_splits_never_share_a_number():
     assert number_words_rows("validation") == number_words_rows("validation")
     # Through the dataset loader: the alias's validation rows are the questions eval --task generate asks.
     table_rows = number_words_rows("validation")
-    questions = held_out_questions(table_rows)
+    loaded = load_dataset_spec("number-words", "validation", task="causal-lm")
+    assert len(loaded) == VALIDATION_SIZE and loaded[0]["messages"] == table_rows[0]["messages"]
+    questions = held_out_questions(loaded)
     assert questions[0].prompt == table_rows[0]["messages"][:1] and questions[0].chat
     assert questions[0].reference == table_rows[0]["messages"][1]["content"]
 
@@ -86,9 +88,10 @@ def test_a_causal_lm_dataset_without_a_causal_model_names_the_cause(bert_dir, pr
                  "--model", str(bert_dir)])
     err = capsys.readouterr().err
     assert code == 2 and "--task causal-lm needs a decoder language model" in err and "--model smollm2-135m" in err
-    # Prompt/response rows without --task: causal-LM rows, not labelled text.
+    # Prompt/response rows without --task are causal-LM rows: the same cause named.
     code = main(["train", "--model", str(bert_dir), "--dataset", str(prompt_dir), "--out", str(tmp_path / "b")])
     err = capsys.readouterr().err
-    assert code == 2 and "holds causal-LM rows (prompt, response)" in err and "--task causal-lm" in err
-    with pytest.raises(ValueError, match="causal-LM rows"):
+    assert code == 2 and "is a BertForSequenceClassification, not a causal LM" in err
+    # Asked to classify them: they are causal-LM rows, not labelled text.
+    with pytest.raises(ValueError, match="chat rows, which a causal LM learns: use --task causal-lm"):
         load_dataset_spec("number-words", "train", task="seq-cls")

@@ -266,9 +266,6 @@ def _classification(
 ) -> ClassificationDataset:
     text_column = next((column for column in TEXT_COLUMNS if column in table.columns), None)
     if text_column is None or "label" not in table.columns:
-        if {"prompt", "response"} <= set(table.columns) or "messages" in table.columns:
-            raise DataError(f"{table.source} holds causal-LM rows ({', '.join(table.columns)}), not labelled text: "
-                            "give --task causal-lm and a decoder --model (e.g. --model smollm2-135m)")
         raise _columns_error(table, "text (or sentence) and label columns for classification")
     to_id, names, count = _label_encoding(label_tables, num_labels, label_names, names_are_fixed)
     texts = [_text(row, text_column) for row in table.rows]
