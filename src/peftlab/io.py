@@ -38,7 +38,7 @@ def adapter_dir(directory: str | os.PathLike, adapter_name: str) -> Path:
     return Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
 
 
-Writer = Callable[[str], None]
+Writer = Callable[[str], object]  # what it returns is not used
 
 
 class DiskFullError(OSError):

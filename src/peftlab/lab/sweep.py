@@ -217,14 +217,15 @@ def model_family(model: str) -> str:
 
 def methods_for_model(methods: list[str], model: str) -> tuple[list[str], dict[str, str]]:
     """``--methods all`` on ``model``: the methods that can run on it, and why each other one cannot
-    (its ``Method.check_model_config``), so that "all" never plans a run bound to fail."""
+    (``check_model_config`` of a method that patches the model), so that "all" never plans a run bound to fail."""
     from peftlab.methods import METHODS
+    from peftlab.methods.capabilities import PatchesTheModel
 
     config = model_config(model)
     usable, left_out = [], {}
     for name in methods:
         try:
-            if name in METHODS:
+            if name in METHODS and isinstance(METHODS[name], PatchesTheModel):
                 METHODS[name].check_model_config(config)
             usable.append(name)
         except ValueError as error:

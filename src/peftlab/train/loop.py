@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from peftlab.checkpointing import enable_activation_checkpointing
 from peftlab.io import append_text, atomic_write_text
 from peftlab.model import PeftModel, count_parameters
 from peftlab.optim import make_optimizer, make_scheduler
@@ -59,6 +60,7 @@ from peftlab.data import DataError
 from peftlab.data.encoded import EncodedRows
 from peftlab.data.packing import check_packing_is_exact
 from peftlab.train.build import build_model, load_datasets, make_collator, prepare_rows, save_trained
+from peftlab.train.data_init import DataDrivenInit
 from peftlab.train.run_folder import claim_output_folder
 
 #: Options a resumed run must share with the saved one for its loss curve to continue exactly.
@@ -144,8 +146,12 @@ class TrainingRun:
         self.out = Path(options.out)
         seed_everything(options.seed)
         train_data, eval_data = load_datasets(options)
+        # EVA and CorDA start from the run's own batches (train/data_init.py).
+        self.init_data = DataDrivenInit(train_data, lambda tokenizer: make_collator(options, tokenizer),
+                                        options.batch_size, options.seed)
         model, self.tokenizer, options = build_model(
-            options, getattr(train_data, "num_labels", None), getattr(train_data, "label_names", None)
+            options, getattr(train_data, "num_labels", None), getattr(train_data, "label_names", None),
+            self.init_data,
         )
         self.prepared = prepare_rows(options, train_data, eval_data, self.tokenizer, model)
         self.train_data, self.eval_data, options = self.prepared.train, self.prepared.validation, self.prepared.options
@@ -422,6 +428,7 @@ class TrainingRun:
         metrics = {
             **{k: v for k, v in last_eval.items() if k != "step"},
             "train_time_s": train_time,
+            "init_time_s": self.init_data.seconds,  # EVA's or CorDA's pass over the data; 0 for the others
             "peak_memory_mb": max(peak_memory),
             "peak_memory_mb_per_process": peak_memory,
             "training_peak_memory_mb_per_process": training_peak_memory,  # from the first step on
@@ -490,16 +497,9 @@ class TrainingRun:
 
 
 def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
-    """Recompute each block's activations in backward.
-
-    With a frozen embedding, the blocks' input needs no gradient, and reentrant checkpointing
-    would then give the adapters none; making the embedding output require grad fixes that.
-    Non-reentrant checkpointing (the default, and the one that works under DDP) has no such trap.
-    """
+    """Recompute each block's activations in backward (:mod:`peftlab.checkpointing`); non-reentrant by
+    default, the kind that works under DDP."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise OptionsError(f"{type(base).__name__} does not support gradient checkpointing; drop --gradient-checkpointing.")
-    # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias).
-    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
-    enable({"use_reentrant": use_reentrant})
-    base.enable_input_require_grads()
+    enable_activation_checkpointing(base, {"use_reentrant": use_reentrant})
