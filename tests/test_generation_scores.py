@@ -80,6 +80,8 @@ def test_number_words_is_seeded_and_its_splits_never_share_a_number():
     questions = held_out_questions(loaded)
     assert questions[0].prompt == table_rows[0]["messages"][:1] and questions[0].chat
     assert questions[0].reference == table_rows[0]["messages"][1]["content"]
+    with pytest.raises(ValueError, match="no question and answer to score"):  # {"text"} rows: documents
+        held_out_questions([{"prompt": "", "response": "a whole document"}])
 
 
 def test_a_causal_lm_dataset_without_a_causal_model_names_the_cause(bert_dir, prompt_dir, tmp_path, capsys):

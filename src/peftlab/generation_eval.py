@@ -45,10 +45,10 @@ def held_out_questions(dataset: Sequence[dict[str, Any]], source: str = "the eva
             if last is None:
                 raise DataError(f"{source}, row {index + 1}: a conversation without an assistant turn has no answer to score")
             questions.append(Question(messages[:last], messages[last]["content"], chat=True))
-        elif "prompt" in item and "response" in item:
+        elif "prompt" in item and "response" in item and str(item["prompt"]).strip():
             questions.append(Question(item["prompt"], item["response"], chat=False))
         else:
-            raise DataError(f"{source}: rows of plain text have no question and answer to score; "
+            raise DataError(f"{source}: rows of plain text (no prompt) have no question and answer to score; "
                             "evaluate them by perplexity (--task causal-lm), or give chat or prompt/response rows")
     if not questions:
         raise DataError(f"{source} has no rows to evaluate")
