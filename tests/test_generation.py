@@ -191,6 +191,8 @@ def test_bad_generate_input_is_refused(llama_dir, adapter_dir, tmp_path, tiny_to
     other_base = save_tiny_model(tmp_path / "other", tiny_tokenizer, "llama", seed=5)  # the same shapes
     code, _, err = run_cli(capsys, "generate", "--model", str(other_base), "--adapter", str(adapter_dir), "the movie")
     assert code == 2 and f"was trained on {llama_dir}, not on {other_base}" in err
+    code, _, err = run_cli(capsys, "eval", "--task", "generate", "--model", str(other_base), "--adapter", str(adapter_dir))
+    assert code == 2 and f"was trained on {llama_dir}, not on {other_base}" in err
 
     bert = save_tiny_model(tmp_path / "bert", tiny_tokenizer, "bert")
     classifier = method_named("lora").make_config(task_type="SEQ_CLS", target_modules=["query", "value"],

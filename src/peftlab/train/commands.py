@@ -88,21 +88,24 @@ class EvalCommand:
 
     def run_generation(self, args: argparse.Namespace) -> int:
         """--task generate: the held-out rows' questions answered greedily, scored, the answers written."""
-        from peftlab.generation import Sampling, check_adapter_is_generative, check_model_is_generative
+        from peftlab.generation import Sampling, check_adapter_is_generative, check_model_is_generative, check_same_base
         from peftlab.generation_eval import held_out_questions, score_answers, write_generations
         from peftlab.train.build import load_eval_dataset, load_trained
         from peftlab.train.distributed import pick_device
 
         if args.adapter:
             check_adapter_is_generative(args.adapter)
+            check_same_base(args.adapter, getattr(args, "model", None))
         sampling = Sampling(max_new_tokens=args.max_new_tokens)
+        generations = _generations_path(args)
+        if generations.exists() and not args.overwrite:  # before the answers, not after
+            raise OptionsError(f"{generations} exists; give another --generations file, or --overwrite to replace it.")
         args.task = "causal-lm"
         options = _eval_options(args)
         check_model_is_generative(options.model)
         file_given = hasattr(args, "dataset") and Path(options.dataset).is_file()
         data = load_eval_dataset(options, None, held_out=not file_given)
         questions = held_out_questions(data, getattr(data, "source", options.dataset))
-        generations = _generations_path(args)
         notice(f"answering {len(questions)} questions of {getattr(data, 'source', options.dataset)}")
         model, tokenizer = load_trained(options.model, args.adapter, "causal-lm", quantization=options.quantize)
         model = model.to(pick_device(options.device))
