@@ -11,7 +11,7 @@ import pytest
 import torch
 from train_fixtures import llama_dir, prompt_dir, save_tiny_model  # noqa: F401
 
-from peftlab import PeftModel, get_peft_model
+from peftlab import get_peft_model
 from peftlab.cli import main
 from peftlab.generate_commands import chat
 from peftlab.generation import Sampling, encode_prompt, generate_ids, generate_texts, load_for_generation
