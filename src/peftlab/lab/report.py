@@ -270,7 +270,7 @@ def _metric_sentence(label: str) -> str:
     what = {
         "accuracy": "Val accuracy is the final validation accuracy (0..1).",
         "exact match": "Val exact match is the share of held-out questions whose greedy answer equals the reference "
-                       "after normalisation (lowercase, punctuation and articles dropped; see peftlab.generation_metrics); "
+                       "after normalisation (lowercase, punctuation to spaces, articles dropped; see peftlab.generation_metrics); "
                        "contains answer: the reference occurs in the answer. Token accuracy is the share of answer "
                        "tokens the model predicts right, the next token from the true prefix, which rewards easy "
                        "tokens: it is not how many answers are right.",
