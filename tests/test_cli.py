@@ -117,7 +117,7 @@ def test_unknown_method_lists_the_registered_ones(tmp_path, capsys):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"text\tscore\nthe movie was good\t1\n", "expected text (or sentence) and label columns"),
+        (b"text\tscore\nthe movie was good\t1\n", "match no data format; expected one of"),
         (b"sentence\tlabel\n", "has no train examples"),
         (b"sentence\tlabel\nthe movie \xff was good\t1\n", "is not valid UTF-8"),
     ],

@@ -103,7 +103,7 @@ def require_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str
     """A ChatTemplateError when neither the tokenizer nor the caller has a chat template."""
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(
-            f"{source} holds conversations, but the model's tokenizer has no chat template to render them with; "
+            f"{source}: conversations need a chat template, and the model's tokenizer has none; "
             f"pass --chat-template FILE.jinja (e.g. a ChatML template), or use an instruct model that has one"
         )
 
@@ -130,7 +130,7 @@ def render_conversation(
     chat_template: str | None = None,
     train_on_prompt: bool = False,
     learn_from: int = 0,
-    where: str = "conversation",
+    where: str = "the conversation",
 ) -> RenderedConversation:
     """The conversation's token ids through the chat template, and which of them the loss learns:
     the tokens of every assistant turn from ``learn_from`` on, each with its end-of-turn token(s);

@@ -103,7 +103,7 @@ class CausalLMCollator:
         """Token ids of prompt + response + EOS, truncated, and how many of them are the prompt's."""
         ids, mask = self.encode_whole({"prompt": prompt, "response": response})
         ids, mask = self.fit(ids, mask)
-        return ids, len(ids) - sum(mask) if not self.train_on_prompt else 0
+        return ids, (0 if self.train_on_prompt else len(ids) - sum(mask))
 
     def encode_whole(self, item: dict[str, Any]) -> tuple[list[int], list[bool]]:
         """An item's token ids and loss mask (True: learnt), not truncated."""

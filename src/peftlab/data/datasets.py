@@ -158,6 +158,8 @@ def task_of_dataset(name_or_path: str | Path, data_dir: str | Path | None = None
     and loading it reports why)."""
     if is_plain_text(name_or_path):
         return "causal-lm"
+    if str(name_or_path) in NAMED_DATASETS:  # labelled; not read here (SST-2 may come from the hub)
+        return "seq-cls"
     try:
         table, _, _ = _read_split(name_or_path, "train", data_dir)
         return "causal-lm" if table.rows and table_format(table) in CAUSAL_LM_FORMATS else "seq-cls"
@@ -219,25 +221,6 @@ def _read_split(
 def _columns_error(table: Table, wanted: str) -> DataError:
     found = ", ".join(table.columns) or "none"
     return DataError(f"{table.source}: expected {wanted}; found columns: {found}")
-
-
-def _is_labelled(table: Table) -> bool:
-    return "label" in table.columns and bool(set(table.columns) & set(TEXT_COLUMNS))
-
-
-def _infer_task(table: Table) -> str:
-    if {"prompt", "response"} <= set(table.columns):
-        return "causal-lm"
-    if _is_labelled(table):
-        return "seq-cls"
-    raise _columns_error(
-        table, "text (or sentence) and label columns for classification, or prompt and response for causal LM"
-    )
-
-
-def _require_columns(table: Table, columns: tuple[str, ...], task_name: str) -> None:
-    if not set(columns) <= set(table.columns):
-        raise _columns_error(table, f"{' and '.join(columns)} columns for {task_name}")
 
 
 def _value(row: Row, column: str) -> Any:

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
+from .chat import ChatDataset, ChatTemplateError, require_chat_template
 from .errors import DataError
 
 
@@ -67,10 +68,18 @@ class TruncationCount:
 
 
 def encode_rows(dataset: Any, collator: Any) -> EncodedRows:
-    """Every item of ``dataset`` as ``collator.encode_whole`` makes it (a CausalLMCollator)."""
-    rows = [collator.encode_whole(dataset[i]) for i in tqdm(
-        range(len(dataset)), desc="tokenize", unit="row", disable=len(dataset) < 5000, leave=False)]
-    return EncodedRows([ids for ids, _ in rows], [mask for _, mask in rows], getattr(dataset, "source", "rows"))
+    """Every item of ``dataset`` as ``collator.encode_whole`` makes it (a CausalLMCollator); an
+    error of the chat template names the row."""
+    source = getattr(dataset, "source", "rows")
+    if isinstance(dataset, ChatDataset):
+        require_chat_template(collator.tokenizer, collator.chat_template, source)
+    rows = []
+    for i in tqdm(range(len(dataset)), desc="tokenize", unit="row", disable=len(dataset) < 5000, leave=False):
+        try:
+            rows.append(collator.encode_whole(dataset[i]))
+        except ChatTemplateError as error:
+            raise ChatTemplateError(f"{source}, row {i + 1}: {error}") from None
+    return EncodedRows([ids for ids, _ in rows], [mask for _, mask in rows], source)
 
 
 def choose_max_length(rows: EncodedRows, limit: int | None) -> int:

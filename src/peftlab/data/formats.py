@@ -14,7 +14,8 @@
                                                        row a document learnt whole
 
 The first format whose keys a row has is its format (so ``text`` + ``label`` is labelled, not
-text); other keys are ignored. Every row must have the same format: a file mixing them is
+text); other keys are ignored, except beside ``text``: a text row has that key alone (``text`` +
+``score`` is more likely a misnamed label than documents, and is refused). Every row must have the same format: a file mixing them is
 refused, naming the first row that differs, and so is a row that matches none.
 
 Conversations go through the model's chat template; plain strings (prompt/response, TRL's string
@@ -45,7 +46,9 @@ CAUSAL_LM_FORMATS = ("chat", "completion", "prompt-response", "alpaca", "text")
 def row_format(row: Row) -> str | None:
     """The format of one row, or None when its keys match none."""
     keys = set(row.values)
-    return next((name for name, wanted in FORMATS.items() if set(wanted) <= keys), None)
+    # a lone text column only: text beside other columns (a score, a misnamed label) is more likely
+    # classification data with a mistake than documents to learn
+    return next((name for name, wanted in FORMATS.items() if set(wanted) <= keys and (name != "text" or keys == {"text"})), None)
 
 
 def _describe(name: str) -> str:
@@ -61,12 +64,15 @@ def table_format(table: Table) -> str:
         if found is None:
             keys = ", ".join(row.values) or "none"
             expected = "; ".join(f"{_describe(n)}: {' + '.join(k)}" for n, k in FORMATS.items() if n != "labelled-sentence")
+            expected = expected.replace("labelled: text", "labelled: text (or sentence)")
             raise DataError(f"{row.where}: keys {keys} match no data format; expected one of {expected}")
         found = _describe(found)
         if first is None:
             first = (found, row)
         elif found != first[0]:
-            raise DataError(f"{row.where}: a {found} row, but {first[1].where} is a {first[0]} row; "
+            missing = [repr(k) for k in FORMATS[row_format(first[1])] if k not in row.values]
+            lacking = f" (no {', '.join(missing)} value)" if missing else ""
+            raise DataError(f"{row.where}: a {found} row{lacking}, but {first[1].where} is a {first[0]} row; "
                             f"a file holds one format: split it, or convert the rows")
     if first is None:
         raise DataError(f"{table.source} has no rows")

@@ -87,8 +87,7 @@ class PreparedRows:
     """A causal-LM run's data tokenized once, with --max-length resolved and what it cuts."""
 
     options: TrainOptions
-    train: TextDataset
-    validation: TextDataset
+    splits: dict[str, TextDataset]  # "train" and "eval" for a training run; "eval" for peftlab eval
     counts: dict[str, TruncationCount]
     chosen: bool  # --max-length chosen from the data
 
@@ -97,28 +96,30 @@ class PreparedRows:
         return {**counted, "max_length": self.options.max_length, "max_length_from_data": self.chosen}
 
 
-def prepare_rows(options: TrainOptions, train: TextDataset, validation: TextDataset, tokenizer, model: nn.Module) -> PreparedRows:
-    """Causal-LM rows (not plain-text windows) tokenized once as the collator will; --max-length
-    left unset becomes the longest training row up to the model's limit; the rows each split's
-    cut truncates are counted and announced, and a training set with nothing left to learn is refused."""
-    if options.task != "causal-lm" or isinstance(train, TokenWindows):
-        return PreparedRows(options, train, validation, {}, False)
+def prepare_rows(options: TrainOptions, splits: dict[str, TextDataset], tokenizer, model: nn.Module) -> PreparedRows:
+    """Causal-LM rows (not plain-text windows) tokenized once as the collator will. --max-length left
+    unset becomes the longest row of the first split, up to the model's limit; the rows each split's
+    cut truncates are counted and announced (the first split's always), and a first split with
+    nothing left to learn is refused."""
+    first = next(iter(splits))
+    if options.task != "causal-lm" or isinstance(splits[first], TokenWindows):
+        return PreparedRows(options, splits, {}, False)
     encoder = make_collator(options, tokenizer)
-    train, validation = encode_rows(train, encoder), encode_rows(validation, encoder)
+    splits = {name: encode_rows(data, encoder) for name, data in splits.items()}
     chosen = options.max_length is None
     if chosen:
         limit = position_limit(model)
-        options = dataclasses.replace(options, max_length=choose_max_length(train, limit))
-        notice(f"--max-length {options.max_length}: the longest training row"
+        options = dataclasses.replace(options, max_length=choose_max_length(splits[first], limit))
+        notice(f"--max-length {options.max_length}: the longest {first} row"
                + (f" (capped at the model's {limit} positions)" if limit and options.max_length == limit else "")
                + "; give --max-length to choose")
     collator = make_collator(options, tokenizer)
-    counts = {"train": count_truncation(train, collator), "eval": count_truncation(validation, collator)}
-    refuse_if_nothing_to_learn(counts["train"], train.source)
+    counts = {name: count_truncation(data, collator) for name, data in splits.items()}
+    refuse_if_nothing_to_learn(counts[first], splits[first].source)
     for name, count in counts.items():
-        if count.truncated or name == "train":  # the training count on every run, even when nothing is cut
+        if count.truncated or name == first:  # the count on every run, even when nothing is cut
             notice(count.describe(f"{name} data"))
-    return PreparedRows(options, train, validation, counts, chosen)
+    return PreparedRows(options, splits, counts, chosen)
 
 
 def check_causal_lm(model: str, tokenizer, config=None) -> None:

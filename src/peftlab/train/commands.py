@@ -17,8 +17,8 @@ from peftlab.train.options import OptionsError, TrainOptions, add_train_argument
 
 SUMMARY_KEYS = ("eval_accuracy", "eval_loss", "eval_perplexity", "train_time_s", "peak_memory_mb",
                 "trainable_params", "total_params", "steps")
-EVAL_OPTIONS = ("model", "task", "dataset", "data_dir", "max_eval_samples", "max_length", "eval_batch_size",
-                "quantize", "bf16", "device", "seed")
+EVAL_OPTIONS = ("model", "task", "dataset", "data_dir", "max_eval_samples", "max_length", "chat_template",
+                "train_on_prompt", "eval_batch_size", "quantize", "bf16", "device", "seed")
 
 
 def _print_json(data: dict[str, Any]) -> None:
@@ -57,7 +57,8 @@ class EvalCommand:
         if getattr(args, "task", None) == GENERATE_TASK:
             return self.run_generation(args)
         from peftlab.train.build import (
-            check_max_length, load_eval_dataset, load_trained, make_collator, saved_num_labels, trained_label_names,
+            check_max_length, load_eval_dataset, load_trained, make_collator, prepare_rows, saved_num_labels,
+            trained_label_names,
         )
         from peftlab.train.distributed import start_processes
         from peftlab.train.evaluate import evaluate, shard_batches
@@ -73,6 +74,8 @@ class EvalCommand:
         try:
             model, tokenizer = load_trained(model_name, args.adapter, task, getattr(data, "num_labels", None), options.quantize)
             check_max_length(options.max_length, model)
+            prepared = prepare_rows(options, {"eval": data}, tokenizer, model)  # causal-LM rows: the cut counted
+            options, data = prepared.options, prepared.splits["eval"]
             if args.rank is not None:
                 if args.adapter is None:
                     raise OptionsError("--rank sets the rank of an adapter: give --adapter too.")
@@ -82,7 +85,7 @@ class EvalCommand:
         finally:
             processes.close()
         if processes.is_main:
-            context = {"max_length": options.max_length} if task == "causal-lm" else {}
+            context = {"max_length": options.max_length, **prepared.metrics()} if task == "causal-lm" else {}
             _print_json({**metrics, "examples": len(data), **context})
         return 0
 
@@ -146,7 +149,7 @@ def _generations_path(args: argparse.Namespace) -> Path:
 
 
 #: What ``eval`` takes from the training run (its metrics.json) unless given: the run's data and length.
-REUSED_FROM_RUN = ("max_length", "dataset", "data_dir")
+REUSED_FROM_RUN = ("max_length", "dataset", "data_dir", "chat_template", "train_on_prompt")
 
 
 def _eval_options(args: argparse.Namespace) -> TrainOptions:
@@ -158,7 +161,7 @@ def _eval_options(args: argparse.Namespace) -> TrainOptions:
     run_folder = args.adapter or (given.get("model") if given.get("model") and Path(given["model"]).is_dir() else None)
     saved = saved_run_options(run_folder)
     model_name, task = base_of(given.get("model"), args.adapter, given.get("task") or saved.get("task"))
-    taken = {k: saved[k] for k in REUSED_FROM_RUN if saved.get(k) is not None and k not in given}
+    taken = {k: saved[k] for k in REUSED_FROM_RUN if saved.get(k) not in (None, False) and k not in given}
     if "dataset" in given:  # another dataset: the run's data folder is not its
         taken.pop("data_dir", None)
     if "task" not in given and saved.get("task"):

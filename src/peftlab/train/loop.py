@@ -153,8 +153,9 @@ class TrainingRun:
             options, getattr(train_data, "num_labels", None), getattr(train_data, "label_names", None),
             self.init_data,
         )
-        self.prepared = prepare_rows(options, train_data, eval_data, self.tokenizer, model)
-        self.train_data, self.eval_data, options = self.prepared.train, self.prepared.validation, self.prepared.options
+        self.prepared = prepare_rows(options, {"train": train_data, "eval": eval_data}, self.tokenizer, model)
+        self.train_data, self.eval_data = self.prepared.splits["train"], self.prepared.splits["eval"]
+        options = self.prepared.options
         self.options = options
         if options.gradient_checkpointing:
             enable_gradient_checkpointing(model)

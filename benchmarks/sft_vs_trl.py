@@ -1,0 +1,241 @@
+"""Chat fine-tuning side by side: peftlab's engine vs TRL's SFTTrainer + HF peft, padded and packed.
+
+Both sides train LoRA (same r, alpha, dropout 0, all linear layers of the blocks) on the same
+tokenised rows: a seeded set of conversations with a realistic spread of lengths (short questions,
+answers from a few words to a few hundred), rendered with the model's chat template by
+``peftlab.data.render_conversation`` (ids + assistant-token mask); TRL gets those ids with the
+same labels, so its own tokenisation plays no part. Same lr (linear decay, no warmup), max grad
+norm, batch, max length, steps and seed; AdamW (torch) on both; no gradient checkpointing on
+either (SFTConfig's default turns it on). TRL keeps its other defaults (it also computes the
+entropy and token accuracy it logs).
+
+Batches: ``--batch`` conversations per step, padded to the longest (``packing off``), or packed
+without padding (``packing on``: peftlab packs each batch's rows into rows of ``--max-length``;
+TRL packs the dataset best-fit into sequences of ``--max-length`` and takes as many of them per
+step as hold about ``--batch`` conversations' tokens, so both steps see about the same tokens).
+
+Figures per variant, each run in a fresh child process: trained tokens per second (tokens of the
+rows, padding excluded, over the steps after ``--warmup``; step times only, data loading left out
+on TRL's side and counted on peftlab's), the share of padding in the batches, the final training
+loss (the last step's mean over its label tokens), and the peak memory of the process (CPU: RSS
+high-water mark, which includes the model; CUDA: max allocated).
+
+    python benchmarks/sft_vs_trl.py                                     # SmolLM2-135M, CPU, 2 threads
+    python benchmarks/sft_vs_trl.py --steps 12 --warmup 2 --batch 8 --max-length 512 --threads 2
+    python benchmarks/sft_vs_trl.py --variants peftlab-packed,trl-packed --steps 4
+    python benchmarks/sft_vs_trl.py --device cuda --steps 30 --batch 16 --max-length 1024
+
+Goals (issue 22): peftlab >= 1.5x TRL's tokens/s with packing on both sides, >= 1.3x without;
+final loss within the seed-to-seed spread; peak memory no higher. State the load (``uptime``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("peftlab-padded", "trl-padded", "peftlab-packed", "trl-packed")
+WORDS = ("the a of to and in is it that for on with as was at by this be from or have not are an they which one "
+         "you had but what all were when we there can more if out so said about into than them only some time could "
+         "number answer model data train value first then each list word two three four five question result").split()
+
+
+def conversations(count: int, seed: int) -> list[list[dict[str, str]]]:
+    """Seeded chat rows whose lengths spread as instruction data does: a lognormal number of words."""
+    rng = random.Random(seed)
+
+    def text(mean_words: float, cap: int) -> str:
+        n = max(2, min(cap, int(rng.lognormvariate(math.log(mean_words), 0.8))))
+        return " ".join(rng.choice(WORDS) for _ in range(n)) + "."
+
+    rows = []
+    for _ in range(count):
+        messages = [{"role": "system", "content": "You answer briefly."}] if rng.random() < 0.3 else []
+        for _ in range(1 if rng.random() < 0.8 else 2):
+            messages += [{"role": "user", "content": text(20, 150)}, {"role": "assistant", "content": text(40, 300)}]
+        rows.append(messages)
+    return rows
+
+
+def write_data(folder: Path, args: argparse.Namespace) -> None:
+    rows = conversations(args.rows + 4, args.seed)
+    for name, part in (("train", rows[: args.rows]), ("validation", rows[args.rows :])):
+        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"messages": messages}) + "\n" for messages in part)
+
+
+def peak_memory_mb(device: str) -> float:
+    from peftlab.train.loop import peak_memory_mb as peak
+
+    import torch
+
+    return peak(torch.device(device))
+
+
+# -- the two sides (run in a child process each) -----------------------------------------------------
+
+
+def run_peftlab(args: argparse.Namespace, data: Path, packing: bool) -> dict[str, Any]:
+    from peftlab.train.loop import run_training
+    from peftlab.train.options import TrainOptions
+
+    out = Path(tempfile.mkdtemp(prefix="sft-peftlab-"))
+    options = TrainOptions(
+        model=args.model, task="causal-lm", dataset=str(data), method="lora", r=args.r, lora_alpha=args.alpha,
+        lora_dropout=0.0, target_modules="all-linear", lr=args.lr, scheduler="linear", warmup_ratio=0.0,
+        batch_size=args.batch, max_steps=args.steps, max_length=args.max_length, packing=packing, seed=args.seed,
+        max_eval_samples=1, eval_batch_size=1, log_every=1, device=args.device, out=str(out), overwrite=True,
+    )
+    metrics = run_training(options)
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][args.warmup :]
+    seconds = sum(row["step_time_s"] for row in steps)
+    tokens = sum(row["tokens_per_s"] * row["step_time_s"] for row in steps)
+    return {"tokens_per_s": tokens / seconds, "final_loss": metrics["train_loss_curve"][-1],
+            "padding_share": metrics["padding_share"], "peak_memory_mb": metrics["peak_memory_mb"],
+            "rows_truncated": metrics["train_rows_truncated"]}
+
+
+def trl_rows(args: argparse.Namespace, data: Path) -> list[dict[str, list[int]]]:
+    """The training rows as peftlab tokenises them: ids and labels (-100 where not learnt), cut at --max-length."""
+    from peftlab.assets import load_tokenizer
+    from peftlab.data import CausalLMCollator, load_dataset_spec
+
+    tokenizer = load_tokenizer(args.model)
+    collator = CausalLMCollator(tokenizer, max_length=args.max_length)
+    rows = []
+    for item in load_dataset_spec(data, "train", task="causal-lm"):
+        ids, mask = collator.fit(*collator.encode_whole(item))
+        rows.append({"input_ids": ids, "labels": [i if m else -100 for i, m in zip(ids, mask)]})
+    return rows
+
+
+def run_trl(args: argparse.Namespace, data: Path, packing: bool) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from peftlab.assets import load_model_and_tokenizer
+
+    rows = trl_rows(args, data)
+    model, tokenizer = load_model_and_tokenizer(args.model, "causal-lm")
+    mean_length = sum(len(r["input_ids"]) for r in rows) / len(rows)
+    batch = max(1, round(args.batch * mean_length / args.max_length)) if packing else args.batch
+    config = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="sft-trl-"), per_device_train_batch_size=batch, max_steps=args.steps,
+        learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch", seed=args.seed, data_seed=args.seed, max_length=args.max_length, packing=packing,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=args.device == "cpu", bf16=False,
+        dataloader_num_workers=0, disable_tqdm=True,
+        gradient_checkpointing=False,  # TRL's SFTConfig turns it on by default; peftlab's default is off
+    )
+    lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=lora)
+    counted: list[tuple[int, int]] = []  # (tokens, slots) of each batch collated, in order
+    collate = trainer.data_collator
+
+    def counting_collator(examples):
+        batch_out = collate(examples)
+        slots = batch_out["input_ids"].numel()
+        tokens = int(batch_out["attention_mask"].sum()) if "attention_mask" in batch_out else slots
+        counted.append((tokens, slots))
+        return batch_out
+
+    trainer.data_collator = counting_collator
+    times: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.began = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.began)
+
+    trainer.add_callback(StepClock())
+    trainer.train()
+    used = counted[: len(times)]
+    tokens = sum(t for t, _ in used[args.warmup :])
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {"tokens_per_s": tokens / sum(times[args.warmup :]), "final_loss": losses[-1],
+            "padding_share": 1 - sum(t for t, _ in used) / sum(s for _, s in used),
+            "peak_memory_mb": peak_memory_mb(args.device), "rows_truncated": None}
+
+
+# -- the parent: one child per variant, then the table ------------------------------------------------
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    side, packing = args.child.split("-")[0], args.child.endswith("packed")
+    result = (run_peftlab if side == "peftlab" else run_trl)(args, Path(args.data), packing)
+    Path(args.result).write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--rows", type=int, default=256, help="training conversations")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s")
+    parser.add_argument("--batch", type=int, default=8, help="conversations per step")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--alpha", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; use {', '.join(VARIANTS)}")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="sft-data-") as folder:
+        write_data(Path(folder), args)
+        for variant in variants:
+            result = Path(folder) / f"{variant}.json"
+            flags = [a for a in sys.argv[1:]]
+            command = [sys.executable, __file__, *flags, "--child", variant, "--data", folder, "--result", str(result)]
+            print(f"running {variant} ...", file=sys.stderr, flush=True)
+            subprocess.run(command, check=True)
+            results[variant] = json.loads(result.read_text())
+    print(f"\nSmolLM2-style chat SFT, {args.model}: LoRA r={args.r} alpha={args.alpha} all-linear, batch {args.batch}, "
+          f"max length {args.max_length}, {args.steps} steps ({args.warmup} warm-up left out), {args.threads} threads, {args.device}")
+    print(f"{'variant':16} {'tokens/s':>10} {'padding':>8} {'final loss':>11} {'peak MB':>9}")
+    for variant, r in results.items():
+        print(f"{variant:16} {r['tokens_per_s']:10.1f} {r['padding_share']:8.1%} {r['final_loss']:11.4f} {r['peak_memory_mb']:9.0f}")
+    for mode in ("padded", "packed"):
+        ours, theirs = results.get(f"peftlab-{mode}"), results.get(f"trl-{mode}")
+        if ours and theirs:
+            print(f"{mode}: peftlab / TRL tokens/s = {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x")
+    if "peftlab-padded" in results and "peftlab-packed" in results:
+        gain = results["peftlab-packed"]["tokens_per_s"] / results["peftlab-padded"]["tokens_per_s"]
+        print(f"packing's gain (peftlab): {gain:.2f}x tokens/s; padding share without packing "
+              f"{results['peftlab-padded']['padding_share']:.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The engine on chat data: the template applied, --max-length chosen from the data, truncation
+counted in metrics, packing training exactly as padding does, and the command-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from chat_fixtures import CHATML, chat_tokenizer, write_chat_rows
+from train_fixtures import save_tiny_model, tiny_options, write_sentiment_data
+
+from peftlab.cli import main
+from peftlab.train.loop import run_training
+from peftlab.train.options import OptionsError
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def chat_llama_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("chat-llama"), chat_tokenizer(), "llama")
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chat-data")
+    write_chat_rows(folder / "train.jsonl", 24)
+    write_chat_rows(folder / "validation.jsonl", 6, seed=1)
+    return folder
+
+
+def test_chat_training_packed_follows_the_padded_loss_curve(chat_llama_dir, chat_data, tmp_path) -> None:
+    runs = {}
+    for packing, max_length in ((False, None), (True, 32)):  # packed: rows of 32 hold two examples
+        options = tiny_options(chat_llama_dir, chat_data, tmp_path / str(packing), task="causal-lm",
+                               max_length=max_length, packing=packing, max_steps=3, lr=1e-2)
+        runs[packing] = run_training(options)
+    padded, packed = runs[False], runs[True]
+    assert padded["max_length"] == 23 and padded["max_length_from_data"] is True  # the longest row
+    assert padded["train_rows"] == 24 and padded["train_rows_truncated"] == 0 and padded["eval_rows_truncated"] == 0
+    assert packed["train_loss_curve"] == pytest.approx(padded["train_loss_curve"], abs=1e-5)
+    assert packed["eval_loss"] == pytest.approx(padded["eval_loss"], abs=1e-5)
+    assert 0 < packed["padding_share"] < padded["padding_share"] and packed["train_tokens_per_s"] > 0
+
+
+def test_truncated_rows_are_counted(chat_llama_dir, chat_data, tmp_path) -> None:
+    metrics = run_training(tiny_options(chat_llama_dir, chat_data, tmp_path / "cut", task="causal-lm", max_length=14, max_steps=1))
+    assert metrics["max_length"] == 14 and metrics["max_length_from_data"] is False
+    # rows are 11 + k tokens (k = 1 + i % 4 "yes"), 8 more with a second exchange (i % 3 == 0): over 14 are
+    # the 6 with k = 4 and the 8 with two exchanges, 2 being both
+    assert metrics["train_rows_truncated"] == 12 and metrics["train_longest_row_tokens"] == 23
+
+
+def test_the_cli_tells_the_task_from_the_data_and_asks_for_a_template(chat_llama_dir, chat_data, tmp_path, capsys) -> None:
+    bare = tmp_path / "no-template"
+    tokenizer = chat_tokenizer(template=None)
+    save_tiny_model(bare, tokenizer, "llama")
+    flags = ["train", "--dataset", str(chat_data), "--method", "lora", "--max-steps", "1", "--batch-size", "8"]
+    code, _, err = run_cli(capsys, *flags, "--model", str(bare), "--out", str(tmp_path / "a"))
+    assert code == 2 and "conversations need a chat template, and the model's tokenizer has none; pass --chat-template FILE.jinja" in err
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML, encoding="utf-8")
+    code, out, err = run_cli(capsys, *flags, "--model", str(bare), "--chat-template", str(template), "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    assert "train data: 0 of 24 rows (0%) cut at --max-length 23" in err
+    saved = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert saved["options"]["task"] == "causal-lm" and saved["options"]["chat_template"] == str(template)
+    code, out, err = run_cli(capsys, "eval", "--adapter", str(tmp_path / "b"))
+    assert code == 0, err
+    assert f"chat_template={template}" in err  # the run's template, taken from its metrics.json
+    scores = json.loads(out)
+    assert scores["max_length"] == 23 and scores["eval_rows"] == 6 and scores["eval_rows_truncated"] == 0
+
+
+def test_packing_is_refused_for_classification(tmp_path) -> None:
+    data = write_sentiment_data(tmp_path / "sentiment", n_train=8, n_validation=2)
+    bert = save_tiny_model(tmp_path / "bert", chat_tokenizer(), "bert")
+    with pytest.raises(OptionsError, match="--packing lays causal-LM rows end to end; it does not apply to seq-cls data"):
+        run_training(tiny_options(bert, data, tmp_path / "out", packing=True, max_steps=1))
