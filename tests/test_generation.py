@@ -9,10 +9,10 @@ import json
 
 import pytest
 import torch
+from test_cli import run_cli
 from train_fixtures import llama_dir, prompt_dir, save_tiny_model  # noqa: F401
 
 from peftlab import get_peft_model
-from peftlab.cli import main
 from peftlab.generate_commands import chat
 from peftlab.generation import Sampling, encode_prompt, generate_ids, generate_texts, load_for_generation
 from peftlab.methods import method_named
@@ -24,12 +24,6 @@ from tiny_models import perturb, tiny_llama
 TEMPLATE = ("{% for m in messages %}[BOS] {{ m['role'] }} : {{ m['content'] }} [EOS] {% endfor %}"
             "{% if add_generation_prompt %}[BOS] assistant : {% endif %}")
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
