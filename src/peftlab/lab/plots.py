@@ -195,7 +195,9 @@ def plot_val_curves(results: Results, path: Path) -> Path | None:
     runs = [run for run in results.ok_runs if run.val_curve]
     if not any(len(run.val_curve) > 1 for run in runs):
         return None
-    return _accuracy_lines(results, runs, "val_curve", "step", "optimizer step", f"Validation {metric_label(results.config)} during training", path)
+    label = metric_label(results.config)
+    return _accuracy_lines(results, runs, "val_curve", "step", "optimizer step", f"Validation {label} during training",
+                           path, label)
 
 
 def plot_sweep(results: Results, variable: str, path: Path) -> Path | None:
@@ -249,11 +251,14 @@ def plot_accuracy_per_rank(results: Results, path: Path) -> Path | None:
     runs = [run for run in results.ok_runs if run.accuracy_per_rank]
     if not runs:
         return None
+    # measure_ranks scores with the loss's metric: a causal LM's token accuracy, whatever ranks the comparison.
+    label = "accuracy" if results.config.get("task", "seq-cls") == "seq-cls" else "token accuracy"
     return _accuracy_lines(results, runs, "accuracy_per_rank", "rank", "rank at inference",
-                           "Accuracy per rank, one trained adapter each", path)
+                           f"{label[0].upper() + label[1:]} per rank, one trained adapter each", path, label)
 
 
-def _accuracy_lines(results: Results, runs: list, series: str, x: str, xlabel: str, title: str, path: Path) -> Path:
+def _accuracy_lines(results: Results, runs: list, series: str, x: str, xlabel: str, title: str, path: Path,
+                    label: str) -> Path:
     """Validation accuracy against ``x``, a line per run, from each run's list of points ``run.<series>``."""
     colors = _run_colors(results)
     fig = _figure(height=5.2)
@@ -265,7 +270,7 @@ def _accuracy_lines(results: Results, runs: list, series: str, x: str, xlabel: s
     _pad_y(ax, [point["accuracy"] for run in runs for point in getattr(run, series)])
     ax.grid(True, alpha=0.3)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"validation {metric_label(results.config)}")
+    ax.set_ylabel(f"validation {label}")
     ax.set_title(title)
     _legend(ax, len(runs))
     _footnote_left_out(fig, results, runs)
