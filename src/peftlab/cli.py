@@ -1,4 +1,4 @@
-"""The ``peftlab`` command: ``peftlab train | eval | merge | export | compare | report | study``.
+"""The ``peftlab`` command: ``peftlab train | eval | merge | export | generate | chat | compare | report | study``.
 
 Each subcommand is an object with ``help`` (its description), ``add_arguments(parser)`` and
 ``run(args) -> exit code``, named in :data:`SUBCOMMANDS` as ``"module:attribute"``. Only the
@@ -19,9 +19,11 @@ from typing import Any, Sequence
 #: subcommand -> ("module:attribute" of its command object, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("peftlab.train.commands:train", "fine-tune a model with a PEFT method (or in full)"),
-    "eval": ("peftlab.train.commands:evaluate", "evaluate a model or base + adapter: accuracy or perplexity"),
+    "eval": ("peftlab.train.commands:evaluate", "evaluate a model or base + adapter: accuracy, perplexity, or answers (--task generate)"),
     "merge": ("peftlab.train.commands:merge", "fold an adapter into its base and save a plain model"),
     "export": ("peftlab.train.commands:export", "write an adapter as plain LoRA for serving engines (vLLM, SGLang)"),
+    "generate": ("peftlab.train.generate_commands:generate", "answer prompts with a causal LM or base + adapter (JSON lines)"),
+    "chat": ("peftlab.train.generate_commands:chat_command", "talk with a causal LM or base + adapter, answers streamed"),
     "compare": ("peftlab.lab.cli:compare", "fine-tune several methods on the same model, data and seed; report them"),
     "report": ("peftlab.lab.cli:report", "rewrite a comparison's report (markdown, HTML, plots) from its results.json"),
     "study": ("peftlab.lab.study:study", "test rules of thumb (alpha, rank, targets, scheduler, ...; all) over seeds: verdicts and a report"),

@@ -4,6 +4,7 @@
 
     "sst2"          SST-2 (local GLUE files, the hub, or an offline stand-in: see :mod:`.sst2`)
     "rt-snippets"   that offline stand-in, asked for by name
+    "number-words"  an offline instruction set made here (chat rows; see :mod:`.synthetic`)
     a directory     train.{csv,tsv,jsonl,json} and validation.* (or dev.*, val.*)
     a file          one .csv, .tsv, .jsonl or .json file, split 90/10 into train/validation (fixed seed),
                     or taken whole (``held_out=False``: a file given to ``peftlab eval``)
@@ -38,10 +39,11 @@ from .splits import SPLITS, hold_out, sample
 from .formats import CAUSAL_LM_FORMATS, causal_lm_rows, table_format
 from .sst2 import LABEL_NAMES as SST2_LABEL_NAMES
 from .sst2 import load_rt_snippets, load_sst2
+from .synthetic import SYNTHETIC_DATASETS
 from .text import TokenWindows, is_plain_text, load_text_windows
 
 TEXT_COLUMNS = ("text", "sentence")
-NAMED_DATASETS = ("sst2", "rt-snippets")
+NAMED_DATASETS = ("sst2", "rt-snippets", *SYNTHETIC_DATASETS)
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,11 @@ def _read_split(
 ) -> tuple[Table, list[Table], tuple[str, ...] | None]:
     """The split's table, the tables whose labels define the classes, and fixed class names if any."""
     name = str(name_or_path)
+    if name in SYNTHETIC_DATASETS:
+        rows = SYNTHETIC_DATASETS[name](split)
+        table = Table(list(rows[0]), [Row(row, f"{name}, {split} row {i}") for i, row in enumerate(rows, 1)],
+                      f"{name} ({split} split: {len(rows)} generated rows)")
+        return table, [table], None
     if name in NAMED_DATASETS:
         table = load_sst2(split, data_dir) if name == "sst2" else load_rt_snippets(split)
         return table, [table], SST2_LABEL_NAMES

@@ -10,13 +10,16 @@ another run beats on accuracy, parameters, time and memory at once; failed runs.
 accuracy is not clearly above chance (always answering the most frequent label) are named and left out of
 the other sentences: "dora_rank used the least memory" says nothing when dora_rank learned nothing. A number a run lacks
 leaves its clause out (a run without all three costs is in no dominance claim); nothing is said
-without the numbers behind it.
+without the numbers behind it. "Accuracy" is the comparison's metric, named by its label
+(:mod:`peftlab.lab.metric`: exact match for a causal LM's answers); with generation metrics the untrained base
+model's score opens the findings, and each run's change from it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from peftlab.lab.metric import metric_label
 from peftlab.lab.pareto import COSTS, dominates, front_names, run_points
 from peftlab.lab.results import Results, RunRecord
 from peftlab.lab.verdict import sampling_error
@@ -34,13 +37,15 @@ def findings(results: Results) -> list[str]:
     runs = [run for run in results.ok_runs if run.val_accuracy is not None]
     if not runs:
         return []
-    sentences = _chance_sentences([run for run in runs if at_chance(run)])
+    label = metric_label(results.config)
+    sentences = _base_model_sentences(runs, results.config.get("base_scores"), label)
+    sentences += _chance_sentences([run for run in runs if at_chance(run)])
     runs = [run for run in runs if not at_chance(run)]
     if not runs:
         return sentences + _failed_sentences(results)
     reference = _full_run(runs)
     best = max(runs, key=lambda run: run.val_accuracy)  # the first of equals: run order breaks ties
-    sentences.append(_best_sentence(runs, best, reference))
+    sentences.append(_best_sentence(runs, best, reference, label))
     anchor = reference or best
     if reference is None:
         anchor_name = f"the most accurate run ({best.run_name})"
@@ -49,12 +54,22 @@ def findings(results: Results) -> list[str]:
     for name in front_names(runs, ["trainable_params"]):
         run = _named(runs, name)
         if run is not anchor:
-            sentences.append(_share_sentence(run, anchor, anchor_name))
-    sentences += _extreme_sentence(runs, "train_time_s", "trained fastest", "{:,.1f} s", anchor, anchor_name)
+            sentences.append(_share_sentence(run, anchor, anchor_name, label))
+    sentences += _extreme_sentence(runs, "train_time_s", "trained fastest", "{:,.1f} s", anchor, anchor_name, label)
     sentences += _extreme_sentence(runs, "peak_memory_mb", "used the least peak memory", "{:,.0f} MB", anchor,
-                                   anchor_name)
-    sentences += _dominated_sentences(runs)
+                                   anchor_name, label)
+    sentences += _dominated_sentences(runs, label)
     return sentences + _failed_sentences(results)
+
+
+def _base_model_sentences(runs: Sequence[RunRecord], base: dict | None, label: str) -> list[str]:
+    """How far training moved each run from the untrained base model (generation metrics: config["base_scores"])."""
+    if not base or base.get("exact_match") is None:
+        return []
+    gains = ", ".join(f"{run.run_name} {100 * (run.val_accuracy - base['exact_match']):+.1f}" for run in runs)
+    return [f"The base model, untrained, scored {base['exact_match']:.3f} {label} (contains the answer: "
+            f"{base['contains_answer']:.3f}) on the same {base.get('examples', '?')} held-out questions; "
+            f"each run's change in points: {gains}."]
 
 
 def chance_margin(run: RunRecord) -> float | None:
@@ -117,8 +132,8 @@ def _tied_with(runs: Sequence[RunRecord], chosen: RunRecord, key: str) -> str:
     return f", tied with {', '.join(others)}" if others else ""
 
 
-def _best_sentence(runs: Sequence[RunRecord], best: RunRecord, reference: RunRecord | None) -> str:
-    sentence = (f"{best.run_name} reached the highest validation accuracy, {best.val_accuracy:.3f}"
+def _best_sentence(runs: Sequence[RunRecord], best: RunRecord, reference: RunRecord | None, label: str) -> str:
+    sentence = (f"{best.run_name} reached the highest validation {label}, {best.val_accuracy:.3f}"
                 f"{_tied_with(runs, best, 'val_accuracy')}")
     if reference is not None and reference is not best:
         points = 100 * (best.val_accuracy - reference.val_accuracy)
@@ -127,10 +142,10 @@ def _best_sentence(runs: Sequence[RunRecord], best: RunRecord, reference: RunRec
     return sentence + "."
 
 
-def _share_sentence(run: RunRecord, anchor: RunRecord, anchor_name: str) -> str:
-    accuracy = (f"{share(run.val_accuracy, anchor.val_accuracy)} of {anchor_name}'s accuracy "
+def _share_sentence(run: RunRecord, anchor: RunRecord, anchor_name: str, label: str) -> str:
+    accuracy = (f"{share(run.val_accuracy, anchor.val_accuracy)} of {anchor_name}'s {label} "
                 f"({run.val_accuracy:.3f} vs {anchor.val_accuracy:.3f})" if anchor.val_accuracy
-                else f"an accuracy of {run.val_accuracy:.3f}")
+                else f"a {label} of {run.val_accuracy:.3f}")
     clauses = []
     for key, words in (("trainable_params", "with {} of its trainable parameters"),
                        ("train_time_s", "in {} of its training time"),
@@ -142,7 +157,7 @@ def _share_sentence(run: RunRecord, anchor: RunRecord, anchor_name: str) -> str:
 
 
 def _extreme_sentence(runs: Sequence[RunRecord], key: str, verb: str, style: str, anchor: RunRecord,
-                      anchor_name: str) -> list[str]:
+                      anchor_name: str, label: str) -> list[str]:
     measured = [run for run in runs if getattr(run, key) is not None]
     if len(measured) < 2:
         return []
@@ -150,10 +165,10 @@ def _extreme_sentence(runs: Sequence[RunRecord], key: str, verb: str, style: str
     value, anchor_value = getattr(lowest, key), getattr(anchor, key)
     relative = f", {share(value, anchor_value)} of {anchor_name}'s" if lowest is not anchor and anchor_value else ""
     return [f"{lowest.run_name} {verb} ({style.format(value)}{relative}{_tied_with(measured, lowest, key)}), "
-            f"at accuracy {lowest.val_accuracy:.3f}."]
+            f"at {label} {lowest.val_accuracy:.3f}."]
 
 
-def _dominated_sentences(runs: Sequence[RunRecord]) -> list[str]:
+def _dominated_sentences(runs: Sequence[RunRecord], label: str) -> list[str]:
     """One sentence naming the runs another run beats on every count at once, each with its most accurate
     dominator: on these numbers there is no reason to pick them."""
     points = run_points(runs, list(COSTS))
@@ -166,5 +181,6 @@ def _dominated_sentences(runs: Sequence[RunRecord]) -> list[str]:
         return []
     listed = ", ".join(named[:DOMINATED_LISTED]) + (f" and {len(named) - DOMINATED_LISTED} more"
                                                     if len(named) > DOMINATED_LISTED else "")
-    return [f"{len(named)} of {len(points)} runs are dominated -- another run is at least as accurate with no "
+    as_good = "as accurate" if label == "accuracy" else f"as high in {label}"
+    return [f"{len(named)} of {len(points)} runs are dominated -- another run is at least {as_good} with no "
             f"more trainable parameters, training time or peak memory, and better on one of them: {listed}."]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from matplotlib.ticker import FuncFormatter
 
+from peftlab.lab.metric import metric_label
 from peftlab.lab.pareto import COSTS, pareto_front, run_points
 from peftlab.lab.plots import (
     _figure,
@@ -62,8 +63,9 @@ def plot_pareto(results: Results, cost: str, path: Path) -> Path | None:
     _label_points(ax, [(point.costs[0], point.accuracy, point.name) for point in points])
     ax.grid(True, which="major", alpha=0.3)
     ax.set_xlabel(label)
-    ax.set_ylabel("validation accuracy")
-    ax.set_title(f"Accuracy vs {COSTS[cost]}: Pareto front marked ({len(front)} of {len(points)} runs)")
+    metric = metric_label(results.config)
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(f"{metric[0].upper() + metric[1:]} vs {COSTS[cost]}: Pareto front marked ({len(front)} of {len(points)} runs)")
     ax.legend(fontsize=9, loc="best", ncols=1 if len(colors) <= 8 else 2)
     _footnote_left_out(fig, results, [by_name[point.name] for point in points])
     return _save(fig, path)

@@ -19,6 +19,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 
+from peftlab.lab.metric import metric_label
 from peftlab.lab.results import BYTES_PER_MB, Results, RunRecord
 
 LOSS_SMOOTHING = 0.6  # the report's EMA weight: curves stay recognisable, step-to-step noise goes
@@ -40,28 +41,30 @@ def render_plots(results: Results, plots_dir: Path) -> list[Plot]:
     plots_dir.mkdir(parents=True, exist_ok=True)
     baseline = results.time_baseline()
     baseline_name = "full fine-tuning" if baseline and baseline.method == "full" else "the slowest run"
+    label = metric_label(results.config)
+    Label = label[0].upper() + label[1:]
     candidates: list[tuple[str, str, Callable[[Path], Path | None], str]] = [
         ("Relative training time", "relative_time.png", lambda p: plot_relative_time(results, p),
          f"Training wall-clock time as a percentage of {baseline_name}; lower is faster."),
         ("Training loss", "loss_curves.png", lambda p: plot_loss_curves(results, p, smoothing=LOSS_SMOOTHING),
          f"Training loss per logged step, EMA-smoothed (weight {LOSS_SMOOTHING}); raw values faint behind."),
-        ("Validation accuracy", "val_accuracy.png", lambda p: plot_val_accuracy(results, p),
-         "Final validation accuracy of each run."),
-        ("Validation accuracy during training", "val_curves.png", lambda p: plot_val_curves(results, p),
-         "Validation accuracy at each evaluation step."),
+        (f"Validation {label}", "val_accuracy.png", lambda p: plot_val_accuracy(results, p),
+         f"Final validation {label} of each run."),
+        (f"Validation {label} during training", "val_curves.png", lambda p: plot_val_curves(results, p),
+         f"Validation {label} at each evaluation step."),
         ("Model size", "model_size.png", lambda p: plot_model_size(results, p),
          "Base model in memory vs the saved adapter on disk, MB on a log scale."),
         ("Peak memory", "peak_memory.png", lambda p: plot_peak_memory(results, p),
          "Peak memory while training, MB."),
-        ("Accuracy vs trainable parameters", "accuracy_vs_params.png",
+        (f"{Label} vs trainable parameters", "accuracy_vs_params.png",
          lambda p: plot_pareto(results, "trainable_params", p),
-         "Validation accuracy against the number of trained parameters (log scale); up and left is better. "
-         "Outlined points joined by the dashed line are the Pareto front: no other run is as accurate with "
-         "fewer parameters."),
-        ("Accuracy vs training time", "pareto_time.png", lambda p: plot_pareto(results, "train_time_s", p),
-         "Validation accuracy against training wall-clock time; outlined points are the Pareto front."),
-        ("Accuracy vs peak memory", "pareto_memory.png", lambda p: plot_pareto(results, "peak_memory_mb", p),
-         "Validation accuracy against peak training memory; outlined points are the Pareto front."),
+         f"Validation {label} against the number of trained parameters (log scale); up and left is better. "
+         f"Outlined points joined by the dashed line are the Pareto front: no other run has as high a {label} "
+         "with fewer parameters."),
+        (f"{Label} vs training time", "pareto_time.png", lambda p: plot_pareto(results, "train_time_s", p),
+         f"Validation {label} against training wall-clock time; outlined points are the Pareto front."),
+        (f"{Label} vs peak memory", "pareto_memory.png", lambda p: plot_pareto(results, "peak_memory_mb", p),
+         f"Validation {label} against peak training memory; outlined points are the Pareto front."),
     ]
     candidates += [
         ("Accuracy per rank", "accuracy_per_rank.png", lambda p: plot_accuracy_per_rank(results, p),
@@ -73,7 +76,7 @@ def render_plots(results: Results, plots_dir: Path) -> list[Plot]:
         candidates.append(
             (f"Sweep over {variable}", f"sweep_{_file_safe(variable)}.png",
              lambda p, v=variable: plot_sweep(results, v, p),
-             f"Validation accuracy and training time for each value of {variable}, one line per method.")
+             f"Validation {label} and training time for each value of {variable}, one line per method.")
         )
     plots = []
     for title, file_name, draw, caption in candidates:
@@ -106,8 +109,9 @@ def plot_val_accuracy(results: Results, path: Path) -> Path | None:
     values = [run.val_accuracy for run in runs]
     fig, ax = _bar_figure(results, runs, values, [f"{value:.3f}" for value in values])
     ax.set_xlim(0, 1.12)  # accuracies are compared on the full 0..1 scale; the printed values resolve them
-    ax.set_xlabel("validation accuracy (final)")
-    ax.set_title("Validation accuracy per run (higher is better)")
+    label = metric_label(results.config)
+    ax.set_xlabel(f"validation {label} (final)")
+    ax.set_title(f"Validation {label} per run (higher is better)")
     _footnote_left_out(fig, results, runs)
     return _save(fig, path)
 
@@ -191,7 +195,9 @@ def plot_val_curves(results: Results, path: Path) -> Path | None:
     runs = [run for run in results.ok_runs if run.val_curve]
     if not any(len(run.val_curve) > 1 for run in runs):
         return None
-    return _accuracy_lines(results, runs, "val_curve", "step", "optimizer step", "Validation accuracy during training", path)
+    label = metric_label(results.config)
+    return _accuracy_lines(results, runs, "val_curve", "step", "optimizer step", f"Validation {label} during training",
+                           path, label)
 
 
 def plot_sweep(results: Results, variable: str, path: Path) -> Path | None:
@@ -224,7 +230,8 @@ def plot_sweep(results: Results, variable: str, path: Path) -> Path | None:
             accuracy_ax.plot(*zip(*accuracy_points), **style)
         if time_points:
             time_ax.plot(*zip(*time_points), **style)
-    for ax, ylabel in ((accuracy_ax, "validation accuracy"), (time_ax, "training time (s)")):
+    metric = metric_label(results.config)
+    for ax, ylabel in ((accuracy_ax, f"validation {metric}"), (time_ax, "training time (s)")):
         if log_x:
             ax.set_xscale("log", base=2)
             ax.xaxis.set_minor_locator(NullLocator())
@@ -232,7 +239,7 @@ def plot_sweep(results: Results, variable: str, path: Path) -> Path | None:
         ax.set_xlabel(variable)
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
-    accuracy_ax.set_title(f"Validation accuracy vs {variable}")
+    accuracy_ax.set_title(f"Validation {metric} vs {variable}")
     time_ax.set_title(f"Training time vs {variable}")
     accuracy_ax.legend(fontsize=8, loc="best")
     _footnote_left_out(fig, results, runs, among=[run for run in results.runs if variable in run.sweep])
@@ -244,11 +251,14 @@ def plot_accuracy_per_rank(results: Results, path: Path) -> Path | None:
     runs = [run for run in results.ok_runs if run.accuracy_per_rank]
     if not runs:
         return None
+    # measure_ranks scores with the loss's metric: a causal LM's token accuracy, whatever ranks the comparison.
+    label = "accuracy" if results.config.get("task", "seq-cls") == "seq-cls" else "token accuracy"
     return _accuracy_lines(results, runs, "accuracy_per_rank", "rank", "rank at inference",
-                           "Accuracy per rank, one trained adapter each", path)
+                           f"{label[0].upper() + label[1:]} per rank, one trained adapter each", path, label)
 
 
-def _accuracy_lines(results: Results, runs: list, series: str, x: str, xlabel: str, title: str, path: Path) -> Path:
+def _accuracy_lines(results: Results, runs: list, series: str, x: str, xlabel: str, title: str, path: Path,
+                    label: str) -> Path:
     """Validation accuracy against ``x``, a line per run, from each run's list of points ``run.<series>``."""
     colors = _run_colors(results)
     fig = _figure(height=5.2)
@@ -260,7 +270,7 @@ def _accuracy_lines(results: Results, runs: list, series: str, x: str, xlabel: s
     _pad_y(ax, [point["accuracy"] for run in runs for point in getattr(run, series)])
     ax.grid(True, alpha=0.3)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation accuracy")
+    ax.set_ylabel(f"validation {label}")
     ax.set_title(title)
     _legend(ax, len(runs))
     _footnote_left_out(fig, results, runs)

@@ -19,11 +19,15 @@ from peftlab.io import atomic_write_text
 from peftlab.lab import seed_run
 from peftlab.lab.findings import findings
 from peftlab.lab.method_notes import describe_method
+from peftlab.lab.metric import metric_label
 from peftlab.lab.plots import Plot, format_count, format_mb, render_plots
 from peftlab.lab.results import BYTES_PER_MB, Results, RunRecord
 from peftlab.train.phase_clock import PHASES
 
 TITLE = "peftlab comparison report"
+#: The terminal's short header of each metric, and the report's name of each of a run's other scores.
+SHORT_LABELS = {"accuracy": "acc", "exact match": "EM", "token accuracy": "tok acc"}
+SCORE_NAMES = {"contains_answer": "contains answer", "token_accuracy": "token accuracy", "eval_loss": "val loss"}
 NO_VALUE = "–"
 
 
@@ -92,6 +96,9 @@ def _columns(results: Results, terminal: bool) -> list[Column]:
     else:
         time_header = f"% of {baseline.run_name} (slowest)"
 
+    label = metric_label(results.config)
+    score_keys = list(dict.fromkeys(key for run in results.runs for key in run.scores))
+
     def percent_of_baseline(run: RunRecord) -> str:
         if baseline is None or run.train_time_s is None:
             return NO_VALUE
@@ -121,7 +128,10 @@ def _columns(results: Results, terminal: bool) -> list[Column]:
         Column("run", "run", False, lambda run: run.run_name),
         Column("method", "method", False, lambda run: run.method),
         Column("status", "status", False, status),
-        Column("val accuracy", "val acc", True, lambda run: _number(run.val_accuracy, "{:.3f}")),
+        Column(f"val {label}", "val " + SHORT_LABELS.get(label, label), True,
+               lambda run: _number(run.val_accuracy, "{:.3f}")),
+        *(Column(SCORE_NAMES.get(key, key), SCORE_NAMES.get(key, key), True,
+                 lambda run, key=key: _number(run.scores.get(key), "{:.3f}")) for key in score_keys),
         Column("train time (s)", "time s", True, lambda run: _number(run.train_time_s, "{:,.1f}")),
         Column(f"train time ({time_header})", time_header, True, percent_of_baseline),
         Column("time/step (s)", "s/step", True, lambda run: _three_digits(run.time_per_step_s)),
@@ -156,6 +166,7 @@ def _report_blocks(results: Results, plots: Sequence[Plot], title: str = TITLE,
     sentences = findings(results)
     if sentences:
         blocks += [Heading(2, "Findings"), BulletList(sentences)]
+    blocks += _base_model_blocks(results)
     if against_seed:
         blocks += _seed_run_blocks(results)
     columns = _columns(results, terminal=False)
@@ -184,6 +195,17 @@ def _report_blocks(results: Results, plots: Sequence[Plot], title: str = TITLE,
     blocks += [Heading(2, "Environment"), key_value_table(results.environment)]
     blocks += [Heading(2, "Config (shared by all runs)"), key_value_table(results.config)]
     return blocks
+
+
+def _base_model_blocks(results: Results) -> list[Block]:
+    """The untrained base model's scores, the floor every run is measured from (generation metrics)."""
+    base = results.config.get("base_scores")
+    if not base:
+        return []
+    return [Heading(2, "The base model, untrained"),
+            Paragraph(f"{results.config.get('model')} before any training, on the same "
+                      f"{base.get('examples', '?')} held-out questions: {metric_label(results.config)} "
+                      f"{base['exact_match']:.3f}, contains the answer {base['contains_answer']:.3f}.")]
 
 
 def _seed_run_blocks(results: Results) -> list[Block]:
@@ -235,14 +257,28 @@ def _how_to_read(results: Results) -> list[str]:
         "the update and the method's step hooks); the rest of time/step is batching and bookkeeping. "
         "Measured on CPU runs only (– on a GPU, where it would need a synchronize per phase).",
         *([dropout] if dropout else []),
-        "Val accuracy is the final validation accuracy (0..1). On a small evaluation set a difference of "
-        "one or two points can be noise: compare against the run-to-run variation before drawing conclusions.",
+        _metric_sentence(metric_label(results.config)),
         "Trainable params counts what the optimizer updates; the % is of all parameters of the model.",
         "Model size is the base model held in memory (fp32/bf16, or NF4 for QLoRA); adapter size is the "
         "file saved on disk (the whole checkpoint for full fine-tuning). MB is 2^20 bytes.",
         "Peak memory is the peak while training; latency is inference time per batch for the base model, "
         "with the adapter attached, and with the adapter merged into the weights (– when it can't merge).",
     ]
+
+
+def _metric_sentence(label: str) -> str:
+    what = {
+        "accuracy": "Val accuracy is the final validation accuracy (0..1).",
+        "exact match": "Val exact match is the share of held-out questions whose greedy answer equals the reference "
+                       "after normalisation (lowercase, punctuation to spaces, articles dropped; see peftlab.train.generation_metrics); "
+                       "contains answer: the reference occurs in the answer. Token accuracy is the share of answer "
+                       "tokens the model predicts right, the next token from the true prefix, which rewards easy "
+                       "tokens: it is not how many answers are right.",
+        "token accuracy": "Val token accuracy is the share of held-out tokens whose next token the model predicts "
+                          "right (argmax) from the true prefix; it is not an answer-level accuracy.",
+    }.get(label, f"Val {label} is the comparison's score of each run (0..1).")
+    return (what + " On a small evaluation set a difference of one or two points can be noise: compare against the "
+            "run-to-run variation before drawing conclusions.")
 
 
 def _adapter_dropout(results: Results) -> str | None:

@@ -52,6 +52,10 @@ majority_accuracy      float | null                           accuracy of always
                                                               set's most frequent label, 0..1: the chance
                                                               level val_accuracy must beat (classification
                                                               only; optional key, null when not recorded)
+scores                 {name: float}                          (optional) the run's other scores beside
+                                                              val_accuracy, e.g. contains_answer,
+                                                              token_accuracy and eval_loss when the metric
+                                                              is exact match (config["metric"]); {} if none
 general_perplexity     float | null                           perplexity on held-out general text after
                                                               training (study forgetting; the base's is in
                                                               config["forgetting"]); null when not measured
@@ -150,6 +154,7 @@ class RunRecord:
     eval_examples: int | None = None
     majority_accuracy: float | None = None
     general_perplexity: float | None = None
+    scores: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -193,6 +198,9 @@ class RunRecord:
         eval_datasets = data.get("eval_datasets") or {}
         _require(isinstance(eval_datasets, dict) and all(_is_number(v) for v in eval_datasets.values()),
                  where, "eval_datasets", "an object of numbers", eval_datasets)
+        scores = data.get("scores") or {}
+        _require(isinstance(scores, dict) and all(_is_number(v) for v in scores.values()),
+                 where, "scores", "an object of numbers", scores)
         curves = {key: _read_curve(data[key], where, key, keys) for key, keys in _CURVE_KEYS.items()}
         return cls(
             **{key: data[key] for key in _RECORD_KEYS if key not in (*curves, *_OPTIONAL_KEYS, "latency_ms")},
@@ -204,6 +212,7 @@ class RunRecord:
             eval_examples=data["eval_examples"],
             majority_accuracy=data["majority_accuracy"],
             general_perplexity=data["general_perplexity"],
+            scores=scores,
         )
 
 
@@ -304,7 +313,7 @@ _NUMBER_KEYS = (
 _RECORD_KEYS = tuple(name for name in RunRecord.__dataclass_fields__)
 #: Keys added after version 1 was first written: a file without them still reads (as null or empty).
 _OPTIONAL_KEYS = ("step_time_split_s", "rank_per_layer", "accuracy_per_rank", "eval_datasets", "eval_examples",
-                  "majority_accuracy", "general_perplexity")
+                  "majority_accuracy", "general_perplexity", "scores")
 
 
 def _is_number(value: Any) -> bool:
@@ -366,6 +375,7 @@ def _csv_row(run: RunRecord) -> dict[str, Any]:
         "majority_accuracy": run.majority_accuracy,
         **{f"eval_{key}_accuracy": accuracy for key, accuracy in run.eval_datasets.items()},
         **({"general_perplexity": run.general_perplexity} if run.general_perplexity is not None else {}),
+        **{f"score_{key}": value for key, value in run.scores.items()},
         **{f"option_{key}": _csv_scalar(value) for key, value in run.options.items()},
     }
     return {key: "" if value is None or (isinstance(value, float) and math.isnan(value)) else value

@@ -42,6 +42,7 @@ from peftlab.lab.results import (
     results_to_csv,
     save_results,
 )
+from peftlab.lab.metric import metric_label
 from peftlab.lab.sweep import PlannedRun
 from peftlab.trackers import require_trackers
 from peftlab.train.options import OptionsError, TrainOptions
@@ -173,7 +174,7 @@ def run_comparison(
         record = launch(run, run_folder(out, run.run_name), log)
         durations.append(time.monotonic() - began)
         records[run.run_name] = record
-        log(f"[{index}/{len(todo)}] {run.run_name}: {_outcome(record)} ({durations[-1]:.0f} s)")
+        log(f"[{index}/{len(todo)}] {run.run_name}: {_outcome(record, metric_label(config))} ({durations[-1]:.0f} s)")
         publish(_results(runs, records, left_out, environment, config), out, head)
     results = _results(runs, records, left_out, environment, config)
     if not todo:
@@ -190,10 +191,10 @@ def same_measurement(earlier: dict | None, planned: dict) -> bool:
     return untracked[0] == untracked[1]
 
 
-def _outcome(record: RunRecord) -> str:
+def _outcome(record: RunRecord, label: str) -> str:
     if not record.ok:
         return f"FAILED: {record.error.splitlines()[0] if record.error else 'no error recorded'}"
-    return "ok" if record.val_accuracy is None else f"ok, val accuracy {record.val_accuracy:.3f}"
+    return "ok" if record.val_accuracy is None else f"ok, val {label} {record.val_accuracy:.3f}"
 
 
 def _eta(durations: list[float], runs_left: int) -> str:
@@ -303,6 +304,7 @@ def execute(spec_path: Path) -> RunRecord:
     from peftlab.data.datasets import ClassificationDataset
     from peftlab.lab.extra_eval import evaluate_eval_datasets
     from peftlab.lab.measure import measure_inference, measure_ranks, saved_model_bytes
+    from peftlab.lab.metric import EXACT_MATCH, metric_for
     from peftlab.train.build import load_datasets
     from peftlab.train.distributed import pick_device
     from peftlab.train.loop import run_training
@@ -321,16 +323,25 @@ def execute(spec_path: Path) -> RunRecord:
     batch = [eval_data[i] for i in range(min(options.eval_batch_size, len(eval_data)))]
     latency, model_bytes = measure_inference(options, num_labels, batch, pick_device(options.device))
     rank_per_layer, accuracy_per_rank = measure_ranks(options, num_labels, eval_data, pick_device(options.device))
+    metric = metric_for(options)
     accuracy_key = "eval_accuracy" if options.task == "seq-cls" else "eval_token_accuracy"
     eval_datasets = evaluate_eval_datasets(options, spec.get("eval_datasets") or [], num_labels,
                                            getattr(train_data, "label_names", None), accuracy_key)
+    scores = {}
+    if metric is EXACT_MATCH:  # what the trained model answers: its score, the rest beside it
+        answered = answer_held_out(options, eval_data, spec_path.parent / GENERATIONS_FILE)
+        metrics = {**metrics, **answered}
+        scores = {"contains_answer": answered["contains_answer"], "token_accuracy": metrics["eval_token_accuracy"],
+                  "eval_loss": metrics["eval_loss"]}
     record = RunRecord(
         method=spec["method"],
         run_name=spec["run_name"],
         status="ok",
         sweep=spec["sweep"],
-        val_accuracy=metrics[accuracy_key],
-        val_curve=[{"step": point["step"], "accuracy": point[accuracy_key]} for point in metrics["val_curve"]],
+        val_accuracy=metrics[metric["key"]],
+        val_curve=[{"step": point["step"], "accuracy": point[metric["key"]]}
+                   for point in metrics["val_curve"] if metric["key"] in point],
+        scores=scores,
         train_loss_curve=[{"step": step, "loss": loss} for step, loss in enumerate(metrics["train_loss_curve"], 1)],
         train_accuracy=[{"epoch": epoch, "accuracy": accuracy}
                         for epoch, accuracy in enumerate(metrics["train_accuracy"], 1)],
@@ -354,6 +365,28 @@ def execute(spec_path: Path) -> RunRecord:
     )
     atomic_write_text(spec_path.parent / "record.json", json.dumps(record.to_dict(), indent=1) + "\n")
     return record
+
+
+#: Each run's answers to the held-out questions, in its folder (generation metrics only).
+GENERATIONS_FILE = "generations.jsonl"
+
+
+def answer_held_out(options: TrainOptions, eval_data, generations: Path | None, trained: bool = True) -> dict[str, float]:
+    """The trained run in ``options.out`` (or, ``trained=False``, its base model untrained) answering the
+    held-out questions greedily: ``{"exact_match", "contains_answer"}``; the answers go to ``generations``."""
+    from peftlab.train.generation import Sampling, load_for_generation
+    from peftlab.train.generation_eval import DEFAULT_EVAL_NEW_TOKENS, held_out_questions, score_answers, write_generations
+    from peftlab.train.build import load_run
+    from peftlab.train.distributed import pick_device
+
+    questions = held_out_questions(eval_data, getattr(eval_data, "source", options.dataset))
+    model, tokenizer = load_run(options) if trained else load_for_generation(options.model)
+    model.to(pick_device(options.device))
+    scores, rows = score_answers(model, tokenizer, questions, Sampling(DEFAULT_EVAL_NEW_TOKENS),
+                                 options.eval_batch_size, with_base=False)
+    if generations is not None:
+        write_generations(generations, rows, overwrite=True)
+    return scores
 
 
 def main(argv: list[str] | None = None) -> int:

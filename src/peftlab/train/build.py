@@ -24,6 +24,8 @@ from peftlab.train.options import DEFAULT_MAX_LENGTH, OptionsError, TrainOptions
 
 PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 TASKS_BY_PEFT_TYPE = {v: k for k, v in PEFT_TASK_TYPES.items()}
+#: How a causal LM's class name ends in its config's ``architectures``.
+CAUSAL_LM_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
 
 
 def load_datasets(options: TrainOptions) -> tuple[TextDataset, TextDataset]:
@@ -60,6 +62,8 @@ def _text_windowing(options: TrainOptions) -> dict[str, Any]:
 def make_collator(options: TrainOptions, tokenizer) -> Any:
     """The batches of ``options.task``; --max-length unset: the default (causal-LM rows: see :func:`prepare_rows`)."""
     max_length = options.max_length or DEFAULT_MAX_LENGTH
+    if options.task == "causal-lm":
+        check_causal_lm(options.model, tokenizer)
     if options.task == "seq-cls":
         return ClassificationCollator(tokenizer, max_length=max_length)
     return CausalLMCollator(
@@ -118,6 +122,22 @@ def prepare_rows(options: TrainOptions, splits: dict[str, TextDataset], tokenize
     return PreparedRows(options, splits, counts, chosen)
 
 
+def check_causal_lm(model: str, tokenizer, config=None) -> None:
+    """A causal LM has a language-model head (its config's architectures say ...ForCausalLM or ...LMHeadModel)
+    and an EOS token to end each response with. An encoder (BERT-like) has neither: typically the
+    default --model, left in place for a causal-LM dataset."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    encoder = architectures and not any(name.endswith(CAUSAL_LM_ARCHITECTURES) for name in architectures)
+    if tokenizer.eos_token_id is not None and not encoder:
+        return
+    what = f"a {architectures[0]}" if encoder else "a model whose tokenizer has no EOS token to end a response with"
+    which = f"the default --model {model} (for classification)" if model == TrainOptions().model else model
+    raise OptionsError(
+        f"--task causal-lm needs a decoder language model, but {which} is {what}, not a causal LM. "
+        "Give one with --model, e.g. --model smollm2-135m."
+    )
+
+
 def quantize(model: nn.Module, double_quant: bool = True) -> None:
     """NF4 for every linear layer but the heads, in place (the QLoRA base)."""
     from peftlab.quant import quantize_model
@@ -141,6 +161,8 @@ def build_model(
     ``peftlab eval`` maps class names as training did. ``init_data``: the run's data, which EVA and CorDA
     start from (``data_init.py``)."""
     model, tokenizer = load_model_and_tokenizer(options.model, options.task, num_labels=num_labels or 2)
+    if options.task == "causal-lm":
+        check_causal_lm(options.model, tokenizer, model.config)
     if options.task == "seq-cls" and label_names:
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {name: i for i, name in enumerate(label_names)}

@@ -52,8 +52,11 @@ class EvalCommand:
                             help="plain text: start a window of --max-length tokens every S tokens, each scoring only "
                                  "its last S (a sliding-window perplexity; default: --max-length, windows that do not overlap)")
         add_train_arguments(parser, only=EVAL_OPTIONS)
+        add_generation_eval_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
+        if getattr(args, "task", None) == GENERATE_TASK:
+            return self.run_generation(args)
         from peftlab.train.build import (
             check_max_length, load_eval_dataset, load_trained, make_collator, prepare_rows, saved_num_labels,
             trained_label_names,
@@ -86,6 +89,64 @@ class EvalCommand:
             context = {"max_length": options.max_length, **prepared.metrics()} if task == "causal-lm" else {}
             _print_json({**metrics, "examples": len(data), **context})
         return 0
+
+    def run_generation(self, args: argparse.Namespace) -> int:
+        """--task generate: the held-out rows' questions answered greedily, scored, the answers written."""
+        from peftlab.train.generation import Sampling, check_adapter_is_generative, check_model_is_generative, check_same_base
+        from peftlab.train.generation_eval import held_out_questions, score_answers, write_generations
+        from peftlab.train.build import load_eval_dataset, load_trained
+        from peftlab.train.distributed import pick_device
+
+        if args.adapter:
+            check_adapter_is_generative(args.adapter)
+            check_same_base(args.adapter, getattr(args, "model", None))
+        sampling = Sampling(max_new_tokens=args.max_new_tokens)
+        generations = _generations_path(args)
+        if generations.exists() and not args.overwrite:  # before the answers, not after
+            raise OptionsError(f"{generations} exists; give another --generations file, or --overwrite to replace it.")
+        args.task = "causal-lm"
+        options = _eval_options(args)
+        check_model_is_generative(options.model)
+        file_given = hasattr(args, "dataset") and Path(options.dataset).is_file()
+        data = load_eval_dataset(options, None, held_out=not file_given)
+        questions = held_out_questions(data, getattr(data, "source", options.dataset))
+        notice(f"answering {len(questions)} questions of {getattr(data, 'source', options.dataset)}")
+        model, tokenizer = load_trained(options.model, args.adapter, "causal-lm", quantization=options.quantize)
+        model = model.to(pick_device(options.device))
+        scores, rows = score_answers(model, tokenizer, questions, sampling, options.eval_batch_size, args.base)
+        write_generations(generations, rows, args.overwrite)
+        _print_json({**scores, "examples": len(questions), "max_new_tokens": sampling.max_new_tokens,
+                     "generations": str(generations)})
+        return 0
+
+
+#: ``peftlab eval --task generate``: score what the model answers (a causal LM), not its next-token loss.
+GENERATE_TASK = "generate"
+
+
+def add_generation_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """--task also takes ``generate``; its own flags."""
+    from peftlab.train.generation_eval import DEFAULT_EVAL_NEW_TOKENS
+
+    task = next(action for action in parser._actions if action.dest == "task")
+    task.choices = (*task.choices, GENERATE_TASK)
+    task.help += "; generate: a causal LM's greedy answers to the held-out rows, scored by normalised exact match and contains-answer"
+    group = parser.add_argument_group("--task generate")
+    group.add_argument("--max-new-tokens", type=int, default=DEFAULT_EVAL_NEW_TOKENS, metavar="N",
+                       help=f"tokens each answer may take (default: {DEFAULT_EVAL_NEW_TOKENS})")
+    group.add_argument("--generations", type=Path, metavar="FILE.jsonl",
+                       help="where to write the answers (default: generations.jsonl in the adapter's or model's folder, "
+                            "else here)")
+    group.add_argument("--overwrite", action="store_true", help="replace the --generations file if it exists")
+    group.add_argument("--base", action=argparse.BooleanOptionalAction, default=True,
+                       help="with --adapter: also score the base model with the adapter off (default: yes)")
+
+
+def _generations_path(args: argparse.Namespace) -> Path:
+    if args.generations is not None:
+        return args.generations
+    folder = args.adapter or (args.model if getattr(args, "model", None) and Path(args.model).is_dir() else ".")
+    return Path(folder) / "generations.jsonl"
 
 
 #: What ``eval`` takes from the training run (its metrics.json) unless given: the run's data and length.
