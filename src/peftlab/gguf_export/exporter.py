@@ -34,7 +34,7 @@ from peftlab.gguf_export.metadata import GGUFExportError, add_tokenizer_keys, co
 from peftlab.gguf_export.modelfile import modelfile
 from peftlab.gguf_export.names import LINEAR_FAMILIES, gguf_architecture, module_name
 from peftlab.gguf_export.readme import export_readme
-from peftlab.gguf_export.verify import REPORT_ONLY, TOLERANCES, ParityError, engine_parity, failures, load_prompts, peftlab_reference
+from peftlab.gguf_export.verify import ENGINE_SETTINGS, REPORT_ONLY, TOLERANCES, ParityError, engine_parity, failures, load_prompts, peftlab_reference
 from peftlab.gguf_export.writer import DTYPES, LORA_DTYPES, lora_tensors, model_tensors, write_lora_gguf, write_model_gguf
 
 MODES = ("lora", "merged")
@@ -88,7 +88,7 @@ def export_gguf(
         base = model.unload()
         trained = None
     else:
-        base = copy.deepcopy(model).unload() if verify or base_reader is not None else None
+        base = _plain_base(model) if verify or base_reader is not None else None
         trained = model.merge_and_unload()
         fidelity = f"exact: the {_method_label(model, adapter_name)} adapter merged into the base's weights" + (
             " (its dequantised 4-bit weights)" if quantized else "")
@@ -134,7 +134,7 @@ def export_gguf(
                 problems = failures(parity, tolerance)
                 result.parity = {**parity.as_dict(), "tolerance": tolerance_name, "passed": not problems,
                                  "engine": "llama.cpp via llama-cpp-python " + _llama_cpp_version(),
-                                 "kv_cache": "f32" if tolerance_name == "f32" else "f16 (llama.cpp's default)"}
+                                 "settings": ENGINE_SETTINGS.format(cache="f32" if tolerance_name == "f32" else "f16 (llama.cpp's default)")}
                 if problems:
                     culprit = diagnose.families(reference, base, factors if mode == "lora" else None, trained, config,
                                                 with_files, without_files, dtype, tokenizer_keys, Path(scratch))
@@ -206,6 +206,14 @@ def _lora_factors(model, adapter_name: str) -> tuple[dict[str, tuple[torch.Tenso
         path, _, kind = key[len(io.KEY_PREFIX):].rpartition(".lora_")
         factors.setdefault(path, [None, None])["AB".index(kind[0])] = tensor
     return {path: (a, b) for path, (a, b) in factors.items()}, export.summary()
+
+
+def _plain_base(model):
+    """A copy of the base model as the adapter found it: no update, original modules where copies were trained."""
+    plain = copy.deepcopy(model)
+    for _, trained_copy in plain.trained_copies():
+        trained_copy.disabled = True  # unload then keeps the original module, as disable_adapter runs it
+    return plain.unload()
 
 
 def _rank(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:

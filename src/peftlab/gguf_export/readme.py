@@ -44,7 +44,7 @@ def export_readme(result, tokenizer) -> str:
         p = result.parity
         lines += [
             "", "## Parity measured in llama.cpp", "",
-            f"{p['engine']}, KV cache {p['kv_cache']}, against the trained model in peftlab (float32), on the same token ids; "
+            f"{p['engine']} ({p['settings']}), against the trained model in peftlab (float32), on the same token ids; "
             f"tolerance: {p['tolerance']}; {'passed' if p['passed'] else 'FAILED'}.",
             "",
             "| measure | value |", "|---|---|",
