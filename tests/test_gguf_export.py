@@ -25,6 +25,7 @@ from peftlab.methods.lora import LoraConfig
 from tiny_models import perturb, tiny_gpt2
 
 HIDDEN = 64  # head_dim 32: a whole q8_0 block per row, and RoPE pairs to reorder
+PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.", "the quick brown fox", "O Romeo"]
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -200,7 +201,7 @@ def test_refusals(tokenizer, tmp_path, monkeypatch):
     assert (tmp_path / "full" / "x").read_text() == "keep me"
     monkeypatch.setattr(exporter, "llama_cpp_available", lambda: False)
     with pytest.raises(GGUFExportError, match="llama_cpp is not installed"):
-        export_gguf(lora, tokenizer, tmp_path / "b", verify=True)
+        export_gguf(lora, tokenizer, tmp_path / "b", verify=True, prompts=PROMPTS)
     saving = adapted("llama", tokenizer, LoraConfig(r=4, target_modules="all-linear", modules_to_save=["embed_tokens"]))
     with pytest.raises(GGUFExportError, match="modules_to_save.*--mode merged"):
         export_gguf(saving, tokenizer, tmp_path / "c", verify=False)
@@ -224,9 +225,9 @@ def llama_cpp():
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
 def test_lora_export_runs_in_llama_cpp_as_in_peftlab(kind, tokenizer, tmp_path, llama_cpp):
     model = adapted(kind, tokenizer)
-    result = export_gguf(model, tokenizer, tmp_path / "out", mode="lora", dtype="f32", verify=True)
+    result = export_gguf(model, tokenizer, tmp_path / "out", mode="lora", dtype="f32", verify=True, prompts=PROMPTS)
     p = result.parity
-    assert p["passed"] and p["top1_agreement"] == 1.0 and p["generations_identical"] == p["generations"] == 22
+    assert p["passed"] and p["top1_agreement"] == 1.0 and p["generations_identical"] == p["generations"] == len(PROMPTS)
     assert p["max_relative_logit_diff"] < 1e-4 and p["effect_relative_diff"] < 1e-3
     assert p["effect_top1_changed_engine"] == p["effect_top1_changed_peftlab"] > 0  # the adapter does something, in both
     assert p["tokenization_agree"] == p["tokenization_checked"]
@@ -238,10 +239,10 @@ def test_lora_export_runs_in_llama_cpp_as_in_peftlab(kind, tokenizer, tmp_path, 
 def test_merged_dora_and_q8_0_run_in_llama_cpp(tokenizer, tmp_path, llama_cpp):
     dora = adapted("llama", tokenizer, LoraConfig(r=4, target_modules="all-linear", use_dora=True,
                                                    modules_to_save=["embed_tokens"]))
-    p = export_gguf(dora, tokenizer, tmp_path / "f32", mode="merged", dtype="f32", verify=True).parity
+    p = export_gguf(dora, tokenizer, tmp_path / "f32", mode="merged", dtype="f32", verify=True, prompts=PROMPTS).parity
     assert p["passed"] and p["top1_agreement"] == 1.0 and p["generations_identical"] == p["generations"]
     lora = adapted("llama", tokenizer)
-    p = export_gguf(lora, tokenizer, tmp_path / "q8", mode="merged", dtype="q8_0", verify=True).parity
+    p = export_gguf(lora, tokenizer, tmp_path / "q8", mode="merged", dtype="q8_0", verify=True, prompts=PROMPTS).parity
     assert p["passed"] and p["tolerance"] == "q8_0" and p["top1_agreement"] > 0.9
 
 
@@ -257,5 +258,5 @@ def test_an_adapter_the_engine_reads_wrongly_fails_and_the_family_is_named(token
     monkeypatch.setattr(exporter, "lora_tensors", unpermuted)
     monkeypatch.setattr(diagnose, "lora_tensors", unpermuted)
     with pytest.raises(ParityError, match=r"families that differ: attn_[qk] .*attn_[qk] ") as error:
-        export_gguf(adapted("llama", tokenizer), tokenizer, tmp_path / "bad", verify=True)
+        export_gguf(adapted("llama", tokenizer), tokenizer, tmp_path / "bad", verify=True, prompts=PROMPTS)
     assert "ffn" not in str(error.value) and not (tmp_path / "bad").exists()

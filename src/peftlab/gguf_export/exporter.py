@@ -63,10 +63,11 @@ def llama_cpp_available() -> bool:
 def export_gguf(
     model, tokenizer, out: str | os.PathLike, *, mode: str = "lora", dtype: str = "f32",
     base_gguf: str | os.PathLike | None = None, verify: bool | None = None, prompts_file: str | os.PathLike | None = None,
-    reference_gguf: Path | None = None, adapter_name: str = "default",
+    reference_gguf: Path | None = None, adapter_name: str = "default", prompts: list[str] | None = None,
 ) -> GGUFExport:
     """Write the export folder ``out`` (which must not hold anything); see the module docstring.
-    ``reference_gguf``: a GGUF of the same base whose tokenizer keys to copy (the alias's original)."""
+    ``reference_gguf``: a GGUF of the same base whose tokenizer keys to copy (the alias's original);
+    ``prompts``: what --verify runs (default: the built-in set, plus ``prompts_file``'s lines)."""
     started = time.monotonic()
     out = Path(out)
     config = model.base_model.config
@@ -76,7 +77,7 @@ def export_gguf(
     base_reader = gguf.GGUFReader(base_gguf) if base_gguf is not None else None
     if mode == "lora":
         factors, fidelity = _lora_factors(model, adapter_name)
-    prompts = load_prompts(prompts_file) if verify else []
+    prompts = (prompts or load_prompts(prompts_file)) if verify else []
     reference = peftlab_reference(model, tokenizer, prompts) if verify else None
 
     quantized = any(type(m).__name__ == "Linear4bit" for m in model.modules())
