@@ -260,3 +260,21 @@ def test_an_adapter_the_engine_reads_wrongly_fails_and_the_family_is_named(token
     with pytest.raises(ParityError, match=r"families that differ: attn_[qk] .*attn_[qk] ") as error:
         export_gguf(adapted("llama", tokenizer), tokenizer, tmp_path / "bad", verify=True, prompts=PROMPTS)
     assert "ffn" not in str(error.value) and not (tmp_path / "bad").exists()
+
+
+def test_modelfile_translates_chatml_with_its_default_system_prompt(tokenizer):
+    from peftlab.gguf_export.modelfile import CHATML_TEMPLATE, modelfile
+
+    chat = copy.deepcopy(tokenizer)
+    chat.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    chat.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    text = modelfile(chat, {"model": "base.gguf", "adapter": "adapter.gguf"})
+    assert text.startswith("FROM ./base.gguf\nADAPTER ./adapter.gguf\n")
+    assert f'TEMPLATE """{CHATML_TEMPLATE}"""' in text and 'SYSTEM "Be brief."' in text
+    assert 'PARAMETER stop "<|endoftext|>"' in text and 'PARAMETER stop "<|im_end|>"' in text
+    plain = modelfile(tokenizer, {"model": "/abs/model.gguf"})
+    assert plain.startswith("FROM /abs/model.gguf\n# No TEMPLATE") and "ADAPTER" not in plain
