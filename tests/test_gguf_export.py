@@ -278,3 +278,21 @@ def test_modelfile_translates_chatml_with_its_default_system_prompt(tokenizer):
     assert 'PARAMETER stop "<|endoftext|>"' in text and 'PARAMETER stop "<|im_end|>"' in text
     plain = modelfile(tokenizer, {"model": "/abs/model.gguf"})
     assert plain.startswith("FROM /abs/model.gguf\n# No TEMPLATE") and "ADAPTER" not in plain
+
+
+def test_cli_export_to_gguf(tokenizer, tmp_path, capsys, monkeypatch):
+    from peftlab.cli import main
+
+    model_dir, adapter_dir = tmp_path / "model", tmp_path / "adapter"
+    model = adapted("llama", tokenizer)
+    tiny_decoder("llama", len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    model.save_pretrained(adapter_dir)
+    flags = ["export", "--to", "gguf", "--adapter", str(adapter_dir), "--model", str(model_dir), "--task", "causal-lm"]
+    assert main([*flags, "--out", str(tmp_path / "g"), "--no-verify"]) == 0
+    assert sorted(f.name for f in (tmp_path / "g").iterdir()) == ["Modelfile", "README.md", "adapter.gguf", "base.gguf"]
+    assert main([*flags, "--out", str(tmp_path / "g"), "--no-verify"]) == 2
+    assert "already holds something" in capsys.readouterr().err
+    monkeypatch.setattr(exporter, "llama_cpp_available", lambda: False)
+    assert main([*flags, "--out", str(tmp_path / "h"), "--verify"]) == 2
+    assert "llama_cpp is not installed" in capsys.readouterr().err and not (tmp_path / "h").exists()
