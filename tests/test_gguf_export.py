@@ -296,3 +296,5 @@ def test_cli_export_to_gguf(tokenizer, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(exporter, "llama_cpp_available", lambda: False)
     assert main([*flags, "--out", str(tmp_path / "h"), "--verify"]) == 2
     assert "llama_cpp is not installed" in capsys.readouterr().err and not (tmp_path / "h").exists()
+    assert main(["export", "--to", "lora", "--adapter", str(adapter_dir), "--out", str(tmp_path / "l"), "--dtype", "f16"]) == 2
+    assert "--dtype apply to --to gguf" in capsys.readouterr().err

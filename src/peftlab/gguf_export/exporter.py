@@ -17,7 +17,6 @@ import copy
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.assets import notice
-from peftlab.train.gguf_options import add_gguf_arguments, run_gguf_export
+from peftlab.train.gguf_options import add_gguf_arguments, refuse_gguf_flags, run_gguf_export
 from peftlab.train.options import OptionsError, TrainOptions, add_train_arguments, options_from_args
 
 SUMMARY_KEYS = ("eval_accuracy", "eval_loss", "eval_perplexity", "train_time_s", "peak_memory_mb",
@@ -157,6 +157,7 @@ class ExportCommand:
         out = _output_folder(args, "the exported adapter", "the export would replace the adapter it is made from")
         if args.to == "gguf":
             return run_gguf_export(args, out, _load_adapter_on_its_base(args, _quantization(args)))
+        refuse_gguf_flags(args)
         _, model, _ = _load_adapter_on_its_base(args, _quantization(args))
         export = build_lora_export(model, rank=args.rank, max_rank=args.max_rank)
         write_lora_export(export, out, metadata=saved_base_facts(model.base_model))

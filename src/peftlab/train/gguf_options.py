@@ -24,6 +24,19 @@ def add_gguf_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--verify-prompts", metavar="FILE", help="more prompts for --verify, one per line")
 
 
+GGUF_DEFAULTS = {"mode": "lora", "dtype": "f32", "base_gguf": None, "verify": None, "verify_prompts": None}
+
+
+def refuse_gguf_flags(args: argparse.Namespace) -> None:
+    """--to lora with a --to gguf flag: refused rather than ignored."""
+    from peftlab.train.options import OptionsError
+
+    given = [name for name, default in GGUF_DEFAULTS.items() if getattr(args, name) != default]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise OptionsError(f"{flags} apply to --to gguf; this export is --to {args.to}.")
+
+
 def run_gguf_export(args: argparse.Namespace, out: Path, loaded) -> int:
     from peftlab.assets import resolve_gguf
     from peftlab.gguf_export import export_gguf
