@@ -47,6 +47,8 @@ class MethodCase:
     loads_as: str | None = None
     #: The rank its files hold, as a multiple of the rank trained (Delta-LoRA saves the rank-2r LoRA it equals).
     saved_rank_factor: int = 1
+    #: Starts from every ``init_lora_weights`` of ``peftlab.methods.lora_init`` (PiSSA, OLoRA, LoftQ, ...), as its HF twin.
+    lora_inits: bool = False
 
     def config(self, rank: int = 4, **fields: Any) -> AdapterConfig:
         return make_method_config(self.name, **self.rank_fields(rank), **fields)
@@ -64,9 +66,10 @@ class MethodCase:
 
 
 METHOD_TABLE = [
-    MethodCase("lora", lambda fan_in, fan_out, r: r * (fan_in + fan_out)),
-    MethodCase("rslora", lambda fan_in, fan_out, r: r * (fan_in + fan_out), hf_fields={"use_rslora": True}),
-    MethodCase("dora", lambda fan_in, fan_out, r: r * (fan_in + fan_out) + fan_out, hf_fields={"use_dora": True}),
+    MethodCase("lora", lambda fan_in, fan_out, r: r * (fan_in + fan_out), lora_inits=True),
+    MethodCase("rslora", lambda fan_in, fan_out, r: r * (fan_in + fan_out), hf_fields={"use_rslora": True}, lora_inits=True),
+    MethodCase("dora", lambda fan_in, fan_out, r: r * (fan_in + fan_out) + fan_out, hf_fields={"use_dora": True},
+               lora_inits=True),
     # d_initial 1 (HF: 0.1): with the suites' perturbation (lambda_b ~ 0.1) VeRA then moves the logits as
     # much as LoRA does; at 0.1 it moves them ~10x less, below the 4-bit suites' quantization noise.
     MethodCase("vera", lambda fan_in, fan_out, r: fan_out + r, hf="VeraConfig", rank_fields=lambda r: {"r": r, "d_initial": 1.0}),
@@ -80,8 +83,8 @@ METHOD_TABLE = [
     MethodCase("dora_rank", lambda fan_in, fan_out, r: math.ceil(1.5 * r) * (fan_in + fan_out + 1), hf=None,
                rank_fields=lambda r: {"r": r, "lora_alpha": 2 * r, "total_step": 10}),
     MethodCase("lora_fa", lambda fan_in, fan_out, r: r * fan_out, frozen=("lora_A",),
-               stored_per_layer=lambda fan_in, fan_out, r: r * (fan_in + fan_out), loads_as="lora"),
-    MethodCase("loraplus", lambda fan_in, fan_out, r: r * (fan_in + fan_out)),  # LoRA + its optimizer groups
+               stored_per_layer=lambda fan_in, fan_out, r: r * (fan_in + fan_out), loads_as="lora", lora_inits=True),
+    MethodCase("loraplus", lambda fan_in, fan_out, r: r * (fan_in + fan_out), lora_inits=True),  # LoRA + its optimizer groups
     # K = 0: the weight moves from the first step, so every suite sees the moved-weight path; alpha 2r/3:
     # with λ = 2 the product counts (1+λ)·s, so the adapter then moves the logits as LoRA's (alpha 2r) does.
     MethodCase("delta_lora", lambda fan_in, fan_out, r: r * (fan_in + fan_out), hf=None,
@@ -94,3 +97,4 @@ METHOD_TABLE = [
 METHOD_CASES = {case.name: case for case in METHOD_TABLE}
 WITH_HF_TWIN = [case for case in METHOD_TABLE if case.hf is not None]
 ON_4BIT = [case for case in METHOD_TABLE if case.on_4bit]
+WITH_LORA_INITS = [case for case in METHOD_TABLE if case.lora_inits]

@@ -197,6 +197,7 @@ def fake_launch(monkeypatch):
         if run.run_name == state["interrupt_at"]:
             raise KeyboardInterrupt
         calls.append(run.run_name)
+        folder.mkdir(parents=True, exist_ok=True)  # what the child leaves: its run folder
         return ok_record(run)
 
     monkeypatch.setattr(runner, "launch", launch)

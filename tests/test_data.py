@@ -139,7 +139,8 @@ def test_hub_is_skipped_fast_when_unreachable(monkeypatch: pytest.MonkeyPatch, c
 
 
 def test_hub_comes_before_the_fallback(no_sst2, monkeypatch: pytest.MonkeyPatch) -> None:
-    hub = Table(["sentence", "label"], [Row({"sentence": "fine", "label": 1}, "hub row 0")], "the hub")
+    hub = Table(["sentence", "label"], [Row({"sentence": "fine", "label": 1}, "hub row 0"),
+                                        Row({"sentence": "dull", "label": 0}, "hub row 1")], "the hub")
     monkeypatch.setattr(sst2, "load_from_hub", lambda split: hub)
     assert load_dataset_spec("sst2", "train").source == "the hub"
 
@@ -264,7 +265,8 @@ def test_unknown_dataset_split_or_missing_split_file(tmp_path: Path) -> None:
 
 def test_a_one_row_file_cannot_hold_out_validation(tmp_path: Path) -> None:
     path = write(tmp_path / "one.csv", "text,label\na,1\n")
-    assert load_dataset_spec(path, "train").texts == ["a"]
+    with pytest.raises(DataError, match="every training example has the class '1'"):  # and one class cannot train
+        load_dataset_spec(path, "train")
     with pytest.raises(DataError, match="too few to hold out a validation split"):
         load_dataset_spec(path, "validation")
 

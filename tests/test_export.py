@@ -18,7 +18,7 @@ from method_table import METHOD_TABLE, MethodCase
 from peftlab import LoraConfig, get_peft_model
 from peftlab.export import SERVING_MAX_RANKS, ExportError, LossyExportWarning, build_lora_export
 from peftlab.methods import Method, register_method, unregister_method
-from peftlab.methods.adapter import Adapter
+from peftlab.adapter import Adapter
 from tiny_models import logits, max_diff, perturb, tiny_batch, tiny_bert_seq_cls, tiny_gpt2, tiny_llama
 
 ATOL = 1e-5

@@ -22,6 +22,7 @@ from peftlab.gguf_export.names import gguf_architecture, gguf_tensor_name, rope_
 from peftlab.gguf_export.writer import lora_tensors, model_tensors, write_lora_gguf, write_model_gguf
 from peftlab.gguf_export.metadata import add_tokenizer_keys
 from peftlab.methods.lora import LoraConfig
+from peftlab.output_folder import OutputFolderError
 from tiny_models import perturb, tiny_gpt2
 
 HIDDEN = 64  # head_dim 32: a whole q8_0 block per row, and RoPE pairs to reorder
@@ -196,7 +197,7 @@ def test_refusals(tokenizer, tmp_path, monkeypatch):
         export_gguf(lora, tokenizer, tmp_path / "a", mode="lora", dtype="q8_0", verify=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
-    with pytest.raises(GGUFExportError, match="already holds something"):
+    with pytest.raises(OutputFolderError, match="already holds something"):
         export_gguf(lora, tokenizer, tmp_path / "full", verify=False)
     assert (tmp_path / "full" / "x").read_text() == "keep me"
     monkeypatch.setattr(exporter, "llama_cpp_available", lambda: False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from pathlib import Path
 
 import peft
 import pytest
@@ -30,6 +31,7 @@ from peftlab import (
     prepare_model_for_kbit_training,
     set_peft_model_state_dict,
 )
+from peftlab.config import TASK_TYPES
 from peftlab.methods import register_method, unregister_method
 from peftlab.methods.lora import LoraMethod
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
@@ -53,6 +55,7 @@ def test_hf_peft_name_exists_in_peftlab(name):
 
 def test_task_type_values_are_hfs():
     assert {t.value for t in TaskType} == {t.value for t in peft.TaskType}
+    assert {t.value for t in TaskType} == set(TASK_TYPES)  # the names configs accept
     assert TaskType.CAUSAL_LM == "CAUSAL_LM" and LoraConfig(task_type=TaskType.SEQ_CLS).task_type == "SEQ_CLS"
 
 
@@ -254,6 +257,26 @@ def _trainer(model, out, eval_dataset=None, **args):
         logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, **args,
     )
     return Trainer(model=model, args=arguments, train_dataset=_lm_rows(), eval_dataset=eval_dataset)
+
+
+def test_importing_peftlab_patches_nothing_until_a_model_is_built():
+    """``import peftlab`` leaves transformers' Trainer and the import system alone; the first PeftModel
+    installs the Trainer support (checked in a fresh interpreter, since this one has built models)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, peftlab, transformers.trainer as t\n"
+        "from peftlab.hf_trainer import _PatchOnImport\n"
+        "hooked = lambda: any(isinstance(f, _PatchOnImport) for f in sys.meta_path)\n"
+        "print(hooked(), hasattr(t, '_peftlab_wrapped'))\n"
+        "from tiny_models import tiny_llama\n"
+        "peftlab.get_peft_model(tiny_llama(), peftlab.LoraConfig(r=2, target_modules=['q_proj']))\n"
+        "print(hooked(), hasattr(t, '_peftlab_wrapped'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent).stdout.split("\n")
+    assert out[:2] == ["False False", "True True"]
 
 
 def test_hf_trainer_writes_adapter_folders_and_resumes_from_them(tmp_path):

@@ -25,6 +25,8 @@ IDS = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
 def longlora(base=None, **fields) -> PeftModel:
+    if "target_length" not in fields:
+        fields.setdefault("rope_scale", 1.0)  # the model's own length, said explicitly as LongLoRA asks
     return get_peft_model(base if base is not None else tiny_llama(hidden=32), LongLoraConfig(task_type="CAUSAL_LM", **fields))
 
 

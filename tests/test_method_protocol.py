@@ -21,7 +21,8 @@ from peftlab.base import BaseLayerView
 from peftlab.config import AdapterConfig
 from peftlab.io import KEY_PREFIX
 from peftlab.methods import Method, UnsupportedBaseError, method_for, register_method, unregister_method
-from peftlab.methods.adapter import Adapter
+from peftlab.adapter import Adapter
+from peftlab.methods.capabilities import CAPABILITIES, hooks_of
 from peftlab.methods.lora import LoraMethod
 from peftlab.optim import make_optimizer
 from peftlab.train.options import OptionsError, TrainOptions
@@ -237,3 +238,77 @@ def test_lora_family_options_are_flags_from_the_methods():
     names = [f.name for f in dataclasses.fields(TrainOptions)]
     assert {"r", "lora_alpha", "lora_dropout"} <= set(names)
     assert TrainOptions(method="dora", r=4).adapter_options() == {"r": 4}
+
+
+def test_the_documented_call_order_names_every_hook_and_nothing_else():
+    """The module docstring's call order is the protocol a new method reads: it lists each public method of
+    ``Method`` and of each capability (marked with the capability's name), and no hook the code lacks."""
+    import inspect
+    import re
+
+    import peftlab.methods.method as protocol
+
+    order = protocol.__doc__.split("The core calls, in order")[1].split("\n\n", 2)[1]
+    documented = dict(re.findall(r"^ {8}(?:state = )?([a-z_]+)\(.*?\)\s+(?:\[([A-Za-z]+)\])?", order, flags=re.MULTILINE))
+    def public(cls: type) -> set[str]:
+        return {name for name, _ in inspect.getmembers(cls, inspect.isfunction) if not name.startswith("_")}
+    hooks = {name: "" for name in public(Method)}
+    for capability in CAPABILITIES:
+        hooks.update({name: capability.__name__ for name in hooks_of(capability)})
+    assert documented == hooks, (f"hooks missing from the docstring: {sorted(hooks.keys() - documented.keys())}; "
+                                 f"documented but not on Method: {sorted(documented.keys() - hooks.keys())}; "
+                                 f"capability marks: {documented} vs {hooks}")
+
+
+def test_a_method_with_part_of_a_capability_is_refused_at_registration():
+    """Defining set_rank without inference_ranks would be silently ignored (the core asks for the whole
+    capability), so registering such a method is an error that names the missing hook."""
+
+    class HalfRanks(LoraMethod):
+        def set_rank(self, model, adapter_name, rank):
+            pass
+
+    with pytest.raises(ValueError, match="RunsAtSeveralRanks capability but not inference_ranks"):
+        register_method(HalfRanks("half_ranks"))
+    assert "half_ranks" not in peftlab.methods.METHODS
+
+
+def test_each_capability_is_asked_of_the_methods_that_have_it():
+    from peftlab.methods.capabilities import MovesRankBudget, PatchesTheModel, RunsAtSeveralRanks
+
+    having = {capability: sorted(name for name, method in peftlab.methods.METHODS.items() if isinstance(method, capability))
+              for capability in CAPABILITIES}
+    assert having[RunsAtSeveralRanks] == ["dylora"]
+    assert having[MovesRankBudget] == ["adalora", "dora_rank"]
+    assert having[PatchesTheModel] == ["longlora"]
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="trains one fixed rank"):
+        model.set_rank(1)
+    assert model.rank_per_layer() is None
+
+
+def test_lora_variants_are_looked_up_from_their_own_files():
+    """DoRA and LoRA+ are declared in dora.py and loraplus.py (lora.py imports neither: the import contract);
+    a config turns them on, and two variants that each bring their own layer refuse to combine."""
+    from peftlab.methods import lora_variant
+    from peftlab.methods.dora import DoraAdapter, DoraVariant
+    from peftlab.methods.loraplus import LoraPlusVariant
+
+    config = LoraConfig(r=3, use_dora=True, loraplus_lr_ratio=16.0, target_modules=["q_proj"])
+    assert [type(v) for v in lora_variant.variants_of(config)] == [DoraVariant, LoraPlusVariant]
+    model = get_peft_model(tiny_llama(), config)
+    assert all(isinstance(a, DoraAdapter) for _, a in model.adapters_of("default"))
+    assert sorted({g["lr"] for g in model.method_of("default").param_groups(model, "default", 1e-3, 0.0)}) == [1e-3, 16e-3]
+
+    class OtherLayer(lora_variant.LoraVariant):
+        adapter_class = DoraAdapter
+
+        def applies(self, config):
+            return config.r == 3
+
+    other = lora_variant.register_lora_variant(OtherLayer())
+    try:
+        with pytest.raises(ValueError, match="cannot combine"):
+            get_peft_model(tiny_llama(), config)
+    finally:
+        lora_variant._VARIANTS.remove(other)

@@ -63,6 +63,7 @@ def launched(monkeypatch) -> list:
 
     def launch(run, folder, log):
         runs.append(run)
+        folder.mkdir(parents=True, exist_ok=True)  # what the child leaves: its run folder
         return stand_in_record(run)
 
     monkeypatch.setattr(runner, "launch", launch)

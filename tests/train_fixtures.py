@@ -92,5 +92,7 @@ def prompt_dir(tmp_path_factory) -> Path:
 def tiny_options(model_dir: Path, data_dir: Path, out: Path, **changes) -> TrainOptions:
     """Options for a run of a few steps on a tiny model, with no dropout unless asked."""
     values = dict(model=str(model_dir), dataset=str(data_dir), out=str(out), batch_size=8, epochs=1,
-                  lora_dropout=0.0, max_length=16, eval_batch_size=16, log_every=1)
+                  max_length=16, eval_batch_size=16, log_every=1)
+    if changes.get("method") != "full":  # full fine-tuning has no adapter dropout
+        values["lora_dropout"] = 0.0
     return TrainOptions(**{**values, **changes})

@@ -35,12 +35,15 @@ from huggingface_hub import constants as hub_constants
 from safetensors import SafetensorError
 from huggingface_hub import snapshot_download
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from peftlab.io import give_umask_modes
 
 CACHE_ENV = "PEFTLAB_CACHE"
 TASKS = ("seq-cls", "causal-lm")
@@ -130,9 +133,9 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    partial_dir.chmod(0o755)  # mkdtemp makes it private; a shared cache should be readable
     try:
         build(partial_dir)
+        give_umask_modes(partial_dir)  # mkdtemp and safetensors make private files; a shared cache should be readable
         try:
             partial_dir.rename(target)
         except OSError:
@@ -423,6 +426,19 @@ def load_tokenizer(name_or_path: str | Path, cache_dir: str | Path | None = None
     return _tokenizer_from(resolve_model(name_or_path, cache_dir), name_or_path)
 
 
+def _check_saved_head(source: Path | str, name_or_path: str | Path, num_labels: int) -> None:
+    """A saved classifier's head has its number of classes: loading it for another number is refused
+    here, in words, instead of by transformers' size-mismatch traceback."""
+    config = AutoConfig.from_pretrained(source)
+    is_classifier = any(name.endswith("ForSequenceClassification") for name in config.architectures or [])
+    if is_classifier and config.num_labels != num_labels:
+        classes = ", ".join(str(config.id2label[i]) for i in sorted(config.id2label))
+        raise AssetError(
+            f"{name_or_path} is a classifier whose saved head has {config.num_labels} classes ({classes}), but the "
+            f"data has {num_labels}; use data with those classes, or train from its base model for a new head."
+        )
+
+
 def load_model_and_tokenizer(
     name_or_path: str | Path,
     task: str,
@@ -443,6 +459,7 @@ def load_model_and_tokenizer(
     tokenizer = _tokenizer_from(source, name_or_path)
     try:
         if task == "seq-cls":
+            _check_saved_head(source, name_or_path, num_labels)
             model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)

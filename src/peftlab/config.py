@@ -8,6 +8,7 @@ the keys HF peft knows for that ``peft_type`` (peftlab-only fields stay out of t
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import types
@@ -16,6 +17,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
+
+from peftlab.io import CONFIG_NAME, atomic_write_text, read_adapter_config
 
 TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
@@ -78,7 +81,7 @@ class AdapterConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The adapter_config.json content: HF peft's keys only, sorted on write."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.peftlab_only_fields}
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in self.peftlab_only_fields}
         out["peft_type"] = self.peft_type
         return out
 
@@ -122,9 +125,6 @@ class AdapterConfig:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **_: Any) -> "AdapterConfig":
         """The config in a saved adapter folder, as the class its ``peft_type`` names (HF's ``PeftConfig.from_pretrained``)."""
-        from peftlab.io import read_adapter_config
-        from peftlab.methods import config_class_for
-
         folder = Path(pretrained_model_name_or_path) / (subfolder or "")
         data = read_adapter_config(folder)
         config_class = config_class_for(data["peft_type"], data)
@@ -134,11 +134,29 @@ class AdapterConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
         """Write adapter_config.json (atomically) into ``save_directory``."""
-        import json
-
-        from peftlab.io import CONFIG_NAME, atomic_write_text
-
         atomic_write_text(Path(save_directory) / CONFIG_NAME, json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _plain(value: Any) -> Any:
+    """A sub-config (HF's EvaConfig, CordaConfig: dataclasses) as the dict JSON holds, as HF writes it."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
+
+
+#: ``peft_type`` of adapter_config.json -> the config class its files load as (the method registry fills it).
+PEFT_TYPES: dict[str, type[AdapterConfig]] = {}
+#: peft_type -> config classes whose files are of that type plus their ``file_marker`` field.
+MARKED_CONFIG_CLASSES: dict[str, list[type[AdapterConfig]]] = {}
+
+
+def config_class_for(peft_type: str, saved: dict[str, Any] | None = None) -> type[AdapterConfig]:
+    """The config class that files of ``peft_type`` load as; with the ``saved`` adapter_config.json, a
+    class whose ``file_marker`` field the file holds (LongLoRA's LoRA files with their RoPE scale)."""
+    if peft_type not in PEFT_TYPES:
+        raise ValueError(
+            f"unknown peft_type {peft_type!r} in adapter_config.json; peftlab knows {', '.join(sorted(PEFT_TYPES))}."
+        )
+    marked = [cls for cls in MARKED_CONFIG_CLASSES.get(peft_type, []) if saved is not None and cls.file_marker in saved]
+    return marked[0] if marked else PEFT_TYPES[peft_type]
 
 
 def check_regex(what: str, pattern: str) -> None:

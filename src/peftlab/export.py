@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from peftlab import io
+from peftlab.methods.lora import LoraConfig
+from peftlab.methods.registry import name_of
 
 if TYPE_CHECKING:
     from peftlab.model import PeftModel
@@ -81,9 +83,6 @@ def build_lora_export(
 ) -> LoraExport:
     """The plain-LoRA config and tensors of one adapter, at ``rank`` (default: the adapter's own,
     exact) and within a serving engine's ``max_rank``."""
-    from peftlab.methods.lora import LoraConfig
-    from peftlab.methods.registry import name_of
-
     method = model.method_of(adapter_name)
     label = name_of(model.peft_config[adapter_name])
     marker = type(model.peft_config[adapter_name]).file_marker

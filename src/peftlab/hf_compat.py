@@ -15,20 +15,41 @@ from __future__ import annotations
 import enum
 import os
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 import torch
 from torch import nn
 
 from peftlab import io
-from peftlab.config import TASK_TYPES, AdapterConfig
-from peftlab.model import PeftModel, get_peft_model
+from peftlab.checkpointing import enable_activation_checkpointing
+from peftlab.config import AdapterConfig
+from peftlab.model import (  # the task classes are the model's; HF users import them from here
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: HF's name for the config base class.
 PeftConfig = AdapterConfig
 
-TaskType = enum.Enum("TaskType", {name: name for name in TASK_TYPES}, type=str, module=__name__)
-TaskType.__doc__ = "The task an adapter is trained for (``LoraConfig(task_type=TaskType.CAUSAL_LM)``), as HF's."
+class TaskType(str, enum.Enum):
+    """The task an adapter is trained for (``LoraConfig(task_type=TaskType.CAUSAL_LM)``), as HF's: the values
+    of ``peftlab.config.TASK_TYPES`` (a test holds the two equal)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
 class PeftTypeName(str):
@@ -68,45 +89,6 @@ class PeftType(metaclass=_PeftTypeRegistry):
 
 
 # -- the task classes ----------------------------------------------------------------------------
-
-
-class PeftModelForSequenceClassification(PeftModel):
-    """A PeftModel on a sequence classifier (``task_type="SEQ_CLS"``: the head trains in full)."""
-
-
-class PeftModelForCausalLM(PeftModel):
-    """A PeftModel on a causal language model (``task_type="CAUSAL_LM"``)."""
-
-
-class PeftModelForSeq2SeqLM(PeftModel):
-    """A PeftModel on an encoder-decoder language model (``task_type="SEQ_2_SEQ_LM"``)."""
-
-
-class PeftModelForTokenClassification(PeftModel):
-    """A PeftModel on a token classifier (``task_type="TOKEN_CLS"``)."""
-
-
-class PeftModelForQuestionAnswering(PeftModel):
-    """A PeftModel on an extractive question-answering model (``task_type="QUESTION_ANS"``)."""
-
-
-class PeftModelForFeatureExtraction(PeftModel):
-    """A PeftModel on an encoder used for its hidden states (``task_type="FEATURE_EXTRACTION"``)."""
-
-
-PEFT_MODEL_CLASSES: dict[str, type[PeftModel]] = {
-    "SEQ_CLS": PeftModelForSequenceClassification,
-    "CAUSAL_LM": PeftModelForCausalLM,
-    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
-    "TOKEN_CLS": PeftModelForTokenClassification,
-    "QUESTION_ANS": PeftModelForQuestionAnswering,
-    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
-}
-
-
-def peft_model_class(task_type: str | None) -> type[PeftModel]:
-    """The class ``get_peft_model`` returns for ``task_type`` (plain PeftModel when none is set)."""
-    return PEFT_MODEL_CLASSES.get(task_type or "", PeftModel)
 
 
 # -- AutoPeftModel -------------------------------------------------------------------------------
@@ -245,8 +227,8 @@ def inject_adapter_in_model(peft_config: AdapterConfig, model: nn.Module, adapte
 
 
 def prepare_model_for_kbit_training(
-    model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
-) -> nn.Module:
+    model: PreTrainedModel, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
+) -> PreTrainedModel:
     """Ready a 4-bit base (``peftlab.quant.quantize_model``) for adapter training, as HF does for
     bitsandbytes: freeze every parameter, keep the full-precision ones (norms, embeddings, heads)
     in float32 for stable training, and turn on gradient checkpointing with inputs that require
@@ -262,7 +244,5 @@ def prepare_model_for_kbit_training(
     quantized = any(isinstance(m, Linear4bit) for m in model.modules())
     if quantized and use_gradient_checkpointing:
         kwargs = {"use_reentrant": True, **(gradient_checkpointing_kwargs or {})}  # HF's default
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(kwargs)
-        model.enable_input_require_grads()
+        enable_activation_checkpointing(model, kwargs)
     return model

@@ -7,8 +7,10 @@ Why patches: transformers and TRL recognise PEFT models only as ``peft.PeftModel
 Without these wrappers the Trainer writes the whole model under peftlab's internal key names and
 on resume finds no weights it can load, and TRL puts its fused LM head on the PeftModel instead of
 on the transformers model inside it. Each wrapper handles a peftlab model and calls the original
-for any other. They are installed when the module is imported (or at once if it already is), so
-importing peftlab does not pay for importing the Trainer.
+for any other. :func:`install` puts them in place: ``PeftModel`` calls it when the first peftlab model is
+built, so ``import peftlab`` alone changes nothing in transformers or TRL, and a program that builds a
+peftlab model never pays for importing the Trainer either: each module is wrapped when it is imported
+(or at once if it already is). ``install`` may also be called by hand; it does its work once.
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ from typing import Any
 import torch
 
 from peftlab import io
+from peftlab.api_guard import require_trainable
 
 _MARK = "_peftlab_wrapped"
+#: The class the wrappers handle (peftlab's PeftModel), given to :func:`install`: this module sits below
+#: the model and imports nothing of it.
+_model_classes: tuple[type, ...] = ()
 
 
 def _peftlab_model(trainer: Any, model: Any = None) -> Any:
-    from peftlab.model import PeftModel
-
     unwrapped = trainer.accelerator.unwrap_model(model if model is not None else trainer.model, keep_torch_compile=False)
-    return unwrapped if isinstance(unwrapped, PeftModel) else None
+    return unwrapped if isinstance(unwrapped, _model_classes) else None
 
 
 def _load_adapters(model: Any, folder: str | os.PathLike) -> None:
@@ -88,8 +92,19 @@ def _wrap_load_best_model(original):
     return _load_best_model
 
 
+def _wrap_create_optimizer(original):
+    @functools.wraps(original)
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        # torch would say only "optimizer got an empty parameter list", not why
+        require_trainable(_peftlab_model(self) or self.model, "Trainer")
+        return original(self, *args, **kwargs)
+
+    return create_optimizer
+
+
 def _patch_trainer(module: Any) -> None:
     trainer = module.Trainer
+    trainer.create_optimizer = _wrap_create_optimizer(trainer.create_optimizer)
     trainer._save = _wrap_save(trainer._save)
     trainer._load_from_checkpoint = _wrap_load_from_checkpoint(trainer._load_from_checkpoint)
     trainer._load_best_model = _wrap_load_best_model(trainer._load_best_model)
@@ -98,10 +113,8 @@ def _patch_trainer(module: Any) -> None:
 def _wrap_add_fused_lm_head(original):
     @functools.wraps(original)
     def add_fused_lm_head(model: Any, *args: Any, **kwargs: Any) -> None:
-        from peftlab.model import PeftModel
-
         # As TRL does for an HF peft model: the head goes on the transformers model inside.
-        return original(model.get_base_model() if isinstance(model, PeftModel) else model, *args, **kwargs)
+        return original(model.get_base_model() if isinstance(model, _model_classes) else model, *args, **kwargs)
 
     return add_fused_lm_head
 
@@ -143,8 +156,12 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-def install() -> None:
-    """Patch the modules that are imported now, and the others as soon as they are."""
+def install(model_class: type) -> None:
+    """Make HF ``Trainer`` and TRL handle ``model_class`` (peftlab's PeftModel): patch the modules that
+    are imported now, and the others as soon as they are."""
+    global _model_classes
+    if model_class not in _model_classes:
+        _model_classes = (*_model_classes, model_class)
     for name in _PATCHES:
         if name in sys.modules:
             _patch(sys.modules[name])

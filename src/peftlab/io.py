@@ -38,7 +38,7 @@ def adapter_dir(directory: str | os.PathLike, adapter_name: str) -> Path:
     return Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
 
 
-Writer = Callable[[str], None]
+Writer = Callable[[str], object]  # what it returns is not used
 
 
 class DiskFullError(OSError):
@@ -47,19 +47,22 @@ class DiskFullError(OSError):
 
 def is_disk_full(error: BaseException) -> bool:
     # safetensors reports the OS error inside its own exception type, as text.
+    if isinstance(error, DiskFullError):
+        return True
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return "No space left on device" in str(error) or "StorageFull" in str(error)
 
 
 @contextmanager
-def explain_disk_full(what: str) -> Iterator[None]:
+def explain_disk_full(what: str, restate: bool = False) -> Iterator[None]:
     """A full disk inside the block becomes a DiskFullError: "disk full while ``what``", and what to do.
-    Any exception is judged by :func:`is_disk_full` (safetensors reports a full disk in its own type)."""
+    Any exception is judged by :func:`is_disk_full` (safetensors reports a full disk in its own type).
+    ``restate``: a DiskFullError from an inner block gets this message too (what was kept is said here)."""
     try:
         yield
     except Exception as error:
-        if is_disk_full(error) and not isinstance(error, DiskFullError):
+        if is_disk_full(error) and (restate or not isinstance(error, DiskFullError)):
             raise DiskFullError(f"disk full while {what}. Free space on that disk, or write elsewhere.") from error
         raise
 
@@ -71,8 +74,8 @@ def _stage(path: Path, write: Writer) -> str:
     os.close(fd)
     with explain_disk_full(f"writing {path}: nothing was replaced there"):
         try:
-            os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; the file gets what open() would give it
             write(tmp)
+            give_umask_modes(Path(tmp))  # mkstemp makes 0600, and safetensors recreates the file 0600
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         except BaseException:
@@ -85,6 +88,16 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def give_umask_modes(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the permissions ``open``/``mkdir``
+    would give under the umask: temporary files and folders are private, and writers such as
+    safetensors' create their files 0600, which a server running as another user cannot read."""
+    mask = _current_umask()
+    for item in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 def _keep_previous(path: Path) -> str:
@@ -178,7 +191,10 @@ def write_adapter(
 def read_adapter_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: is this a directory written by save_pretrained?")
+        from peftlab.adapter_errors import not_an_adapter
+
+        raise FileNotFoundError(not_an_adapter(directory) + "." if not_an_adapter(directory) else
+                                f"no {CONFIG_NAME} in {directory}: is this a directory written by save_pretrained?")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -193,6 +209,8 @@ def read_adapter_metadata(directory: Path) -> dict[str, str]:
     from safetensors import safe_open
 
     path = directory / WEIGHTS_NAME
+    if not path.is_file() and not (directory / CONFIG_NAME).is_file():
+        read_adapter_config(directory)  # says what the folder is instead
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})

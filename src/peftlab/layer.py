@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, cast
 
 import torch
 from torch import nn
 
 from peftlab.base import BaseLayerView, base_view
-from peftlab.methods.adapter import Adapter
+from peftlab.adapter import Adapter
 
 BASE_ROW = "__base__"
 
@@ -55,6 +55,10 @@ class AdaptedLayer(nn.Module):
     def add(self, name: str, adapter: Adapter) -> None:
         self.adapters[name] = adapter
 
+    def adapter(self, name: str) -> Adapter:
+        """The adapter called ``name`` (typed: ``nn.ModuleDict`` returns a plain Module)."""
+        return cast(Adapter, self.adapters[name])
+
     def remove(self, name: str) -> None:
         if name in self.merged:
             raise RuntimeError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it.")
@@ -65,13 +69,13 @@ class AdaptedLayer(nn.Module):
         view = self.view
         for name in names:
             if name in self.adapters and name not in self.merged:
-                self.adapters[name].merge(view)
+                self.adapter(name).merge(view)
                 self.merged.append(name)
 
     def unmerge(self) -> None:
         view = self.view
         while self.merged:  # last merged first, so each unmerge sees the weight it was merged into
-            self.adapters[self.merged.pop()].unmerge(view)
+            self.adapter(self.merged.pop()).unmerge(view)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         rows = None if self.disabled else _row_adapters.get()
@@ -79,10 +83,9 @@ class AdaptedLayer(nn.Module):
         view = self.view
         if len(names) == 1 and rows is None and not args and not kwargs:
             # The common training case: one adapter; let it run base and adapter as one node.
-            fused = getattr(self.adapters[names[0]], "fused_forward", None)
-            out = fused(x, view) if fused is not None else None
-            if out is not None:
-                return out
+            fused = self.adapter(names[0]).fused_forward(x, view)
+            if fused is not None:
+                return fused
         out = self.base_layer(x, *args, **kwargs)
         if rows is not None:
             return self._forward_mixed(x, out, rows)

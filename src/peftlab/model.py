@@ -13,7 +13,6 @@ Method names and behaviour follow HF peft so users can switch by changing an imp
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import json
 import os
@@ -23,14 +22,24 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from peftlab import io
+from peftlab import hf_trainer, io
+from peftlab.adapter_errors import on_its_own_base
 from peftlab.base import BaseLayerView, Conv1DView, LossyMergeWarning, base_view
+from peftlab.checkpointing import enable_activation_checkpointing
 from peftlab.config import SEQ_CLS_HEAD_NAMES, AdapterConfig
+from peftlab.export import build_lora_export, write_lora_export
 from peftlab.hooks import TrainingProgress
 from peftlab.layer import BASE_ROW, AdaptedLayer, rows_use_adapters
 from peftlab.methods import Method, config_class_for, method_for
-from peftlab.methods.adapter import Adapter
-from peftlab.modules_to_save import TrainedCopy
+from peftlab.methods.capabilities import MovesRankBudget, PatchesTheModel, RunsAtSeveralRanks
+from peftlab.adapter import Adapter
+from peftlab.modules_to_save import (
+    TrainedCopy,
+    check_tied_tensors_agree,
+    embedding_weights,
+    tie_output_embedding_copy,
+    warn_untied_embedding,
+)
 from peftlab.targets import ALL_LINEAR, expand_all_linear, select_targets
 
 
@@ -40,8 +49,11 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 class PeftModel(nn.Module):
+    base_model: Any  # the transformers model (or any nn.Module): its own methods (generate, ...) are called
+
     def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
         super().__init__()
+        hf_trainer.install(PeftModel)  # HF Trainer / TRL save and resume peftlab models (not done on import)
         self.base_model = model
         self.peft_config: dict[str, AdapterConfig] = {}
         # Model-level state of methods that have some (Method.inject), by adapter name.
@@ -68,7 +80,7 @@ class PeftModel(nn.Module):
         """``(module path, adapter)`` of every layer that ``adapter_name`` adapts."""
         for path, layer in self.adapted_layers():
             if adapter_name in layer.adapters:
-                yield path, layer.adapters[adapter_name]
+                yield path, layer.adapter(adapter_name)
 
     def adapter_parameters(self, adapter_name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """The per-layer parameters of one adapter, named by module path (trainable or not)."""
@@ -107,7 +119,8 @@ class PeftModel(nn.Module):
         if not adapter_name or "." in adapter_name or adapter_name == BASE_ROW:
             raise ValueError(f"invalid adapter name {adapter_name!r}: use a non-empty name without '.', not {BASE_ROW!r}.")
         method = method_for(config)
-        method.check_model(self, config)
+        if isinstance(method, PatchesTheModel):
+            method.check_model(self, config)
         if config.target_modules is None:
             config = config.replace(target_modules=_default_targets(self.base_model, config))
         if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
@@ -154,9 +167,9 @@ class PeftModel(nn.Module):
             for path in paths:
                 self._trained_copy_at(path).add(adapter_name)
         if getattr(config, "ensure_weight_tying", False):
-            self._tie_output_embedding_copy(adapter_name)
+            tie_output_embedding_copy(self.base_model, adapter_name, self._trained_copy_at)
         else:
-            self._warn_untied_embedding(adapter_name, config)
+            warn_untied_embedding(self.base_model, adapter_name, config)
 
     def _trained_copy_at(self, path: str) -> TrainedCopy:
         module = self.base_model.get_submodule(path)
@@ -164,49 +177,6 @@ class PeftModel(nn.Module):
             module = TrainedCopy(module)
             _set_module(self.base_model, path, module)
         return module
-
-    def _tie_output_embedding_copy(self, adapter_name: str) -> None:
-        """HF's ``ensure_weight_tying``: where the model ties its output embedding to its input embedding
-        and the input embedding trains as a copy, the output layer gets a copy holding that same trained
-        tensor, so the two stay one (in training, in the files, and after merge_and_unload)."""
-        get_input = getattr(self.base_model, "get_input_embeddings", None)
-        get_output = getattr(self.base_model, "get_output_embeddings", None)
-        inputs, outputs = (get_input() if get_input else None), (get_output() if get_output else None)
-        if not isinstance(inputs, TrainedCopy) or adapter_name not in inputs.copies or outputs is None:
-            return
-        original = outputs.original_module if isinstance(outputs, TrainedCopy) else outputs
-        if getattr(original, "weight", None) is not inputs.original_module.weight:
-            return  # not tied: nothing to keep together
-        path = next(p for p, m in self.base_model.named_modules() if m is outputs)
-        copy = self._trained_copy_at(path)
-        if adapter_name in copy.copies:
-            copy.remove(adapter_name)
-        copy.add(adapter_name, weight=inputs.copies[adapter_name].weight)
-
-    def _warn_untied_embedding(self, adapter_name: str, config: AdapterConfig) -> None:
-        """HF peft's warning (peft#2777): the model ties its output embedding to its input embedding and the
-        adapter trains one of them (``modules_to_save``) or adapts it (``target_modules``) without the other,
-        so after training they differ -- no longer the tied pair the base model was."""
-        get_input = getattr(self.base_model, "get_input_embeddings", None)
-        get_output = getattr(self.base_model, "get_output_embeddings", None)
-        ends = [get() if get else None for get in (get_input, get_output)]
-        if any(end is None for end in ends):
-            return
-        inputs, outputs = (_unwrapped(end) for end in ends)
-        if getattr(outputs, "weight", None) is not getattr(inputs, "weight", object()):
-            return  # not tied
-        tied = [path for path, module in self.base_model.named_modules() if module in ends and _holds(module, adapter_name)]
-        if not tied:
-            return
-        remedy = ("set ensure_weight_tying=True to keep them one" if hasattr(config, "ensure_weight_tying")
-                  else f"{config.peft_type} has no ensure_weight_tying to keep them one")
-        warnings.warn(
-            f"The model ties its output embedding to its input embedding (tie_word_embeddings=True) and adapter "
-            f"{adapter_name!r} trains or adapts {' and '.join(tied)} on its own, so the two will differ after "
-            f"training (a problem when merging the adapter or converting the model to other formats); {remedy}. "
-            "See https://github.com/huggingface/peft/issues/2777",
-            stacklevel=4,
-        )
 
     def _remove_adapter_modules(self, adapter_name: str) -> None:
         if adapter_name in self.peft_config:
@@ -256,7 +226,8 @@ class PeftModel(nn.Module):
         """Only the active adapters (and their trained copies) train, unless loaded for inference;
         within an adapter, only what ``Adapter.trainable_parameters()`` declares."""
         for _, layer in self.adapted_layers():
-            for name, adapter in layer.adapters.items():
+            for name in layer.adapters:
+                adapter = layer.adapter(name)
                 adapter.requires_grad_(False)
                 if name in self.active_adapters and not self.peft_config[name].inference_mode:
                     for param in adapter.trainable_parameters():
@@ -300,7 +271,9 @@ class PeftModel(nn.Module):
         """The plain model with merged adapters kept and unmerged ones dropped."""
         for name in self.peft_config:
             state = self.method_state[name] if name in self.method_state else None
-            self.method_of(name).unload(self, name, state)
+            method = self.method_of(name)
+            if isinstance(method, PatchesTheModel):
+                method.unload(self, name, state)
         for path, layer in list(self.adapted_layers()):
             _set_module(self.base_model, path, layer.base_layer)
         for path, copy in list(self.trained_copies()):
@@ -354,19 +327,8 @@ class PeftModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
-        """As the base model's, plus inputs that require grad so adapters get gradients.
-
-        Reentrant checkpointed blocks recompute only when their input needs grad; with a frozen
-        embedding it does not, and the adapters would silently get no gradient.
-        """
-        # transformers 5 renamed it; the old name is a deprecated alias there.
-        renamed = getattr(self.base_model, "activation_checkpointing_enable", None)
-        if renamed is not None:
-            renamed(gradient_checkpointing_kwargs, **kwargs)
-        else:
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
-        if hasattr(self.base_model, "enable_input_require_grads"):
-            self.base_model.enable_input_require_grads()
+        """As the base model's, plus inputs that require grad so adapters get gradients (:mod:`peftlab.checkpointing`)."""
+        enable_activation_checkpointing(self.base_model, gradient_checkpointing_kwargs, **kwargs)
 
     def update_and_allocate(self, global_step: int) -> None:
         """HF's call for custom training loops (AdaLoRA's name): after ``optimizer.step()`` and before
@@ -385,13 +347,20 @@ class PeftModel(nn.Module):
         """Run the adapter (default: the active one) at ``rank``, for methods trained to work at
         several ranks (DyLoRA: any ``1 <= rank <= r``); the others refuse."""
         name = adapter_name or self.active_adapter
-        self.method_of(name).set_rank(self, name, rank)
+        method = self.method_of(name)
+        if not isinstance(method, RunsAtSeveralRanks):
+            raise ValueError(
+                f"set_rank: the {method.name} method trains one fixed rank; only methods trained to work at several "
+                "ranks (dylora) can change it after training."
+            )
+        method.set_rank(self, name, rank)
 
     def rank_per_layer(self, adapter_name: str | None = None) -> dict[str, int] | None:
         """``{module path: live rank}`` for methods that move their rank budget between layers
         (AdaLoRA, dora_rank); None for a fixed rank."""
         name = adapter_name or self.active_adapter
-        return self.method_of(name).rank_per_layer(self, name)
+        method = self.method_of(name)
+        return method.rank_per_layer(self, name) if isinstance(method, MovesRankBudget) else None
 
     # -- parameters ------------------------------------------------------------------------------
 
@@ -453,6 +422,8 @@ class PeftModel(nn.Module):
         (error warned and written in the README); ``max_rank`` is the engine's rank limit."""
         if not safe_serialization:
             raise ValueError("save_pretrained(safe_serialization=False): peftlab writes safetensors only (no pickle files); drop the argument.")
+        # HF's argument: write a PiSSA/OLoRA adapter as the rank-2r LoRA of the unmodified base (lora_init/conversion.py).
+        initial_dir = kwargs.pop("path_initial_model_for_weight_conversion", None)
         _warn_ignored(kwargs)
         if not is_main_process:
             return
@@ -465,18 +436,19 @@ class PeftModel(nn.Module):
             self._check_known(name)
         exported = [name for name in names if as_lora or self.method_of(name).saves_as_lora]
         if exported:
-            from peftlab.export import build_lora_export, write_lora_export
-
             # Every adapter is checked before anything is written: a refusal leaves the folder as it was.
             exports = {name: build_lora_export(self, name, rank, max_rank) for name in exported}
             for name, export in exports.items():
                 write_lora_export(export, save_directory, name, saved_base_facts(self.base_model))
         for name in names:
-            if name not in exported:
-                io.write_adapter(
-                    io.adapter_dir(save_directory, name), self._config_to_save(name), self.adapter_state_dict(name),
-                    saved_base_facts(self.base_model),
-                )
+            if name in exported:
+                continue
+            config, tensors = self._config_to_save(name), self.adapter_state_dict(name)
+            if initial_dir is not None:
+                from peftlab.methods.lora_init.conversion import converted_for_original_base
+
+                config, tensors = converted_for_original_base(self, name, initial_dir, config)
+            io.write_adapter(io.adapter_dir(save_directory, name), config, tensors, saved_base_facts(self.base_model))
 
     @classmethod
     def from_pretrained(
@@ -490,11 +462,10 @@ class PeftModel(nn.Module):
         config = load_config(model_id, is_trainable, config)
         check_task(config, model, f"adapter in {model_id}")
         if cls is PeftModel:  # as HF: the task's class, e.g. PeftModelForCausalLM
-            from peftlab.hf_compat import peft_model_class
-
             cls = peft_model_class(config.task_type)
-        peft_model = cls(model, config, adapter_name)
-        peft_model._load_weights(model_id, adapter_name)
+        with on_its_own_base(config, model, f"adapter in {model_id}"):
+            peft_model = cls(model, config, adapter_name)
+            peft_model._load_weights(model_id, adapter_name)
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any) -> None:
@@ -516,7 +487,7 @@ class PeftModel(nn.Module):
         saved = method.rename_saved_keys(saved)
         expected = self.adapter_state_dict(adapter_name)
         # HF saves the full embedding weights along with an adapter on an embedding (save_embedding_layers): load them too.
-        expected.update({k: v for k, v in self._embedding_weights().items() if k in saved and k not in expected})
+        expected.update({k: v for k, v in embedding_weights(self.base_model).items() if k in saved and k not in expected})
         missing = sorted(set(expected) - set(saved))
         unexpected = sorted(set(saved) - set(expected))
         if missing or unexpected:
@@ -535,51 +506,13 @@ class PeftModel(nn.Module):
                 )
             if saved[key].is_floating_point() and not torch.isfinite(saved[key]).all():
                 raise ValueError(f"{source} holds NaN or infinite values in {key}: the adapter is broken; retrain it or restore a good copy.")
-        _check_tied_tensors_agree(expected, saved, source)
+        check_tied_tensors_agree(expected, saved, source)
         own = method.export_tensors(self, adapter_name)
         method.load_tensors(self, adapter_name, {key: saved[key] for key in own})
         with torch.no_grad():  # trained copies and embedding weights: plain parameters
             for key, tensor in expected.items():
                 if key not in own:
                     tensor.copy_(saved[key].to(tensor.dtype))
-
-    def _embedding_weights(self) -> dict[str, torch.Tensor]:
-        """The input and output embedding weights under the keys HF peft saves them with."""
-        weights = {}
-        for getter in ("get_input_embeddings", "get_output_embeddings"):
-            layer = getattr(self.base_model, getter, lambda: None)()
-            path = next((p for p, m in self.base_model.named_modules() if m is layer), None) if layer is not None else None
-            if path is not None:
-                inner = f"{path}.base_layer" if isinstance(layer, AdaptedLayer) else path
-                weights[f"{io.KEY_PREFIX}{inner}.weight"] = self.base_model.get_submodule(inner).weight
-        return weights
-
-
-def _unwrapped(module: nn.Module) -> nn.Module:
-    """The base model's own module under a trained copy or an adapted layer."""
-    if isinstance(module, TrainedCopy):
-        return module.original_module
-    return module.base_layer if isinstance(module, AdaptedLayer) else module
-
-
-def _holds(module: nn.Module, adapter_name: str) -> bool:
-    """Whether ``module`` trains a copy for, or is adapted by, ``adapter_name``."""
-    if isinstance(module, TrainedCopy):
-        return adapter_name in module.copies
-    return isinstance(module, AdaptedLayer) and adapter_name in module.adapters
-
-
-def _check_tied_tensors_agree(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], source: str) -> None:
-    """Keys that are one tensor in the model (a tied embedding and output layer) must hold one value in
-    the file; otherwise whichever loaded last would win, silently."""
-    first_key: dict[int, str] = {}
-    for key, tensor in expected.items():
-        other = first_key.setdefault(id(tensor), key)
-        if other != key and not torch.equal(saved[other], saved[key]):
-            raise ValueError(
-                f"{source}: {other} and {key} are one tied tensor in this model but differ in the file; it was "
-                "saved from a model whose embeddings were not tied. Load it on an untied base, or re-save it tied."
-            )
 
 
 @contextlib.contextmanager
@@ -588,7 +521,7 @@ def _one_warning_for_lossy_layers(action: str) -> Iterator[None]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
-    lossy = [w.message for w in caught if issubclass(w.category, LossyMergeWarning)]
+    lossy = [w.message for w in caught if isinstance(w.message, LossyMergeWarning)]
     for w in caught:
         if not issubclass(w.category, LossyMergeWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
@@ -645,14 +578,28 @@ def load_config(model_id: str | os.PathLike, is_trainable: bool = False, config:
 def get_peft_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default", **_: Any) -> PeftModel:
     """Wrap ``model`` with a new trainable adapter; the base model's parameters are frozen. The
     result is the task's class (``PeftModelForCausalLM`` for ``task_type="CAUSAL_LM"``), as in HF."""
-    from peftlab.hf_compat import peft_model_class
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"get_peft_model needs a torch model (an nn.Module, e.g. from AutoModel.from_pretrained), got {type(model).__name__}.")
     if not isinstance(config, AdapterConfig):
         hint = " Build one from the dict: LoraConfig(**d)." if isinstance(config, dict) else ""
         raise TypeError(f"get_peft_model needs a peftlab config such as LoraConfig(...), got {type(config).__name__}.{hint}")
+    _refuse_stacked_adapters(model)
     return peft_model_class(config.task_type)(model, config, adapter_name)
+
+
+def _refuse_stacked_adapters(model: nn.Module) -> None:
+    if isinstance(model, PeftModel):
+        names = ", ".join(model.peft_config)
+        raise ValueError(
+            f"get_peft_model was given a PeftModel, which already carries the adapter(s) {names}; wrapping it again "
+            "would stack adapters in a model no folder can load back. Add another adapter with "
+            "model.add_adapter(name, config), or start from the base: get_peft_model(model.unload(), config)."
+        )
+    if any(isinstance(module, AdaptedLayer) for module in model.modules()):
+        raise ValueError(
+            "get_peft_model was given the base model of a PeftModel (its layers already carry adapters); pass the "
+            "PeftModel's add_adapter(name, config) instead, or unload() it first for a clean base."
+        )
 
 
 def saved_base_facts(model: nn.Module) -> dict[str, str]:
@@ -718,15 +665,13 @@ def check_adapter_fits_in_memory(method: Method, config: AdapterConfig, targets:
 
 def _warn_ignored(kwargs: dict[str, Any]) -> None:
     # HF arguments peftlab has no use for; a value that asks for something is named, never dropped silently.
-    inert = {"save_embedding_layers": "auto", "state_dict": None, "push_to_hub": False, "convert_pissa_to_lora": None,
-             "path_initial_model_for_weight_conversion": None}
+    inert = {"save_embedding_layers": "auto", "state_dict": None, "push_to_hub": False, "convert_pissa_to_lora": None}
     asked = [k for k, v in kwargs.items() if k != "state_dict" and inert.get(k, object()) != v]
     if asked:
         warnings.warn(f"save_pretrained: peftlab ignores {', '.join(asked)}; it writes the adapter files only.", stacklevel=3)
 
 
-@functools.lru_cache(maxsize=None)
-def _class_with_signature(peft_class: type, base_class: type) -> type:
+def _class_with_signature(peft_class: type, base_class: type[nn.Module]) -> type:
     base_sig = inspect.signature(base_class.forward)
     params = list(base_sig.parameters.values())
     names = {p.name for p in params}
@@ -738,7 +683,7 @@ def _class_with_signature(peft_class: type, base_class: type) -> type:
     def forward(self, *args, adapter_names=None, **kwargs):
         return peft_class.forward(self, *args, adapter_names=adapter_names, **kwargs)
 
-    forward.__signature__ = base_sig.replace(parameters=params)
+    setattr(forward, "__signature__", base_sig.replace(parameters=params))  # what inspect.signature reports
     name = f"{peft_class.__name__}For{base_class.__name__}"
     namespace = {"forward": forward, "_signature_of": base_class, "__module__": peft_class.__module__, "__qualname__": name}
     return type(name, (peft_class,), namespace)
@@ -747,4 +692,52 @@ def _class_with_signature(peft_class: type, base_class: type) -> type:
 def _class_with_signature_of(peft_class: type, model: nn.Module) -> type:
     if getattr(peft_class, "_signature_of", None) is type(model):
         return peft_class
-    return _class_with_signature(peft_class, type(model))
+    key = (peft_class, type(model))
+    if key not in _SIGNATURE_CLASSES:
+        _SIGNATURE_CLASSES[key] = _class_with_signature(*key)
+    return _SIGNATURE_CLASSES[key]
+
+
+#: One subclass per (PeftModel class, base model class), made once.
+_SIGNATURE_CLASSES: dict[tuple[type, type[nn.Module]], type] = {}
+
+
+# -- the task classes (HF's names): get_peft_model and from_pretrained return the task's ----------------
+
+class PeftModelForSequenceClassification(PeftModel):
+    """A PeftModel on a sequence classifier (``task_type="SEQ_CLS"``: the head trains in full)."""
+
+
+class PeftModelForCausalLM(PeftModel):
+    """A PeftModel on a causal language model (``task_type="CAUSAL_LM"``)."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """A PeftModel on an encoder-decoder language model (``task_type="SEQ_2_SEQ_LM"``)."""
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """A PeftModel on a token classifier (``task_type="TOKEN_CLS"``)."""
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """A PeftModel on an extractive question-answering model (``task_type="QUESTION_ANS"``)."""
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """A PeftModel on an encoder used for its hidden states (``task_type="FEATURE_EXTRACTION"``)."""
+
+
+PEFT_MODEL_CLASSES: dict[str, type[PeftModel]] = {
+    "SEQ_CLS": PeftModelForSequenceClassification,
+    "CAUSAL_LM": PeftModelForCausalLM,
+    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
+    "TOKEN_CLS": PeftModelForTokenClassification,
+    "QUESTION_ANS": PeftModelForQuestionAnswering,
+    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
+}
+
+
+def peft_model_class(task_type: str | None) -> type[PeftModel]:
+    """The class ``get_peft_model`` returns for ``task_type`` (plain PeftModel when none is set)."""
+    return PEFT_MODEL_CLASSES.get(task_type or "", PeftModel)

@@ -3,8 +3,7 @@
     optimizer = make_optimizer(model, "adamw", lr=1e-3, weight_decay=0.01)
     scheduler = make_scheduler(optimizer, "cosine", total_steps=1000, warmup_steps=60)
 
-Weight decay goes only to matrices: biases, norms and vectors such as DoRA's magnitude are
-left undecayed, as in BERT's and HF Trainer's recipes. A method may group its adapter's tensors
+Weight decay goes only to matrices (:mod:`peftlab.weight_decay`). A method may group its adapter's tensors
 itself (``Method.param_groups``), e.g. with their own learning rates. Every schedule is a pure function of the
 step, so a resumed run continues exactly where the saved one stopped.
 """
@@ -17,22 +16,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from peftlab.api_guard import require_trainable
+from peftlab.weight_decay import decay_groups
+
 #: bitsandbytes' 8-bit AdamW (optimizer state in 8 bits; "paged" moves it to CPU memory under GPU
 #: memory pressure), by our name -> its class in ``bitsandbytes.optim``. Their kernels are CUDA only.
 CUDA_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
 OPTIMIZERS = ("adamw", "sgd", *CUDA_OPTIMIZERS)
 SCHEDULERS = ("constant", "linear", "cosine")
-
-
-def decay_groups(named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float) -> list[dict]:
-    """Matrices decayed, the rest (biases, norms, vectors) not; empty groups left out."""
-    decayed = [p for _, p in named if p.ndim >= 2]
-    undecayed = [p for _, p in named if p.ndim < 2]
-    groups = [
-        {"params": decayed, "lr": lr, "weight_decay": weight_decay},
-        {"params": undecayed, "lr": lr, "weight_decay": 0.0},
-    ]
-    return [group for group in groups if group["params"]]
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
@@ -56,6 +47,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
 def make_optimizer(
     model: nn.Module, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9
 ) -> torch.optim.Optimizer:
+    require_trainable(model, f"an {name} optimizer")
     groups = param_groups(model, lr, weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, fused=_fused_adamw_applies(groups) or None)

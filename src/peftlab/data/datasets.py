@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 from transformers import PreTrainedTokenizerBase
 
 from ..assets import TASKS, TEXT_ALIASES
+from .checks import check_training_classes, checked_texts
 from .errors import DataError
 from .files import Row, Table, expected_split_files, read_table, split_files
 from .splits import SPLITS, hold_out, sample
@@ -138,11 +139,13 @@ def load_dataset_spec(
         dataset: TextDataset = labels_as_responses(classes)
     elif task == "causal-lm":
         _require_columns(table, ("prompt", "response"), "causal LM")
-        dataset = CausalLMDataset(
-            [_text(row, "prompt") for row in table.rows], [_text(row, "response") for row in table.rows], table.source
-        )
+        wheres = [row.where for row in table.rows]
+        responses = checked_texts([_text(row, "response") for row in table.rows], wheres, "response", table.source)
+        dataset = CausalLMDataset([_text(row, "prompt") for row in table.rows], responses, table.source)
     else:
         dataset = _classification(table, label_tables, num_labels, fixed or dataset_names, fixed is not None)
+        if split == "train":  # the whole split: a small --max-train-samples may draw one class by chance
+            check_training_classes(dataset.labels, dataset.label_names, dataset.source)
     return dataset.select(sample(len(dataset), max_samples, seed))
 
 
@@ -244,7 +247,8 @@ def _classification(
     if text_column is None or "label" not in table.columns:
         raise _columns_error(table, "text (or sentence) and label columns for classification")
     to_id, names, count = _label_encoding(label_tables, num_labels, label_names, names_are_fixed)
-    texts = [_text(row, text_column) for row in table.rows]
+    texts = checked_texts([_text(row, text_column) for row in table.rows], [row.where for row in table.rows],
+                          text_column, table.source)
     labels = [to_id(_value(row, "label")) for row in table.rows]
     return ClassificationDataset(texts, labels, count, names, table.source)
 

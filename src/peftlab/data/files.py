@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .checks import duplicate_names
 from .errors import DataError
 
 SUFFIXES = (".csv", ".tsv", ".jsonl")
@@ -50,6 +51,10 @@ def _read_delimited(path: Path, text: str, delimiter: str, quoting: int) -> Tabl
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     try:
         columns = [name.strip() for name in reader.fieldnames or []]
+        twice = duplicate_names(columns)
+        if twice:
+            raise DataError(f"{path}, line 1: the header names the column {twice[0]!r} twice ({', '.join(columns)}); "
+                            "rename or delete one, or the last would silently win")
         reader.fieldnames = columns
         rows = []
         for values in reader:
@@ -72,14 +77,28 @@ def _read_jsonl(path: Path, text: str) -> Table:
             continue
         where = f"{path}, line {number}"
         try:
-            values = json.loads(line)
+            values = json.loads(line, object_pairs_hook=_object_without_repeated_keys)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        except _RepeatedKey as error:
+            raise DataError(f"{where}: the key {error.args[0]!r} is given twice; keep one, or the last would "
+                            "silently win") from None
         if not isinstance(values, dict):
             raise DataError(f"{where}: expected one JSON object per line, got {type(values).__name__}")
         columns.update(dict.fromkeys(values))
         rows.append(Row(values, where))
     return Table(list(columns), rows, str(path))
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _object_without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    twice = duplicate_names([key for key, _ in pairs])
+    if twice:
+        raise _RepeatedKey(twice[0])
+    return dict(pairs)
 
 
 _READERS: dict[str, Callable[[Path, str], Table]] = {

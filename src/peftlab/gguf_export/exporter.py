@@ -26,7 +26,8 @@ import gguf
 import torch
 
 from peftlab import io
-from peftlab.assets import build_once, notice
+from peftlab.output_folder import check_output_folder, staged_output
+from peftlab.assets import notice
 from peftlab.gguf_export import diagnose
 from peftlab.gguf_export.base_check import BaseMatch, check_base_gguf
 from peftlab.gguf_export.metadata import GGUFExportError, add_tokenizer_keys, copy_tokenizer_keys
@@ -37,6 +38,7 @@ from peftlab.gguf_export.verify import ENGINE_SETTINGS, REPORT_ONLY, TOLERANCES,
 from peftlab.gguf_export.writer import DTYPES, LORA_DTYPES, lora_tensors, model_tensors, write_lora_gguf, write_model_gguf
 
 MODES = ("lora", "merged")
+WHAT = "the GGUF export"
 ADAPTER_FILE, BASE_FILE, MERGED_FILE = "adapter.gguf", "base.gguf", "model.gguf"
 #: GGUF storage types the verify tolerances know; a base in any other (Q4_1 ...) is measured, not judged.
 _JUDGED_TYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}
@@ -63,15 +65,18 @@ def export_gguf(
     model, tokenizer, out: str | os.PathLike, *, mode: str = "lora", dtype: str = "f32",
     base_gguf: str | os.PathLike | None = None, verify: bool | None = None, prompts_file: str | os.PathLike | None = None,
     reference_gguf: Path | None = None, adapter_name: str = "default", prompts: list[str] | None = None,
+    overwrite: bool = False,
 ) -> GGUFExport:
     """Write the export folder ``out`` (which must not hold anything); see the module docstring.
     ``reference_gguf``: a GGUF of the same base whose tokenizer keys to copy (the alias's original);
-    ``prompts``: what --verify runs (default: the built-in set, plus ``prompts_file``'s lines)."""
+    ``prompts``: what --verify runs (default: the built-in set, plus ``prompts_file``'s lines);
+    ``overwrite``: replace what ``out`` holds (only once the new export is complete)."""
     started = time.monotonic()
     out = Path(out)
     config = model.base_model.config
     architecture = gguf_architecture(config)
-    _check_options(mode, dtype, out, verify)
+    _check_options(mode, dtype, verify)
+    check_output_folder(out, overwrite, WHAT)
     verify = llama_cpp_available() if verify is None else verify
     base_reader = gguf.GGUFReader(base_gguf) if base_gguf is not None else None
     if mode == "lora":
@@ -148,14 +153,13 @@ def export_gguf(
                 (folder / "parity.json").write_text(json.dumps(result.parity, indent=1) + "\n", encoding="utf-8")
             (folder / "README.md").write_text(export_readme(result, tokenizer), encoding="utf-8")
 
-    if out.is_dir():
-        out.rmdir()  # empty (checked): build_once renames the finished folder into its place
-    build_once(out, build)
+    with staged_output(out, WHAT) as folder:
+        build(folder)
     result.seconds = time.monotonic() - started
     return result
 
 
-def _check_options(mode: str, dtype: str, out: Path, verify: bool | None) -> None:
+def _check_options(mode: str, dtype: str, verify: bool | None) -> None:
     if mode not in MODES:
         raise GGUFExportError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}.")
     if dtype not in DTYPES:
@@ -165,8 +169,6 @@ def _check_options(mode: str, dtype: str, out: Path, verify: bool | None) -> Non
             f"--dtype {dtype} is a quantized type; a LoRA GGUF and its base are written in {', '.join(LORA_DTYPES)}. "
             f"Use --mode merged --dtype {dtype} for a quantized model, or give a quantized --base-gguf of your own."
         )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise GGUFExportError(f"--out {out} already holds something; give a new or empty folder (nothing is overwritten).")
     if verify and not llama_cpp_available():
         raise GGUFExportError(
             "--verify runs the export in llama.cpp, but llama_cpp is not installed: `pip install 'peftlab[gguf]'` "

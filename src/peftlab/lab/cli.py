@@ -97,11 +97,13 @@ class CompareCommand:
     def run(self, args: argparse.Namespace) -> int:
         from peftlab.lab.measure import environment
         from peftlab.lab.report import format_table
-        from peftlab.lab.runner import load_plan, run_comparison
+        from peftlab.lab.runner import check_resumable, load_plan, run_comparison
 
         out = args.compare_resume or args.compare_out or default_out_dir()
         if args.compare_resume and args.compare_out and args.compare_out != args.compare_resume:
             raise OptionsError("--resume DIR continues in DIR; drop --out, or give the same folder.")
+        if args.compare_resume:
+            check_resumable(out)
         if args.compare_resume and not _plan_flags_given(args):
             runs, config = load_plan(out)
         else:

@@ -143,6 +143,7 @@ def measure_ranks(options: TrainOptions, num_labels: int | None, eval_data: Any,
     (DyLoRA: one trained adapter, evaluated at every rank). Empty for the others."""
     if options.is_full_fine_tuning:
         return {}, []
+    from peftlab.methods.capabilities import RunsAtSeveralRanks
     from peftlab.train.build import load_trained, make_collator
     from peftlab.train.distributed import Processes
     from peftlab.train.evaluate import evaluate, shard_batches
@@ -150,11 +151,11 @@ def measure_ranks(options: TrainOptions, num_labels: int | None, eval_data: Any,
     model, tokenizer = load_trained(options.model, options.out, options.task, num_labels, options.quantization)
     name = model.active_adapter
     method = model.method_of(name)
-    ranks = method.rank_per_layer(model, name) or {}
+    ranks = model.rank_per_layer(name) or {}
     accuracies: list[RankAccuracy] = []
     processes = Processes(0, 1, device, owns_group=False)
     key = "eval_accuracy" if options.task == "seq-cls" else "eval_token_accuracy"
-    for rank in method.inference_ranks(model, name) or []:
+    for rank in method.inference_ranks(model, name) if isinstance(method, RunsAtSeveralRanks) else []:
         model.set_rank(rank)
         batches = shard_batches(eval_data, make_collator(options, tokenizer), processes, options.eval_batch_size)
         accuracies.append({"rank": rank, "accuracy": evaluate(model.to(device), batches, options.task, processes, options.bf16)[key]})

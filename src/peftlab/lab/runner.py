@@ -80,6 +80,24 @@ def prepare_out_dir(out: Path, resuming: bool) -> None:
         raise OptionsError(f"cannot write to the output folder {out}: {error.strerror or error}. Choose another --out.") from None
 
 
+def check_resumable(out: Path) -> None:
+    """``--resume`` of a folder that holds no comparison is an error, not a new comparison."""
+    if not (out / PLAN_FILE).is_file():
+        state = "does not exist" if not out.exists() else f"holds no {PLAN_FILE}"
+        raise OptionsError(f"--resume {out}: nothing to resume there, the folder {state}. Check the path, or start "
+                           f"anew with --out {out}.")
+
+
+def check_run_folders_kept(out: Path, finished: list[str]) -> None:
+    """A finished run whose folder was deleted cannot count as done: its model and record are gone."""
+    missing = [name for name in finished if not run_folder(out, name).is_dir()]
+    if missing:
+        raise OptionsError(
+            f"--resume {out}: results.json lists {', '.join(missing)} as finished, but their folders in "
+            f"{out / RUNS_FOLDER} were deleted. Restore them, or start anew with another --out."
+        )
+
+
 def save_plan(out: Path, runs: list[PlannedRun], config: dict) -> None:
     text = json.dumps({"config": config, "runs": [run.to_dict() for run in runs]}, indent=1) + "\n"
     atomic_write_text(out / PLAN_FILE, text)
@@ -135,6 +153,7 @@ def run_comparison(
     planned = {run.run_name: run for run in runs}
     done = [record.run_name for record in earlier if record.ok and record.run_name in planned
             and same_measurement(earlier_options.get(record.run_name), planned[record.run_name].options)]
+    check_run_folders_kept(out, done)
     # Earlier records stay until their run is redone, and those of runs no longer planned stay for good.
     records = {record.run_name: record for record in earlier if record.run_name in planned}
     left_out = [record for record in earlier if record.run_name not in planned]

@@ -233,7 +233,7 @@ class StudyCommand:
 
     def run(self, args: argparse.Namespace) -> int:
         from peftlab.lab.measure import environment
-        from peftlab.lab.runner import PLAN_FILE, RESULTS_FILE, publish, run_comparison
+        from peftlab.lab.runner import PLAN_FILE, RESULTS_FILE, check_resumable, publish, run_comparison
         from peftlab.lab.study_report import study_head, write_study_all_report
 
         studies = studies_named(args.study)
@@ -254,6 +254,8 @@ class StudyCommand:
             raise OptionsError(f"{out} already holds a study; continue it with --resume {out}, or choose another --out.")
         holds_one = (out / PLAN_FILE).exists()
         holds_several = any((out / name / PLAN_FILE).exists() for name in STUDIES)
+        if args.study_resume and not (holds_one or holds_several):
+            check_resumable(out)  # the error: nothing to resume there
         if args.study_resume and (holds_one if len(studies) > 1 else holds_several and not holds_one):
             raise OptionsError(f"{out} holds {'one study' if holds_one else 'several studies (study all)'}, not what "
                                f"study {args.study} writes there; resume it with the study it was started as.")

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import yaml
 
+from peftlab.methods import method_named
 from peftlab.train.options import (
     FULL_FINE_TUNING,
     METHOD_OPTIONS,
@@ -217,14 +218,15 @@ def model_family(model: str) -> str:
 
 def methods_for_model(methods: list[str], model: str) -> tuple[list[str], dict[str, str]]:
     """``--methods all`` on ``model``: the methods that can run on it, and why each other one cannot
-    (its ``Method.check_model_config``), so that "all" never plans a run bound to fail."""
+    (``check_model_config`` of a method that patches the model), so that "all" never plans a run bound to fail."""
     from peftlab.methods import METHODS
+    from peftlab.methods.capabilities import PatchesTheModel
 
     config = model_config(model)
     usable, left_out = [], {}
     for name in methods:
         try:
-            if name in METHODS:
+            if name in METHODS and isinstance(METHODS[name], PatchesTheModel):
                 METHODS[name].check_model_config(config)
             usable.append(name)
         except ValueError as error:
@@ -249,6 +251,13 @@ def resolve_target_modules(value: Any, model: str, family_of: Callable[[str], st
             f"name them instead, e.g. target_modules=q_proj+v_proj, or use all-linear."
         )
     return list(ATTENTION_TARGETS[family])
+
+
+def _shared_for(method: str, shared: dict[str, Any]) -> dict[str, Any]:
+    """The shared options a run of ``method`` takes: full fine-tuning has no adapter, so not the adapters' ones."""
+    if method != FULL_FINE_TUNING:
+        return shared
+    return {k: v for k, v in shared.items() if k not in ADAPTER_OPTIONS or k == "quantize"}
 
 
 def _resolve(method: str, options: dict[str, Any], family_of: Callable[[str], str]) -> dict[str, Any]:
@@ -297,7 +306,9 @@ def plan_runs(
             values = {axis.option: value for axis, value in zip(own_axes, combination)}
             sweep = {option: _label(value) for option, value in values.items()}
             name = run_name(method, sweep)
-            merged = {**shared, **overrides.get(method, {}), **values, "method": method}
+            merged = {**_shared_for(method, shared), **overrides.get(method, {}), **values, "method": method}
+            if method != FULL_FINE_TUNING:
+                merged = method_named(method).for_comparison(merged)
             try:
                 options = _resolve(method, merged, family_of)
                 TrainOptions(**options).with_method_defaults()

@@ -8,11 +8,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from peftlab.config import PEFT_TYPES, config_class_for
 from peftlab.methods.method import Method, MethodOption, UnsupportedBaseError
 from peftlab.methods.registry import (
     METHODS,
-    PEFT_TYPES,
-    config_class_for,
     make_method_config,
     method_for,
     method_named,

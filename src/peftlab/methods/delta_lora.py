@@ -229,6 +229,8 @@ class DeltaLoraMethod(LoraMethod):
     #: LoRA's run defaults, and the paper's λ = 2. K defaults to 0 for a run: the paper's K = 500 is for
     #: runs of thousands of steps, and would leave the lab's runs (~60 steps) plain LoRA.
     run_defaults = {"lr": 1e-3, "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "delta_start_step": 0, "delta_lambda": 2.0}
+    #: The random starts only: Delta-LoRA moves the frozen weight itself, from the model's own.
+    initialisations = (True, False, "gaussian", "orthogonal")
 
     def make_adapter(self, config, view, path, state):
         r, alpha = config.rank_and_alpha(path)

@@ -14,12 +14,16 @@ with the default ``B = 0``), so the model starts unchanged.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
 from peftlab.base import BaseLayerView
 from peftlab.methods.fused import DoraLinearFunction, can_fuse
 from peftlab.methods.lora import LoraAdapter, add_low_rank
+from peftlab.methods.lora_variant import LoraVariant, register_lora_variant
+from peftlab.methods.method import UnsupportedBaseError
 
 
 class DoraAdapter(LoraAdapter):
@@ -28,6 +32,11 @@ class DoraAdapter(LoraAdapter):
         self._row_sq_cache: tuple[tuple, torch.Tensor] | None = None
         self._merged_scale: torch.Tensor | None = None
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm(base).to(self.lora_A.dtype))
+
+    def after_base_init(self, base: BaseLayerView) -> None:
+        # As HF: the magnitude is the row norm of the started weight W_res + s·BA (LoftQ's differs from W's).
+        with torch.no_grad():
+            self.lora_magnitude_vector.copy_(self.weight_norm(base))
 
     def _weight_row_sq(self, base: BaseLayerView, weight: torch.Tensor) -> torch.Tensor:
         key = (base.weight_version(), weight.dtype, weight.device)
@@ -98,3 +107,28 @@ class DoraAdapter(LoraAdapter):
 
 def _accumulation_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+class DoraVariant(LoraVariant):
+    """``LoraConfig(use_dora=True)``: DoRA's layer, one magnitude per output row more, no Embedding."""
+
+    adapter_class = DoraAdapter
+
+    def applies(self, config) -> bool:
+        return config.use_dora
+
+    def check_base(self, config, view, path) -> None:
+        if view.takes_ids:
+            raise UnsupportedBaseError(
+                f"DoRA on an Embedding layer ({path}) is not supported; target linear layers, or use LoRA for embeddings."
+            )
+
+    def extra_numel(self, config, view) -> int:
+        return view.out_features
+
+    def rename_saved_keys(self, tensors):
+        # Older HF versions wrote DoRA's magnitude with a ".weight" suffix.
+        return {re.sub(r"lora_magnitude_vector\.weight$", "lora_magnitude_vector", k): v for k, v in tensors.items()}
+
+
+register_lora_variant(DoraVariant())

@@ -38,6 +38,7 @@ the original model).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -193,6 +194,12 @@ class LongLoraMethod(LoraMethod):
     def check_model_config(self, model_config):
         check_supported_config(model_config)
 
+    def for_comparison(self, options):
+        # A comparison runs every method at the model's context unless told to extend it: said, not silent.
+        if options.get("rope_scale") is None and options.get("target_length") is None:
+            return {**options, "rope_scale": 1.0}
+        return options
+
     def check_model(self, model, config):
         if any(isinstance(state, LongLoraState) for state in model.method_state.values()):
             raise ValueError(
@@ -212,8 +219,17 @@ class LongLoraMethod(LoraMethod):
                     f"extends the context: give {original} or more (or rope_scale)."
                 )
             factor = config.target_length / original
+        elif config.rope_scale is None:
+            raise ValueError(
+                f"LongLoRA extends the context, and neither rope_scale nor target_length says how far (the model has "
+                f"{original} positions): give target_length (e.g. {2 * original}) or rope_scale (e.g. 2); rope_scale=1 "
+                "trains at the model's own length (S²-Attn and LoRA only)."
+            )
         else:
-            factor = config.rope_scale or 1.0
+            factor = config.rope_scale
+        if factor == 1 and not config.inference_mode:
+            warnings.warn(f"LongLoRA at rope_scale 1 extends no context: it trains at the model's {original} positions "
+                          "(S²-Attn and LoRA only).", stacklevel=4)
         state = LongLoraState(factor, rotary, base.config)
         scale_rope(base.config, rotary, factor)
         if config.s2_group_size_ratio < 1:  # 1: full attention in training too

@@ -25,13 +25,16 @@ from torch import nn
 
 from peftlab.base import BaseLayerView
 from peftlab.config import AdapterConfig, check_regex, default_field
-from peftlab.methods.adapter import Adapter
+from peftlab.adapter import Adapter
+from peftlab.methods import lora_init
 from peftlab.methods.fused import LoraLinearFunction, can_fuse
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
-from peftlab.methods.method import ADAPTER_DROPOUT, Method, MethodOption, UnsupportedBaseError
+from peftlab.methods.lora_variant import lora_variants, variants_of
+from peftlab.methods.method import ADAPTER_DROPOUT, Method, MethodOption
+from peftlab.methods.lora_init.corda import CordaConfig
+from peftlab.methods.lora_init.eva import EvaConfig
+from peftlab.methods.lora_init.loftq import LoftQConfig
 from peftlab.methods.registry import register_method
-
-INIT_CHOICES = (True, False, "gaussian")
 
 
 @dataclass
@@ -43,7 +46,14 @@ class LoraConfig(AdapterConfig):
     use_dora: bool = False
     fan_in_fan_out: bool = False
     bias: str = "none"
+    #: Where the adapter starts (``lora_init/``): True, False, "gaussian", "orthogonal", "pissa", ...
     init_lora_weights: bool | str = True
+    #: HF's sub-config of ``init_lora_weights="loftq"`` (a LoftQConfig, kept as a dict as HF does).
+    loftq_config: LoftQConfig | dict = default_field({})
+    #: HF's sub-config of ``init_lora_weights="eva"`` (see ``initialize_lora_eva_weights``).
+    eva_config: EvaConfig | dict | None = None
+    #: HF's sub-config of ``init_lora_weights="corda"`` (see ``preprocess_corda``).
+    corda_config: CordaConfig | dict | None = None
     rank_pattern: dict = default_field({})
     alpha_pattern: dict = default_field({})
     #: HF's field: a tied output embedding shares the input embedding's trained copy (``modules_to_save``).
@@ -74,12 +84,9 @@ class LoraConfig(AdapterConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}; 0 turns dropout off.")
         if self.bias != "none":
             raise ValueError(f"bias={self.bias!r} is not supported: peftlab trains no base biases; use bias='none'.")
-        if self.loraplus_lr_ratio is not None:
-            from peftlab.methods.loraplus import check_ratio
-
-            check_ratio(self.loraplus_lr_ratio)
-        if self.init_lora_weights not in INIT_CHOICES:
-            raise ValueError(f"init_lora_weights={self.init_lora_weights!r}: choose one of {INIT_CHOICES}.")
+        for variant in variants_of(self):
+            variant.check_config(self)
+        lora_init.check_init_config(self)
 
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         """The rank and alpha of one module: ``rank_pattern``/``alpha_pattern`` override, as in HF."""
@@ -91,7 +98,7 @@ class LoraConfig(AdapterConfig):
 
 class LoraMethod(Method):
     config_class = LoraConfig
-    #: The per-layer module (None: LoRA's, or DoRA's where ``use_dora``); a LoRA variant sets its own.
+    #: The per-layer module (None: LoRA's, or an applying variant's, e.g. DoRA's); a LoRA-based method sets its own.
     adapter_class: type[Adapter] | None = None
     options = {
         "r": MethodOption(int, "adapter rank", "positive", lambda v: v > 0),
@@ -107,14 +114,16 @@ class LoraMethod(Method):
     #: With these and the shared defaults (batch 32, max length 64, linear decay after 6% warmup),
     #: LoRA on MiniLM-L6 reaches 0.85 on SST-2 validation after one epoch over 8000 examples.
     run_defaults = {"lr": 1e-3, "r": 8, "lora_alpha": 16, "lora_dropout": 0.05}
+    #: The ``init_lora_weights`` values this method runs (None: every one in ``lora_init/``).
+    initialisations: tuple | None = None
 
     def check_base(self, config, view, path):
-        if config.use_dora and view.takes_ids:
-            raise UnsupportedBaseError(
-                f"DoRA on an Embedding layer ({path}) is not supported; target linear layers, or use LoRA for embeddings."
-            )
+        lora_init.init_for(config.init_lora_weights).check_base(config, view, path)
+        for variant in variants_of(config):
+            variant.check_base(config, view, path)
 
     def check_targets(self, config, targets):
+        lora_init.check_method_runs(self, config)
         # A rank_pattern/alpha_pattern key that matches no adapted module is a typo, not a no-op.
         paths = list(targets)
         for option, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
@@ -128,31 +137,43 @@ class LoraMethod(Method):
 
     def adapter_numel(self, config, view, path):
         r, _ = config.rank_and_alpha(path)
-        return r * (view.in_features + view.out_features) + (view.out_features if config.use_dora else 0)
+        return r * (view.in_features + view.out_features) + sum(v.extra_numel(config, view) for v in variants_of(config))
 
     def make_adapter(self, config, view, path, state):
         r, alpha = config.rank_and_alpha(path)
-        adapter_class = self.adapter_class or LoraAdapter
-        if config.use_dora:
-            from peftlab.methods.dora import DoraAdapter
+        adapter = self._adapter_class(config)(view, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+        lora_init.start_from_base(adapter, view, config, path)
+        return adapter
 
-            adapter_class = DoraAdapter
-        return adapter_class(view, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+    def _adapter_class(self, config: LoraConfig) -> type[Adapter]:
+        own = [v.adapter_class for v in variants_of(config) if v.adapter_class is not None]
+        if len(own) > 1:
+            raise ValueError(f"LoRA variants with their own layers cannot combine: {', '.join(c.__name__ for c in own)}.")
+        if own and self.adapter_class is not None:
+            raise ValueError(f"the {self.name} method has its own layer ({self.adapter_class.__name__}); it cannot run "
+                             f"the variant {own[0].__name__} as well.")
+        return self.adapter_class or (own[0] if own else LoraAdapter)
 
     def param_groups(self, model, adapter_name, lr, weight_decay):
         config = model.peft_config[adapter_name]
-        if config.loraplus_lr_ratio is None:
-            return super().param_groups(model, adapter_name, lr, weight_decay)
-        from peftlab.methods.loraplus import loraplus_param_groups
-
         own = {id(p) for _, p in model.adapter_parameters(adapter_name)}
         named = [(n, p) for n, p in model.named_parameters() if id(p) in own and p.requires_grad]
-        groups = loraplus_param_groups(model, named, lr, config.loraplus_lr_ratio, config.loraplus_lr_embedding, weight_decay)
-        return [group for group in groups if group["params"]]
+        for variant in variants_of(config):
+            groups = variant.param_groups(model, named, lr, weight_decay, config)
+            if groups is not None:
+                return [group for group in groups if group["params"]]
+        return super().param_groups(model, adapter_name, lr, weight_decay)
+
+    def as_low_rank(self, model, adapter_name, rank=None):
+        from peftlab.methods.lora_init.conversion import against_original_base
+
+        # An init that rewrote the base (PiSSA, OLoRA): the export is for the original base its config names.
+        return against_original_base(model, adapter_name, super().as_low_rank(model, adapter_name, rank))
 
     def rename_saved_keys(self, tensors):
-        # Older HF versions wrote DoRA's magnitude with a ".weight" suffix.
-        return {re.sub(r"lora_magnitude_vector\.weight$", "lora_magnitude_vector", k): v for k, v in tensors.items()}
+        for variant in lora_variants():
+            tensors = variant.rename_saved_keys(tensors)
+        return tensors
 
 
 def _check_positive(name: str, value, whole: bool = False) -> None:
@@ -171,6 +192,9 @@ def _pattern_value(patterns: dict, module_path: str, default):
 
 
 class LoraAdapter(Adapter):
+    #: Factors the init keeps frozen (MiCA: lora_B).
+    frozen_factors: tuple[str, ...] = ()
+
     def __init__(self, base: BaseLayerView, r: int, alpha: float, dropout: float, use_rslora: bool, init) -> None:
         super().__init__()
         self.r = r
@@ -179,29 +203,21 @@ class LoraAdapter(Adapter):
         self.is_embedding = base.takes_ids
         # HF applies no dropout to token ids.
         self.dropout = nn.Dropout(dropout) if dropout > 0 and not self.is_embedding else None
-        factory = {"device": base.device, "dtype": torch.float32 if base.dtype not in (torch.float32, torch.float64) else base.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, **factory))
+        dtype = torch.float32 if base.dtype not in (torch.float32, torch.float64) else base.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=base.device, dtype=dtype))
         self.reset_parameters(init)
 
     def reset_parameters(self, init) -> None:
+        """The random start of ``init_lora_weights=init`` (see ``lora_init/``), in HF's order of draws."""
         with torch.no_grad():
-            if self.is_embedding:
-                # The embedding convention (HF): A = 0, B ~ N(0, 1); init=False makes both random.
-                nn.init.normal_(self.lora_B)
-                if init is False:
-                    nn.init.normal_(self.lora_A)
-                else:
-                    nn.init.zeros_(self.lora_A)
-                return
-            if init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1 / self.r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            if init is False:
-                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(self.lora_B)
+            lora_init.init_for(init).draw(self, init)
+
+    def after_base_init(self, base: BaseLayerView) -> None:
+        """Called once an init has set A, B (and maybe rewritten the base) from the frozen weight."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [param for name, param in self.named_parameters() if name not in self.frozen_factors]
 
     def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_embedding and x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):

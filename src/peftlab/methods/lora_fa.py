@@ -56,6 +56,8 @@ class LoraFaAdapter(LoraAdapter):
 class LoraFaMethod(LoraMethod):
     config_class = LoraFaConfig
     adapter_class = LoraFaAdapter
+    #: All but MiCA, which freezes B: with A frozen too nothing would train.
+    initialisations = (True, False, "gaussian", "orthogonal", "pissa", "olora", "loftq", "eva", "corda")
 
 
 # Its files are LoRA's: they load as LoRA, so it does not claim the LORA peft_type.

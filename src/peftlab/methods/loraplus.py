@@ -27,6 +27,7 @@ from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
 from transformers.trainer_pt_utils import get_parameter_names
 
 from peftlab.methods.lora import LoraMethod
+from peftlab.methods.lora_variant import LoraVariant, register_lora_variant
 from peftlab.methods.registry import register_method
 
 if TYPE_CHECKING:
@@ -67,6 +68,22 @@ def loraplus_param_groups(
         {"params": groups["B"], "weight_decay": weight_decay, "lr": lr * ratio},
         {"params": groups["B_no_decay"], "weight_decay": 0.0, "lr": lr * ratio},
     ]
+
+
+class LoraPlusVariant(LoraVariant):
+    """``LoraConfig(loraplus_lr_ratio=...)`` on any LoRA-family method: HF's four optimizer groups."""
+
+    def applies(self, config) -> bool:
+        return config.loraplus_lr_ratio is not None
+
+    def check_config(self, config) -> None:
+        check_ratio(config.loraplus_lr_ratio)
+
+    def param_groups(self, model, named, lr, weight_decay, config):
+        return loraplus_param_groups(model, named, lr, config.loraplus_lr_ratio, config.loraplus_lr_embedding, weight_decay)
+
+
+register_lora_variant(LoraPlusVariant())
 
 
 def create_loraplus_optimizer(

@@ -1,7 +1,7 @@
 """The method protocol: everything the core asks of a PEFT method, in the order of an adapter's life.
 
 A method is one file in ``peftlab/methods/`` that defines a config dataclass, an
-:class:`~peftlab.methods.adapter.Adapter` (the per-layer module), a :class:`Method` subclass, and
+:class:`~peftlab.adapter.Adapter` (the per-layer module), a :class:`Method` subclass, and
 registers one instance per name users type::
 
     @dataclass
@@ -19,13 +19,27 @@ registers one instance per name users type::
 
 The registry (:mod:`peftlab.methods.registry`) imports every module of this package, so the file
 is all a new method needs. Every hook below but ``make_adapter`` has a default that does nothing
-or does what LoRA needs, so a LoRA-like method overrides little. The core calls, in order:
+or does what LoRA needs, so a LoRA-like method overrides little. Hooks marked [Capability] are a
+capability's (:mod:`peftlab.methods.capabilities`): ``Method`` does not declare them, a method that has
+the capability defines them, and the core calls them only where ``isinstance(method, Capability)``.
+The core calls, in order (a test holds this list to the code: every hook is here, and nothing else):
 
+    planning a run (the lab, the training engine)
+        make_config(**fields)                 the config from the run's options over this name's preset
+        check_model_config(model_config)      [PatchesTheModel] the transformers config, before weights
+                                              load: raise ValueError to refuse a family (compare
+                                              --methods all leaves the method out)
+        for_comparison(options)               a comparison's run options: the lab's choice for an
+                                              option a single run must give (LongLoRA's rope_scale)
     get_peft_model / add_adapter
-        check_model(model, config)            the whole model, before its targets are resolved:
-                                              raise ValueError to refuse a model family
+        check_model(model, config)            [PatchesTheModel] the whole model, before its targets are
+                                              resolved: raise ValueError to refuse it
         check_base(config, view, path)        every targeted layer, before anything is built:
                                               raise UnsupportedBaseError to refuse (4-bit, Embedding)
+        check_targets(config, targets)        all targets at once: refuse a per-module option (a rank
+                                              pattern) that matches none of them
+        adapter_numel(config, view, path)     values the layer's adapter will hold, checked against
+                                              free memory before anything is allocated; default 0
         state = inject(model, name, config, targets)
                                               model-level state shared by the layers (VeRA's
                                               random matrices): an nn.Module or None; the core
@@ -53,19 +67,19 @@ or does what LoRA needs, so a LoRA-like method overrides little. The core calls,
                                               ranks gives its exact factors at ``rank``; None: not
                                               low rank (export takes a truncated SVD of delta_weight)
     set_rank / the lab
-        inference_ranks(model, name)          the ranks the trained adapter can run at (DyLoRA:
-                                              1..r; the lab evaluates each); default None: one
-        set_rank(model, name, rank)           PeftModel.set_rank: run at another rank (DyLoRA);
-                                              default: refused, the method has one rank
-        rank_per_layer(model, name)           {module path: live rank} where the method moves its
-                                              rank budget during training (the lab plots it);
-                                              default None: a fixed rank
+        inference_ranks(model, name)          [RunsAtSeveralRanks] the ranks the trained adapter can
+                                              run at (DyLoRA: 1..r; the lab evaluates each)
+        set_rank(model, name, rank)           [RunsAtSeveralRanks] PeftModel.set_rank: run at another
+                                              rank (without the capability: refused, one rank)
+        rank_per_layer(model, name)           [MovesRankBudget] {module path: live rank} where the
+                                              method moved its rank budget (the lab plots it)
     delete_adapter
-        remove(model, name, state)            undo what inject did outside method_state
+        remove(model, name, state)            undo what inject did outside method_state (the core
+                                              drops the state itself)
     merge_and_unload / unload
-        unload(model, name, state)            the plain model is handed out: undo what must not
-                                              outlive peftlab (LongLoRA's training attention) and
-                                              keep what the trained model is (its RoPE scale)
+        unload(model, name, state)            [PatchesTheModel] the plain model is handed out: undo
+                                              what must not outlive peftlab (LongLoRA's training
+                                              attention), keep what the trained model is (its RoPE scale)
 
 One instance per name: ``LoraMethod("dora", preset={"use_dora": True})`` is DoRA. Several names
 may share a config class if they are instances of one Method class (presets of one
@@ -95,7 +109,8 @@ from peftlab import io
 from peftlab.base import BaseLayerView
 from peftlab.config import AdapterConfig
 from peftlab.hooks import TrainingHook
-from peftlab.methods.adapter import Adapter
+from peftlab.weight_decay import decay_groups
+from peftlab.adapter import Adapter
 
 if TYPE_CHECKING:
     from peftlab.model import PeftModel
@@ -135,9 +150,14 @@ class Method:
     #: Config fields shown as ``peftlab train`` flags.
     options: ClassVar[dict[str, MethodOption]] = {}
     #: Training-run defaults (``lr`` and values of ``options``) for options the user left unset.
-    run_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3}
+    run_defaults: dict[str, Any] = {"lr": 1e-3}  # the class's; each instance adds its name's own
     #: Its adapter files are always its exact plain-LoRA export (see the module docstring).
     saves_as_lora: ClassVar[bool] = False
+
+    def for_comparison(self, options: dict[str, Any]) -> dict[str, Any]:
+        """A comparison's run options for this method: options a single run must give explicitly
+        (LongLoRA's context extension) get the comparison's choice here."""
+        return options
 
     def __init__(
         self, name: str, *, preset: dict[str, Any] | None = None, quantization: str | None = None,
@@ -161,13 +181,6 @@ class Method:
 
     # -- building ---------------------------------------------------------------------------------
 
-    def check_model_config(self, model_config: Any) -> None:
-        """Raise ValueError if the method cannot run on any model of this ``transformers`` config (its
-        family, its attention): read before weights load, so ``compare --methods all`` leaves it out."""
-
-    def check_model(self, model: PeftModel, config: AdapterConfig) -> None:
-        """Raise ValueError if the method cannot run on this model at all (its family, its other adapters)."""
-
     def check_base(self, config: AdapterConfig, view: BaseLayerView, path: str) -> None:
         """Raise :class:`UnsupportedBaseError` naming ``path`` if the method cannot adapt this layer."""
 
@@ -185,48 +198,25 @@ class Method:
         """Model-level state shared by the adapter's layers (``targets``: path -> base view), or None."""
         return None
 
+    def remove(self, model: PeftModel, adapter_name: str, state: nn.Module | None) -> None:
+        """Undo anything ``inject`` did besides returning ``state`` (the core drops that). Also called
+        when building the adapter failed part-way, so it must cope with a missing ``state``."""
+
     def make_adapter(self, config: AdapterConfig, view: BaseLayerView, path: str, state: nn.Module | None) -> Adapter:
         """The adapter of one layer. It may keep a reference to ``state`` (the module, not its tensors:
         ``.to()`` replaces buffers) but must not register it as a submodule (it would be saved and
         moved once per layer)."""
         raise NotImplementedError
 
-    def remove(self, model: PeftModel, adapter_name: str, state: nn.Module | None) -> None:
-        """Undo anything ``inject`` did besides returning ``state`` (the core drops that). Also called
-        when building the adapter failed part-way, so it must cope with a missing ``state``."""
-
-    def unload(self, model: PeftModel, adapter_name: str, state: nn.Module | None) -> None:
-        """The peftlab modules are about to be taken out (``unload``, ``merge_and_unload``): undo what
-        would make the plain model need peftlab; default: nothing."""
-
     # -- training ---------------------------------------------------------------------------------
 
     def param_groups(self, model: PeftModel, adapter_name: str, lr: float, weight_decay: float) -> list[dict]:
         """Optimizer groups of the adapter's trainable tensors; default: matrices decayed, the rest not."""
-        from peftlab.optim import decay_groups
-
         return decay_groups(trainable(model.adapter_parameters(adapter_name)), lr, weight_decay)
 
     def training_hooks(self, model: PeftModel, adapter_name: str) -> list[TrainingHook]:
         """The hooks of the whole adapter; default: each layer's ``Adapter.training_hooks()``."""
         return [hook for _, adapter in model.adapters_of(adapter_name) for hook in adapter.training_hooks()]
-
-    # -- ranks ------------------------------------------------------------------------------------
-
-    def inference_ranks(self, model: PeftModel, adapter_name: str) -> list[int] | None:
-        """The ranks a trained adapter can run at through ``set_rank``; None: its one rank only."""
-        return None
-
-    def set_rank(self, model: PeftModel, adapter_name: str, rank: int) -> None:
-        """Make the adapter compute at ``rank`` from now on (inference, merge, export)."""
-        raise ValueError(
-            f"set_rank: the {self.name} method trains one fixed rank; only methods trained to work at several ranks "
-            "(dylora) can change it after training."
-        )
-
-    def rank_per_layer(self, model: PeftModel, adapter_name: str) -> dict[str, int] | None:
-        """Each layer's live rank, for methods that move their rank budget between layers; else None."""
-        return None
 
     # -- files ------------------------------------------------------------------------------------
 
@@ -247,7 +237,7 @@ class Method:
         change (scales folded into ``B``), or None where it is not low rank. ``rank`` is the rank the
         export asks for: only a method that runs at several ranks uses it."""
         return {
-            path: layer.adapters[adapter_name].low_rank(layer.view)
+            path: layer.adapter(adapter_name).low_rank(layer.view)
             for path, layer in model.adapted_layers()
             if adapter_name in layer.adapters
         }

@@ -37,7 +37,7 @@ from torch import nn
 
 from peftlab.base import BaseLayerView
 from peftlab.config import AdapterConfig
-from peftlab.methods.adapter import Adapter
+from peftlab.adapter import Adapter
 from peftlab.methods.fused import can_fuse
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
 from peftlab.methods.method import Method, MethodOption, UnsupportedBaseError

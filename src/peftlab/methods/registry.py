@@ -11,22 +11,20 @@ import difflib
 import warnings
 from typing import Any
 
-from peftlab.config import AdapterConfig
+from peftlab.config import MARKED_CONFIG_CLASSES, PEFT_TYPES, AdapterConfig
+from peftlab.methods.capabilities import check_capabilities
 from peftlab.methods.method import Method
 
 #: Name users type (``peftlab train --method dora``) -> the method, in registration order.
 METHODS: dict[str, Method] = {}
-#: ``peft_type`` of adapter_config.json -> the config class its files load as.
-PEFT_TYPES: dict[str, type[AdapterConfig]] = {}
 # Config class -> the method that builds its adapters (the first registered instance).
 _RUNNERS: dict[type[AdapterConfig], Method] = {}
 _LOADERS: dict[str, Method] = {}
-# peft_type -> config classes whose files are of that type plus their ``file_marker`` field.
-_MARKED: dict[str, list[type[AdapterConfig]]] = {}
 
 
 def register_method(method: Method) -> Method:
     """Add a method under ``method.name``; conflicts are errors, never silent replacements."""
+    check_capabilities(method)
     if method.name in METHODS:
         raise ValueError(f"method name {method.name!r} is registered twice ({METHODS[method.name]!r} and {method!r}).")
     runner = _RUNNERS.get(method.config_class)
@@ -44,8 +42,8 @@ def register_method(method: Method) -> Method:
             )
         _LOADERS.setdefault(method.peft_type, method)
         PEFT_TYPES[method.peft_type] = method.config_class
-    elif method.config_class.file_marker and method.config_class not in _MARKED.get(method.peft_type, []):
-        _MARKED.setdefault(method.peft_type, []).append(method.config_class)
+    elif method.config_class.file_marker and method.config_class not in MARKED_CONFIG_CLASSES.get(method.peft_type, []):
+        MARKED_CONFIG_CLASSES.setdefault(method.peft_type, []).append(method.config_class)
     _RUNNERS.setdefault(method.config_class, method)
     METHODS[method.name] = method
     return method
@@ -58,7 +56,7 @@ def unregister_method(name: str) -> None:
         del _RUNNERS[method.config_class]
     if _LOADERS.get(method.peft_type) is method:
         del _LOADERS[method.peft_type], PEFT_TYPES[method.peft_type]
-    marked = _MARKED.get(method.peft_type, [])
+    marked = MARKED_CONFIG_CLASSES.get(method.peft_type, [])
     if method.config_class in marked and not any(m.config_class is method.config_class for m in METHODS.values()):
         marked.remove(method.config_class)
 
@@ -79,17 +77,6 @@ def name_of(config: AdapterConfig) -> str:
         if type(m) is type(runner) and all(getattr(config, k, None) == v for k, v in m.preset.items())
     ]
     return max(fitting, key=lambda m: len(m.preset)).name if fitting else runner.name
-
-
-def config_class_for(peft_type: str, saved: dict[str, Any] | None = None) -> type[AdapterConfig]:
-    """The config class that files of ``peft_type`` load as; with the ``saved`` adapter_config.json, a
-    class whose ``file_marker`` field the file holds (LongLoRA's LoRA files with their RoPE scale)."""
-    if peft_type not in PEFT_TYPES:
-        raise ValueError(
-            f"unknown peft_type {peft_type!r} in adapter_config.json; peftlab knows {', '.join(sorted(PEFT_TYPES))}."
-        )
-    marked = [cls for cls in _MARKED.get(peft_type, []) if saved is not None and cls.file_marker in saved]
-    return marked[0] if marked else PEFT_TYPES[peft_type]
 
 
 def method_named(name: str) -> Method:

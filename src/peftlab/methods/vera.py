@@ -49,7 +49,7 @@ from torch import nn
 
 from peftlab.base import BaseLayerView, Conv1DView, LinearView
 from peftlab.config import AdapterConfig
-from peftlab.methods.adapter import Adapter
+from peftlab.adapter import Adapter
 from peftlab.methods.fused import add_low_rank_input_grad, can_fuse, sample_mask
 from peftlab.methods.lora import add_low_rank
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES

@@ -18,6 +18,7 @@ from peftlab.hf_compat import saved_num_labels
 from peftlab.io import LABEL_NAMES_KEY, QUANTIZATION_KEY, read_adapter_config, read_adapter_metadata
 from peftlab.methods import method_named
 from peftlab.model import PeftModel, get_peft_model
+from peftlab.train.data_init import DataDrivenInit, check_has_data
 from peftlab.train.options import OptionsError, TrainOptions, default_target_modules
 
 PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
@@ -60,47 +61,93 @@ def make_collator(options: TrainOptions, tokenizer) -> Any:
     return collator(tokenizer, max_length=options.max_length)
 
 
-def quantize(model: nn.Module) -> None:
+def quantize(model: nn.Module, double_quant: bool = True) -> None:
     """NF4 for every linear layer but the heads, in place (the QLoRA base)."""
     from peftlab.quant import quantize_model
 
-    quantize_model(model)
+    quantize_model(model, double_quant=double_quant)
+
+
+def quantizes_itself(init_lora_weights: Any) -> bool:
+    """LoftQ quantizes the full-precision weights itself: the adapter is built (or loaded) first, and the
+    base then stored in NF4 without double quantization, which holds LoftQ's codes exactly (lora_init/loftq.py)."""
+    return init_lora_weights == "loftq"
 
 
 def build_model(
-    options: TrainOptions, num_labels: int | None, label_names: tuple[str, ...] | None = None
+    options: TrainOptions, num_labels: int | None, label_names: tuple[str, ...] | None = None,
+    init_data: DataDrivenInit | None = None,
 ) -> tuple[nn.Module, Any, TrainOptions]:
     """The model ready to train: quantized if asked, with the method's adapter (or all trainable for
     full fine-tuning). Returns the options with ``target_modules`` resolved for this model.
     ``label_names`` become the classifier's ``id2label``, saved with the adapter or model so that
-    ``peftlab eval`` maps class names as training did."""
+    ``peftlab eval`` maps class names as training did. ``init_data``: the run's data, which EVA and CorDA
+    start from (``data_init.py``)."""
     model, tokenizer = load_model_and_tokenizer(options.model, options.task, num_labels=num_labels or 2)
     if options.task == "seq-cls" and label_names:
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {name: i for i, name in enumerate(label_names)}
-    if options.quantization:
+    loftq = not options.is_full_fine_tuning and quantizes_itself(options.adapter_options().get("init_lora_weights"))
+    if loftq and not options.quantization:
+        raise OptionsError(
+            "init_lora_weights=loftq fits the adapter to the error of a 4-bit base, but this run's base is not "
+            "quantized: use --method qlora (or --quantize nf4 with a LoRA-family method), or another init."
+        )
+    if options.quantization and not loftq:
         quantize(model)
     if options.is_full_fine_tuning:
-        check_max_length(options.max_length, model)
+        check_max_length(options.max_length, model, tokenizer)
         model.requires_grad_(True)
         return model, tokenizer, options
     if options.target_modules is None:
         options = dataclasses.replace(options, target_modules=default_target_modules(model.config.model_type))
+    adapter_options = options.adapter_options()
+    if loftq:  # the CLI's LoftQ needs no sub-config: HF's defaults (4 bits, one alternation)
+        adapter_options.setdefault("loftq_config", {"loftq_bits": 4, "loftq_iter": 1})
     try:
         config = method_named(options.method).make_config(  # the base is quantized above when the method asks
             task_type=PEFT_TASK_TYPES[options.task],
             base_model_name_or_path=options.model,
-            **options.adapter_options(),
+            **adapter_options,
         )
     except TypeError as error:  # an option the method's config does not have
-        raise OptionsError(f"method {options.method!r} does not take these options: {error}") from None
+        raise OptionsError(f"method {options.method!r} does not take these options: {error}{_init_hint(error)}") from None
+    init = getattr(config, "init_lora_weights", None)
+    check_has_data(init, init_data)
+    if init_data is not None:
+        init_data.before_adapter(model, tokenizer, config)
     model = get_peft_model(model, config)
-    check_max_length(options.max_length, model)  # after the method: it may extend the context
+    if init_data is not None:
+        init_data.after_adapter(model, tokenizer)
+    if loftq:
+        quantize(model.base_model, double_quant=False)
+    check_max_length(options.max_length, model, tokenizer)  # after the method: it may extend the context
     return model, tokenizer, options
 
 
+def _init_hint(error: Exception) -> str:
+    if "init_lora_weights" not in str(error):
+        return ""
+    from peftlab.methods import METHODS
+    from peftlab.methods.lora import LoraConfig
+
+    family = ", ".join(name for name, method in METHODS.items() if issubclass(method.config_class, LoraConfig))
+    return f"; the LoRA initialisations (init_lora_weights) run on {family}."
+
+
+#: Where a run keeps the adapter as it started, for the adapters it saves converted (below).
+INITIAL_ADAPTER = "initial_adapter"
+
+
 def save_trained(model: nn.Module, tokenizer, out: Path) -> None:
-    """An adapter in the HF PEFT format; for full fine-tuning the whole model and its tokenizer."""
+    """An adapter in the HF PEFT format; for full fine-tuning the whole model and its tokenizer. An adapter
+    whose init rewrote the base and could not run again on reload (CorDA, randomized PiSSA) is saved as
+    the rank-2r LoRA of the original base (HF's conversion), with its start in ``initial_adapter/``."""
+    from peftlab.methods.lora_init.conversion import saved_for_original_base
+
+    if isinstance(model, PeftModel) and saved_for_original_base(model, "default"):
+        model.save_pretrained(out, path_initial_model_for_weight_conversion=str(Path(out) / INITIAL_ADAPTER))
+        return
     model.save_pretrained(out)
     if not isinstance(model, PeftModel):
         tokenizer.save_pretrained(out)
@@ -119,8 +166,13 @@ def base_of(model: str | None, adapter: str | None, task: str | None) -> tuple[s
     return model, task or TASKS_BY_PEFT_TYPE.get(saved.get("task_type") or "", "seq-cls")
 
 
-def check_max_length(max_length: int, model: nn.Module) -> None:
-    """--max-length within the model's position limit (beyond it, position embeddings index out of range)."""
+def check_max_length(max_length: int, model: nn.Module, tokenizer: Any = None) -> None:
+    """--max-length within the model's position limit (beyond it, position embeddings index out of range),
+    and above the special tokens the tokenizer adds (at or below them, no text token is left)."""
+    special = tokenizer.num_special_tokens_to_add() if tokenizer is not None else 0
+    if max_length <= special:
+        raise OptionsError(f"--max-length {max_length} leaves no room for text: the tokenizer adds {special} special "
+                           f"token(s) to each example; use --max-length {special + 1} or more (typically 64 to 512).")
     config = model.config
     limit = next((getattr(config, name) for name in ("max_position_embeddings", "n_positions") if getattr(config, name, None)), None)
     if limit is not None and max_length > limit:
@@ -176,8 +228,12 @@ def load_trained(
     if adapter is not None and task == "seq-cls":
         num_labels = num_labels or saved_num_labels(adapter)
     loaded, tokenizer = load_model_and_tokenizer(model, task, num_labels=num_labels or 2)
-    if quantization:
+    loftq = adapter is not None and quantizes_itself(read_adapter_config(Path(adapter)).get("init_lora_weights"))
+    if quantization and not loftq:
         quantize(loaded)
     if adapter is None:
         return loaded, tokenizer
-    return PeftModel.from_pretrained(loaded, adapter), tokenizer
+    peft_model = PeftModel.from_pretrained(loaded, adapter)  # a LoftQ adapter re-quantizes the base as in training
+    if quantization and loftq:
+        quantize(peft_model.base_model, double_quant=False)
+    return peft_model, tokenizer

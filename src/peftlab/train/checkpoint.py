@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftlab.io import DiskFullError, is_disk_full
+from peftlab.io import explain_disk_full, give_umask_modes
 
 PREFIX = "checkpoint-"
 WEIGHTS = "trainable.safetensors"
@@ -93,19 +93,19 @@ def save_checkpoint(
     final = out_dir / f"{PREFIX}{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step}.", suffix=".tmp", dir=out_dir))
     try:
-        save_file({k: v.detach().contiguous().cpu().clone() for k, v in trainable.items()}, str(tmp / WEIGHTS))
-        torch.save({"optimizer": optimizer, "scheduler": scheduler, "hooks": hooks}, tmp / OPTIMIZER)
-        torch.save({"ranks": rng}, tmp / RNG)
-        (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1) + "\n", encoding="utf-8")
-        for name in FILES:
-            _fsync(tmp / name)
+        with explain_disk_full(f"writing checkpoint {final}: nothing was replaced there, the previous checkpoint is intact"):
+            save_file({k: v.detach().contiguous().cpu().clone() for k, v in trainable.items()}, str(tmp / WEIGHTS))
+            torch.save({"optimizer": optimizer, "scheduler": scheduler, "hooks": hooks}, tmp / OPTIMIZER)
+            torch.save({"ranks": rng}, tmp / RNG)
+            (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1) + "\n", encoding="utf-8")
+            for name in FILES:
+                _fsync(tmp / name)
+        give_umask_modes(tmp)
         if final.exists():  # a resumed run reaching a step it had saved before: replace that copy
             shutil.rmtree(final)
         os.rename(tmp, final)
-    except BaseException as error:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(error):
-            raise DiskFullError(f"disk full while writing checkpoint {final} in {out_dir}; the previous checkpoint is untouched. Free space there and resume.") from error
         raise
     for older in checkpoints_in(out_dir):
         if older != final:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.assets import notice
+from peftlab.output_folder import check_output_folder, staged_output
 from peftlab.train.gguf_options import add_gguf_arguments, refuse_gguf_flags, run_gguf_export
 from peftlab.train.options import OptionsError, TrainOptions, add_train_arguments, options_from_args
 
@@ -70,7 +71,7 @@ class EvalCommand:
         processes = start_processes(options.device)
         try:
             model, tokenizer = load_trained(model_name, args.adapter, task, getattr(data, "num_labels", None), options.quantize)
-            check_max_length(options.max_length, model)
+            check_max_length(options.max_length, model, tokenizer)
             if args.rank is not None:
                 if args.adapter is None:
                     raise OptionsError("--rank sets the rank of an adapter: give --adapter too.")
@@ -118,17 +119,23 @@ class MergeCommand:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--adapter", metavar="DIR", required=True, help="adapter folder written by `peftlab train`")
         parser.add_argument("--out", metavar="DIR", required=True, help="folder for the merged model and its tokenizer")
+        _add_overwrite_argument(parser)
         # --quantize nf4: the adapter was trained on the 4-bit base (QLoRA); merge it exactly into that
         # base's dequantised weights, not into the original ones the quantization rounded.
         add_train_arguments(parser, only=("model", "task", "quantize"))
 
     def run(self, args: argparse.Namespace) -> int:
+        from peftlab.train.build import recorded_quantization
+
         out = _output_folder(args, "the merged model", "transformers would load the merged model with the adapter applied a second time")
         quantization = _quantization(args)
+        if getattr(args, "quantize", None) and not recorded_quantization(args.adapter):
+            _refuse_a_4_bit_base_for_a_full_precision_adapter(args)
         model_name, model, tokenizer = _load_adapter_on_its_base(args, quantization)
         merged = model.merge_and_unload(dequantize=quantization is not None)
-        merged.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        with staged_output(out, "the merged model") as folder:
+            merged.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
         notice(f"merged {args.adapter} into {model_name}: wrote {out}")
         return 0
 
@@ -140,6 +147,7 @@ class ExportCommand:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--adapter", metavar="DIR", required=True, help="adapter folder written by `peftlab train`")
         parser.add_argument("--out", metavar="DIR", required=True, help="folder for the exported adapter")
+        _add_overwrite_argument(parser)
         parser.add_argument("--to", choices=["lora", "gguf"], default="lora",
                             help="the format: plain LoRA (HF PEFT files), or GGUF for llama.cpp / Ollama")
         parser.add_argument("--rank", type=int, metavar="K",
@@ -160,7 +168,8 @@ class ExportCommand:
         refuse_gguf_flags(args)
         _, model, _ = _load_adapter_on_its_base(args, _quantization(args))
         export = build_lora_export(model, rank=args.rank, max_rank=args.max_rank)
-        write_lora_export(export, out, metadata=saved_base_facts(model.base_model))
+        with staged_output(out, "the exported adapter") as folder:
+            write_lora_export(export, folder, metadata=saved_base_facts(model.base_model))
         notice(f"exported {args.adapter} as plain LoRA (r = {export.rank}) to {out}: {export.summary()}")
         return 0
 
@@ -182,18 +191,43 @@ def _quantization(args: argparse.Namespace) -> str | None:
     return recorded
 
 
+def _refuse_a_4_bit_base_for_a_full_precision_adapter(args: argparse.Namespace) -> None:
+    """--quantize for an adapter that records no 4-bit base: refused when its run says it trained in full
+    precision (the result would be NF4-rounded weights it never saw), else said."""
+    from peftlab.methods import METHODS
+    from peftlab.train.build import saved_run_options
+
+    run = saved_run_options(args.adapter)
+    method = METHODS.get(run.get("method") or "")
+    if run and not (run.get("quantize") or (method and method.quantization)):
+        raise OptionsError(
+            f"{args.adapter} was trained on a full-precision base (its run: method {run.get('method')}, no --quantize); "
+            f"--quantize {args.quantize} would fold it into NF4-rounded weights it was never trained with. Drop --quantize."
+        )
+    notice(f"{args.adapter} records no 4-bit base: with --quantize {args.quantize} the result holds NF4-rounded base "
+           "weights, exact only if the adapter was trained on such a base")
+
+
 train = TrainCommand()
 evaluate = EvalCommand()
 merge = MergeCommand()
 export = ExportCommand()
 
 
+def _add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what --out holds (by default a folder holding anything is refused)")
+
+
 def _output_folder(args: argparse.Namespace, what: str, why_not_the_adapters: str) -> Path:
-    """``--out`` of merge/export: a folder (or nothing yet), never the adapter's own folder."""
+    """``--out`` of merge/export: a folder (or nothing yet), never the adapter's own folder, and one
+    that holds something only with --overwrite."""
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise OptionsError(f"--out {out} is a file; give a folder for {what}.")
     _refuse_the_adapter_folder(out, args.adapter, why_not_the_adapters)
+    for given in (args.adapter, getattr(args, "model", None)):  # --overwrite would delete what it reads
+        if given and Path(given).exists() and out.resolve() in Path(given).resolve().parents:
+            raise OptionsError(f"--out {out} holds {given}, which this command reads; give a folder outside it.")
+    check_output_folder(out, args.overwrite, what)
     return out
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from peftlab.adapter import Adapter
 from peftlab.train.hooks import discover_hooks
 from peftlab.train.options import OptionsError
 
@@ -173,8 +174,6 @@ def full_trainable_parameters(model: nn.Module) -> Iterator[None]:
     A collective: every process enters it. The frozen base stays sharded, so only the adapters'
     memory is added. Used to write an adapter or checkpoint from a sharded model.
     """
-    from peftlab.methods.adapter import Adapter
-
     in_adapters = {id(p) for module in model.modules() if isinstance(module, Adapter) for p in module.parameters()}
     gathered: dict[int, nn.Parameter] = {}
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []

@@ -48,7 +48,7 @@ def run_gguf_export(args: argparse.Namespace, out: Path, loaded) -> int:
     model_name, model, tokenizer = loaded
     result = export_gguf(
         model, tokenizer, out, mode=args.mode, dtype=args.dtype, base_gguf=args.base_gguf, verify=args.verify,
-        prompts_file=args.verify_prompts, reference_gguf=resolve_gguf(model_name),
+        prompts_file=args.verify_prompts, reference_gguf=resolve_gguf(model_name), overwrite=args.overwrite,
     )
     notice(f"exported {args.adapter} as GGUF ({args.mode}, {args.dtype}) to {out} in {result.seconds:.1f} s: {result.fidelity}")
     if result.parity is not None:

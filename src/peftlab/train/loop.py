@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from peftlab.checkpointing import enable_activation_checkpointing
 from peftlab.io import append_text, atomic_write_text
 from peftlab.model import PeftModel, count_parameters
 from peftlab.optim import make_optimizer, make_scheduler
@@ -41,6 +42,7 @@ from peftlab.train.checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from peftlab.train.data_fingerprint import data_sha256
 from peftlab.train.distributed import Processes, start_processes
 from peftlab.train.fsdp import (
     full_optimizer_state,
@@ -56,6 +58,7 @@ from peftlab.train.hooks import HookRunner, TrainingProgress, discover_hooks
 from peftlab.train.options import METHOD_OPTIONS, OptionsError, TrainOptions
 from peftlab.train.phase_clock import PhaseClock, split_per_step
 from peftlab.train.build import build_model, load_datasets, make_collator, save_trained
+from peftlab.train.data_init import DataDrivenInit
 from peftlab.train.run_folder import claim_output_folder
 
 #: Options a resumed run must share with the saved one for its loss curve to continue exactly.
@@ -83,8 +86,8 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
         processes = start_processes(options.device, options.strategy)
         try:
             claim = claim_output_folder(Path(options.out), options.overwrite, resumes_into(options))
-            with claim if processes.is_main else contextlib.nullcontext():
-                return TrainingRun(options, processes).run()
+            with claim if processes.is_main else contextlib.nullcontext(Path(options.out)) as folder:
+                return TrainingRun(options, processes, folder).run()
         finally:
             processes.close()
 
@@ -135,13 +138,17 @@ def reset_peak_memory(device: torch.device) -> bool:
 
 
 class TrainingRun:
-    def __init__(self, options: TrainOptions, processes: Processes) -> None:
+    def __init__(self, options: TrainOptions, processes: Processes, folder: Path | None = None) -> None:
         self.processes = processes
-        self.out = Path(options.out)
+        self.out = folder or Path(options.out)  # a staging folder while the run replaces another (--overwrite)
         seed_everything(options.seed)
         self.train_data, self.eval_data = load_datasets(options)
+        # EVA and CorDA start from the run's own batches (train/data_init.py).
+        self.init_data = DataDrivenInit(self.train_data, lambda tokenizer: make_collator(options, tokenizer),
+                                        options.batch_size, options.seed)
         model, self.tokenizer, options = build_model(
-            options, getattr(self.train_data, "num_labels", None), getattr(self.train_data, "label_names", None)
+            options, getattr(self.train_data, "num_labels", None), getattr(self.train_data, "label_names", None),
+            self.init_data,
         )
         self.options = options
         if options.gradient_checkpointing:
@@ -162,7 +169,7 @@ class TrainingRun:
         self.state: dict[str, Any] = {
             "step": 0, "epoch": 0, "batch_in_epoch": 0, "train_time_s": 0.0, "examples_seen": 0,
             "train_loss_curve": [], "val_curve": [], "train_accuracy": [], "epoch_correct": 0, "epoch_count": 0,
-            "logged": [],
+            "logged": [], "data_sha256": data_sha256(self.train_data, self.eval_data),
         }
         if options.resume:
             self._resume(options.resume)
@@ -170,6 +177,12 @@ class TrainingRun:
     # -- data ----------------------------------------------------------------------------------------
 
     def _count_batches(self) -> int:
+        world_size = self.processes.world_size
+        if self.options.batch_size < world_size:  # a process would get an empty micro-batch
+            raise OptionsError(
+                f"--batch-size {self.options.batch_size} is the global batch, split over {world_size} processes: "
+                f"each needs at least one example; use --batch-size {world_size} or more (or fewer processes)."
+            )
         # A trailing batch too small to give every process an example is dropped.
         full, rest = divmod(len(self.train_data), self.options.batch_size)
         count = full + (rest >= self.processes.world_size)
@@ -206,6 +219,13 @@ class TrainingRun:
                 f"checkpoint {checkpoint.path} was written by {len(checkpoint.rng)} processes; "
                 f"resume with the same number (now {self.processes.world_size})."
             )
+        saved_data = checkpoint.state.get("data_sha256")  # checkpoints before it was recorded have none
+        if saved_data is not None and saved_data != self.state["data_sha256"]:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} was trained on other data: the examples of {self.options.dataset} "
+                "changed since (a file edited, added or removed). Resume with the data it was trained on, or start "
+                "a new run (--overwrite)."
+            )
         params = dict(self.model.named_parameters())
         trainable = {k for k, p in params.items() if p.requires_grad}
         if set(checkpoint.trainable) != trainable:
@@ -215,7 +235,8 @@ class TrainingRun:
         self.scheduler.load_state_dict(checkpoint.scheduler)
         self.hooks.load_state_dict(checkpoint.hooks)
         restore_rng_state(checkpoint.rng[self.processes.rank])
-        self.state = {k: v for k, v in checkpoint.state.items() if k != "options"}
+        self.state = {"data_sha256": self.state["data_sha256"],
+                      **{k: v for k, v in checkpoint.state.items() if k != "options"}}
         self._log(f"resumed from {checkpoint.path} at step {self.state['step']}")
 
     def _save_checkpoint(self) -> None:
@@ -294,6 +315,8 @@ class TrainingRun:
         self.optimizer.zero_grad(set_to_none=True)
         saved = checkpoints_in(self.out)
         keep = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved (use --save-every)"
+        if self.out != Path(self.options.out):
+            keep = f"the run it was to replace in {self.options.out} is kept as it was"
         raise TrainingDiverged(
             f"the training {what} became {value} at step {self.state['step'] + 1}; the step was not applied and "
             f"{keep}. Lower --lr (now {self.options.lr:g}), keep --max-grad-norm on, or turn off --bf16."
@@ -310,7 +333,7 @@ class TrainingRun:
         options = self.options
         if not (options.report_to and self.processes.is_main):
             return TrackerGroup([])
-        run = TrackedRun(options.run_name or self.out.resolve().name, options.run_group, self.out, options.to_dict())
+        run = TrackedRun(options.run_name or Path(options.out).resolve().name, options.run_group, self.out, options.to_dict())
         resume_ids = self.state.get("tracker_runs") if resumes_into(options) else None
         trackers = TrackerGroup.start(options.report_to, run, resume_ids)
         self.state["tracker_runs"] = trackers.run_ids()
@@ -389,6 +412,7 @@ class TrainingRun:
         metrics = {
             **{k: v for k, v in last_eval.items() if k != "step"},
             "train_time_s": train_time,
+            "init_time_s": self.init_data.seconds,  # EVA's or CorDA's pass over the data; 0 for the others
             "peak_memory_mb": max(peak_memory),
             "peak_memory_mb_per_process": peak_memory,
             "training_peak_memory_mb_per_process": training_peak_memory,  # from the first step on
@@ -413,7 +437,7 @@ class TrainingRun:
         if self.processes.is_main:
             atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
             self.trackers.log("final", {k: v for k, v in metrics.items() if not k.startswith("eval_")}, state["step"])
-            self._log(f"wrote {self.out}")
+            self._log(f"wrote {self.options.out}")
         self.processes.barrier()
         return metrics
 
@@ -452,16 +476,9 @@ class TrainingRun:
 
 
 def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
-    """Recompute each block's activations in backward.
-
-    With a frozen embedding, the blocks' input needs no gradient, and reentrant checkpointing
-    would then give the adapters none; making the embedding output require grad fixes that.
-    Non-reentrant checkpointing (the default, and the one that works under DDP) has no such trap.
-    """
+    """Recompute each block's activations in backward (:mod:`peftlab.checkpointing`); non-reentrant by
+    default, the kind that works under DDP."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise OptionsError(f"{type(base).__name__} does not support gradient checkpointing; drop --gradient-checkpointing.")
-    # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias).
-    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
-    enable({"use_reentrant": use_reentrant})
-    base.enable_input_require_grads()
+    enable_activation_checkpointing(base, {"use_reentrant": use_reentrant})

@@ -31,6 +31,7 @@ import yaml
 
 from peftlab.methods import METHODS, MethodOption
 from peftlab.optim import OPTIMIZERS, SCHEDULERS
+from peftlab.train.option_ranges import range_error
 from peftlab.trackers import NO_TRACKER, TRACKERS
 
 TASKS = ("seq-cls", "causal-lm")
@@ -170,16 +171,10 @@ class RunOptions:
             self.method_options = {k: v for k, v in self.method_options.items() if k != key}
 
     def _check_ranges(self) -> None:
-        positive = ["max_length", "epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every",
-                    "max_train_samples", "max_eval_samples", "max_steps", "eval_every", "save_every"]
-        for name in positive:
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise OptionsError(f"{name} must be positive, got {value}.")
-        if self.lr is not None and self.lr <= 0:
-            raise OptionsError(f"lr must be positive, got {self.lr}.")
-        if not 0 <= self.warmup_ratio < 1:
-            raise OptionsError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        for name in (spec.name for spec in dataclasses.fields(self)):
+            error = range_error(name, getattr(self, name))
+            if error:
+                raise OptionsError(error)
         for name, option in METHOD_OPTIONS.items():
             error = option.check(name, getattr(self, name))
             if error:
@@ -208,14 +203,15 @@ class RunOptions:
             raise OptionsError(f"unknown method {self.method!r}; available methods: {', '.join(known)}.{hint}")
         if self.is_full_fine_tuning and self.quantize:
             raise OptionsError("--quantize needs an adapter method: a quantized base cannot be fine-tuned in full.")
-        if not self.is_full_fine_tuning:  # full fine-tuning ignores adapter options, as a shared sweep needs
-            own = METHODS[self.method].options
-            foreign = [name for name in METHOD_OPTIONS if getattr(self, name) is not None and name not in own]
-            if foreign:
-                raise OptionsError(
-                    f"method {self.method!r} has no option {foreign[0]!r}; its options: {', '.join(own) or 'none'} "
-                    "(others through --method-option KEY=VALUE)."
-                )
+        own = {} if self.is_full_fine_tuning else METHODS[self.method].options
+        foreign = [name for name in METHOD_OPTIONS if getattr(self, name) is not None and name not in own]
+        if self.is_full_fine_tuning:  # full fine-tuning has no adapter: its options would do nothing
+            foreign += [name for name in ("target_modules", "method_options") if getattr(self, name)]
+        if foreign:
+            raise OptionsError(
+                f"method {self.method!r} has no option {foreign[0]!r}; its options: {', '.join(own) or 'none'} "
+                "(others through --method-option KEY=VALUE)."
+            )
         unset = {name: value for name, value in method_defaults(self.method).items() if getattr(self, name) is None}
         return dataclasses.replace(self, **unset)
 
@@ -322,11 +318,26 @@ def _field_names() -> list[str]:
     return [spec.name for spec in dataclasses.fields(TrainOptions)]
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key written twice in one mapping is an error (safe_load keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            value = self.construct_object(value_node, deep=deep)
+            if key in seen and seen[key] != value:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice, as {seen[key]!r} and {value!r}; keep one", key_node.start_mark)
+            seen[key] = value
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The options in a YAML file, keys normalised to field names; unknown keys name the closest one."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except OSError as error:
         raise OptionsError(f"cannot read config file {path}: {error.strerror or error}.") from None
     except yaml.YAMLError as error:
@@ -343,6 +354,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
             hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(names)}."
             raise OptionsError(f"config file {path}: unknown key {key!r}.{hint}")
+        if name in options and options[name] != value:
+            raise OptionsError(f"config file {path}: {name} is given twice, as {options[name]!r} and {value!r}; keep one.")
         options[name] = value
     return options
 
@@ -366,6 +379,26 @@ def _key_value(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)  # YAML typing: 8 -> int, true -> bool, [a, b] -> list
 
 
+def _refuse_a_second_value(namespace: argparse.Namespace, dest: str, value: Any, option_string: str | None) -> None:
+    """The same flag given twice with different values is an error, not the last one silently winning."""
+    if hasattr(namespace, dest) and getattr(namespace, dest) != value:
+        raise argparse.ArgumentError(None, f"{option_string} is given twice with different values "
+                                           f"({getattr(namespace, dest)!r} and {value!r}); keep one.")
+
+
+class _StoreOnce(argparse.Action):
+    def __call__(self, parser, namespace, value, option_string=None):
+        _refuse_a_second_value(namespace, self.dest, value, option_string)
+        setattr(namespace, self.dest, value)
+
+
+class _BooleanOnce(argparse.BooleanOptionalAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.option_strings:
+            _refuse_a_second_value(namespace, self.dest, not option_string.startswith("--no-"), "/".join(self.option_strings))
+        super().__call__(parser, namespace, values, option_string)
+
+
 class _ExtendNames(argparse.Action):
     """A list flag adds to the list each time it is given: ``--report-to tensorboard --report-to mlflow``."""
 
@@ -377,6 +410,9 @@ class _ExtendNames(argparse.Action):
 class _CollectKeyValues(argparse.Action):
     def __call__(self, parser, namespace, value, option_string=None):
         collected = dict(getattr(namespace, self.dest, None) or {})
+        if value[0] in collected and collected[value[0]] != value[1]:
+            raise argparse.ArgumentError(self, f"{value[0]} is given twice with different values "
+                                               f"({collected[value[0]]!r} and {value[1]!r}); keep one.")
         collected[value[0]] = value[1]
         setattr(namespace, self.dest, collected)
 
@@ -398,13 +434,13 @@ def add_train_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] |
         kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS}
         kwargs["help"] = spec.metadata["help"] + ("" if default in (None, {}, []) else f" (default: {default})")
         if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["action"] = _BooleanOnce
         elif kind is dict:
             kwargs.update(action=_CollectKeyValues, type=_key_value, metavar="KEY=VALUE")
         elif kind is list:
             kwargs.update(action=_ExtendNames, metavar="NAME,NAME")
         else:
-            kwargs.update(type=kind, choices=spec.metadata["choices"])
+            kwargs.update(action=_StoreOnce, type=kind, choices=spec.metadata["choices"])
         parser.add_argument(flag, **kwargs)
 
 

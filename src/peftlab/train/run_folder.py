@@ -1,14 +1,16 @@
 """A training run's output folder: one process at a time, no finished run replaced by accident,
 and nothing left behind by an interrupted save.
 
-    with claim_output_folder(out, overwrite=False, resuming=False):   # on the main process
-        ...train, checkpoint, save...
+    with claim_output_folder(out, overwrite=False, resuming=False) as folder:   # on the main process
+        ...train, checkpoint, save into folder...
 
 Claiming a folder: it must be writable; ``OUT/.peftlab.lock`` is locked (``flock``, released by
 the OS when the process dies, so a killed run never leaves a stale lock) and names the holder's
 pid for the next process's message; a folder with a run's files in it is refused unless
 ``--overwrite`` (or ``--resume`` of that run); the hidden ``*.tmp`` files and folders of a save
-that was interrupted are deleted.
+that was interrupted are deleted. With ``--overwrite`` the new run is written into a hidden sibling
+folder and replaces the old run's files only once it has finished (:mod:`peftlab.output_folder`):
+a failed or interrupted run leaves the old one exactly as it was.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,7 +26,8 @@ from typing import Iterator
 
 from peftlab.assets import notice
 from peftlab.io import CONFIG_NAME, WEIGHTS_NAME
-from peftlab.train.checkpoint import checkpoints_in
+from peftlab.output_folder import staged_output
+from peftlab.train.checkpoint import PREFIX as CHECKPOINT_PREFIX, checkpoints_in
 from peftlab.train.options import OptionsError
 
 LOCK_NAME = ".peftlab.lock"
@@ -36,8 +40,9 @@ class FolderInUseError(OptionsError):
 
 
 @contextlib.contextmanager
-def claim_output_folder(out: Path, overwrite: bool, resuming: bool) -> Iterator[None]:
-    """Hold ``out`` for one run; see the module docstring for what is checked."""
+def claim_output_folder(out: Path, overwrite: bool, resuming: bool) -> Iterator[Path]:
+    """Hold ``out`` for one run and yield the folder to write it into (``out``, or a staging folder
+    when the run replaces another); see the module docstring for what is checked."""
     check_writable(out)
     lock = open(out / LOCK_NAME, "a+", encoding="utf-8")
     try:
@@ -54,10 +59,14 @@ def claim_output_folder(out: Path, overwrite: bool, resuming: bool) -> Iterator[
         lock.truncate()
         lock.write(f"{os.getpid()}\n")
         lock.flush()
-        if not resuming:
-            _refuse_or_clear_previous_run(out, overwrite)
+        replacing = not resuming and _refuse_previous_run(out, overwrite)
         _remove_interrupted_saves(out)
-        yield
+        if not replacing:
+            yield out
+            return
+        notice(f"--overwrite: the run in {out} is replaced once this one has finished")
+        with staged_output(out, "the new run", replaces=_is_run_entry) as stage:
+            yield stage
     finally:
         lock.close()  # releases the flock; the file stays, so two processes never lock two files
 
@@ -74,18 +83,20 @@ def check_writable(folder: Path) -> None:
         ) from None
 
 
-def _refuse_or_clear_previous_run(out: Path, overwrite: bool) -> None:
+def _refuse_previous_run(out: Path, overwrite: bool) -> bool:
+    """Whether ``out`` holds a run that ``overwrite`` allows to replace; without it, an error."""
     found = [name for name in RUN_FILES if (out / name).exists()] + [p.name for p in checkpoints_in(out)]
-    if not found:
-        return
-    if not overwrite:
+    if found and not overwrite:
         raise OptionsError(
             f"{out} already holds a run ({', '.join(found[:4])}{' ...' if len(found) > 4 else ''}); pass --overwrite "
             f"to replace it, --resume {out} to continue it, or choose another --out."
         )
-    for checkpoint in checkpoints_in(out):  # a later --resume must not find the old run's checkpoints
-        shutil.rmtree(checkpoint)
-    notice(f"--overwrite: replacing the run in {out}")
+    return bool(found)
+
+
+def _is_run_entry(name: str) -> bool:
+    """A file or folder the previous run wrote (a later --resume must not find its checkpoints)."""
+    return name in RUN_FILES or re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", name) is not None
 
 
 def _remove_interrupted_saves(out: Path) -> None:

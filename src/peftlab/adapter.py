@@ -7,6 +7,7 @@
     trainable_parameters()                   # what trains while the adapter is active (default: all)
     training_hooks()                         # per-layer TrainingHooks (default: none)
     low_rank(base)                           # the update as exact factors (A, B), or None
+    fused_forward(x, base)                   # base and adapter as one autograd node, or None
 
 ``base`` is a :class:`peftlab.base.BaseLayerView`: adapters never know whether the layer is a
 Linear, a GPT-2 Conv1D, an Embedding or a 4-bit layer.
@@ -59,6 +60,12 @@ class Adapter(nn.Module):
         with torch.no_grad():
             for key, value in tensors.items():
                 own[key].copy_(value.to(own[key].dtype))
+
+    def fused_forward(self, x: torch.Tensor, base: BaseLayerView) -> torch.Tensor | None:
+        """The layer's whole output (frozen layer plus this adapter) from one fused autograd node, or None
+        where the adapter has no such node for this input (the layer then runs the base, then ``forward``).
+        The layer asks for it when this adapter alone runs on the batch (the common training case)."""
+        return None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters that train while this adapter is active; the others never do."""
