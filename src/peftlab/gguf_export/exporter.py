@@ -67,7 +67,9 @@ def export_gguf(
     reference_gguf: Path | None = None, adapter_name: str = "default", prompts: list[str] | None = None,
     overwrite: bool = False,
 ) -> GGUFExport:
-    """Write the export folder ``out`` (which must not hold anything); see the module docstring.
+    """Write the export folder ``out`` (one holding something is refused unless ``overwrite``); see the
+    module docstring. The model is consumed: its adapter is unloaded (lora) or merged (merged), as
+    ``merge_and_unload`` does.
     ``reference_gguf``: a GGUF of the same base whose tokenizer keys to copy (the alias's original);
     ``prompts``: what --verify runs (default: the built-in set, plus ``prompts_file``'s lines);
     ``overwrite``: replace what ``out`` holds (only once the new export is complete)."""
@@ -145,7 +147,7 @@ def export_gguf(
                                                 with_files, without_files, dtype, tokenizer_keys, Path(scratch))
                     raise ParityError(
                         "the exported GGUF does not compute what the trained model does in llama.cpp: "
-                        + "; ".join(problems) + f". {culprit} Nothing was written to {out}."
+                        + "; ".join(problems) + f". {culprit} {out} was left as it was."
                     )
             result.seconds = time.monotonic() - started
             (folder / "Modelfile").write_text(modelfile(tokenizer, result.files), encoding="utf-8")
