@@ -14,16 +14,8 @@ from transformers import AlbertConfig, BertConfig
 
 from peftlab.lab import runner
 from peftlab.lab.results import RunRecord, load_results
-from peftlab.lab.study import (
-    LARGE_RANK,
-    SGD_LR,
-    SMALL_RANK,
-    STUDIES,
-    _progress,
-    plan_study,
-    planned_examples,
-    run_weights,
-)
+from peftlab.lab.study import LARGE_RANK, SGD_LR, SMALL_RANK, STUDIES
+from peftlab.lab.study_command import _progress, plan_study, planned_examples, run_weights
 from test_compare import run_cli
 
 #: The numbers a stand-in run reports, from its sweep: each study's claim made to hold, fail or tie.

@@ -26,7 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("peftlab.train.generate_commands:chat_command", "talk with a causal LM or base + adapter, answers streamed"),
     "compare": ("peftlab.lab.cli:compare", "fine-tune several methods on the same model, data and seed; report them"),
     "report": ("peftlab.lab.cli:report", "rewrite a comparison's report (markdown, HTML, plots) from its results.json"),
-    "study": ("peftlab.lab.study:study", "test rules of thumb (alpha, rank, targets, scheduler, ...; all) over seeds: verdicts and a report"),
+    "study": ("peftlab.lab.study_command:study", "test rules of thumb (alpha, rank, targets, scheduler, ...; all) over seeds: verdicts and a report"),
 }
 
 

@@ -20,7 +20,8 @@ from peftlab.lab import seed_run
 from peftlab.lab.findings import findings
 from peftlab.lab.method_notes import describe_method
 from peftlab.lab.metric import metric_label
-from peftlab.lab.plots import Plot, format_count, format_mb, render_plots
+from peftlab.lab.figures import render_plots
+from peftlab.lab.plots import Plot, format_count, format_mb
 from peftlab.lab.results import BYTES_PER_MB, Results, RunRecord
 from peftlab.train.phase_clock import PHASES
 
