@@ -31,7 +31,7 @@ def render_plots(results: Results, plots_dir: Path) -> list[Plot]:
     """Every plot that has data, in report order."""
     plots_dir.mkdir(parents=True, exist_ok=True)
     baseline = results.time_baseline()
-    baseline_name = "full fine-tuning" if baseline and baseline.method == "full" else "the slowest run"
+    baseline_name = "full fine-tuning" if baseline and baseline.is_full_fine_tuning else "the slowest run"
     label = metric_label(results.config)
     Label = label[0].upper() + label[1:]
     candidates: list[tuple[str, str, Callable[[Path], Path | None], str]] = [

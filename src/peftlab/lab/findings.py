@@ -118,7 +118,7 @@ def share(value: float, of: float) -> str:
 
 
 def _full_run(runs: Sequence[RunRecord]) -> RunRecord | None:
-    full = [run for run in runs if run.method == FULL_FINE_TUNING]
+    full = [run for run in runs if run.is_full_fine_tuning]
     return next((run for run in full if run.run_name == FULL_FINE_TUNING), full[0] if full else None)
 
 

@@ -30,12 +30,12 @@ from typing import Any, Callable
 
 from peftlab.assets import load_tokenizer, notice
 from peftlab.lab.results import Results
-from peftlab.train.options import OptionsError, TrainOptions
+from peftlab.train.options import FULL_FINE_TUNING, OptionsError, TrainOptions
 
 #: The adapter methods set against full fine-tuning; each gets two verdicts (the questions are in
 #: :mod:`peftlab.lab.study`, the metric ``general_perplexity`` in :mod:`peftlab.lab.verdict`).
 ADAPTER_METHODS = ("lora", "dora")
-METHODS = ",".join(("full", *ADAPTER_METHODS))
+METHODS = ",".join((FULL_FINE_TUNING, *ADAPTER_METHODS))
 #: The default task and budget; the user's flags change any of them. Every run trains 12 steps of 8
 #: examples on SST-2 as prompt/response and is evaluated on 64 validation sentences.
 BUDGET: dict[str, Any] = {"model": "smollm2-135m", "task": "causal-lm", "dataset": "sst2", "max_train_samples": 96,

@@ -41,7 +41,7 @@ def plot_relative_time(results: Results, path: Path) -> Path | None:
         return None
     percents = [100 * run.train_time_s / baseline.train_time_s for run in runs]
     labels = [f"{pct:.1f}%  ({run.train_time_s:,.1f} s)" for pct, run in zip(percents, runs)]
-    baseline_label = "full" if baseline.method == "full" else f"slowest run, {baseline.run_name}"
+    baseline_label = "full" if baseline.is_full_fine_tuning else f"slowest run, {baseline.run_name}"
     fig, ax = _bar_figure(results, runs, percents, labels)
     ax.axvline(100, color="0.3", linestyle="--", linewidth=1)
     ax.set_xlabel(f"training time, % of {baseline.run_name} ({baseline.train_time_s:,.1f} s)")

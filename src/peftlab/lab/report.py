@@ -92,7 +92,7 @@ def _columns(results: Results, terminal: bool) -> list[Column]:
     baseline = results.time_baseline()
     if baseline is None:
         time_header = "%"
-    elif baseline.method == "full":
+    elif baseline.is_full_fine_tuning:
         time_header = "% of full"
     else:
         time_header = f"% of {baseline.run_name} (slowest)"
@@ -246,7 +246,7 @@ def _eval_datasets_table(results: Results, eval_sets: list[str]) -> Table:
 def _how_to_read(results: Results) -> list[str]:
     baseline = results.time_baseline()
     reference = (
-        "full fine-tuning" if baseline and baseline.method == "full"
+        "full fine-tuning" if baseline and baseline.is_full_fine_tuning
         else f"the slowest run ({baseline.run_name}), as there is no successful full run" if baseline
         else "a baseline run (none succeeded here)"
     )

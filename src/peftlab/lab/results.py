@@ -80,6 +80,7 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 from peftlab.io import atomic_write_text
+from peftlab.train.options import FULL_FINE_TUNING
 
 RESULTS_VERSION = 1
 VERSION_KEY = "peftlab_results_version"
@@ -161,6 +162,10 @@ class RunRecord:
         return self.status == "ok"
 
     @property
+    def is_full_fine_tuning(self) -> bool:
+        return self.method == FULL_FINE_TUNING
+
+    @property
     def trainable_fraction(self) -> float | None:
         if self.trainable_params is None or not self.total_params:
             return None
@@ -236,9 +241,9 @@ class Results:
     def time_baseline(self) -> RunRecord | None:
         """The run that counts as 100% time: the full fine-tune, else the slowest successful run."""
         timed = [run for run in self.ok_runs if run.train_time_s]
-        full = [run for run in timed if run.method == "full"]
+        full = [run for run in timed if run.is_full_fine_tuning]
         if full:
-            return next((run for run in full if run.run_name == "full"), full[0])
+            return next((run for run in full if run.run_name == FULL_FINE_TUNING), full[0])
         return max(timed, key=lambda run: run.train_time_s, default=None)
 
     def to_dict(self) -> dict[str, Any]:

@@ -69,7 +69,7 @@ def setup_differences(runs: Sequence[RunRecord]) -> list[str]:
         return [f"no successful unswept run of {', '.join(PUBLISHED)}"]
     differences: dict[str, str] = {}
     for run in runs:
-        wanted = {**SEED_SETUP, **({} if run.method == FULL_FINE_TUNING else SEED_ADAPTER_SETUP)}
+        wanted = {**SEED_SETUP, **({} if run.is_full_fine_tuning else SEED_ADAPTER_SETUP)}
         actual = dict(run.options)
         if actual.get("model") not in SEED_MODELS:
             differences.setdefault("model", f"model {actual.get('model')} (published: gpt2-large)")
@@ -89,7 +89,7 @@ def comparison_rows(results: Results) -> list[list[str]] | None:
     runs = seed_runs(results)
     if setup_differences(runs):
         return None
-    full = next((run for run in runs if run.method == FULL_FINE_TUNING), None)
+    full = next((run for run in runs if run.is_full_fine_tuning), None)
     rows = []
     for run in runs:
         published = PUBLISHED[run.method]

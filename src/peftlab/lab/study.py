@@ -35,7 +35,7 @@ from peftlab.lab.verdict import (
     Question,
     Verdict,
 )
-from peftlab.train.options import OptionsError, TrainOptions
+from peftlab.train.options import FULL_FINE_TUNING, OptionsError, TrainOptions
 
 ALL = "all"
 VERDICTS_FILE = "verdicts.md"
@@ -130,10 +130,10 @@ STUDIES: dict[str, Study] = {study.name: study for study in (
     Study("forgetting", "full fine-tuning against adapters on a causal LM: accuracy on the task (learning) and "
           "perplexity on held-out general text before and after (forgetting)", forgetting.METHODS, ((),),
           tuple(question for method in forgetting.ADAPTER_METHODS for question in (
-              Effect(f"{method} learns less than full fine-tuning: its task accuracy is lower", METHOD_OPTION, "full",
+              Effect(f"{method} learns less than full fine-tuning: its task accuracy is lower", METHOD_OPTION, FULL_FINE_TUNING,
                      method, expect="lower"),
               Effect(f"{method} forgets less than full fine-tuning: its perplexity on held-out general text rises "
-                     "less", METHOD_OPTION, "full", method, expect="lower", metric=GENERAL_PERPLEXITY))),
+                     "less", METHOD_OPTION, FULL_FINE_TUNING, method, expect="lower", metric=GENERAL_PERPLEXITY))),
           metric=GENERAL_PERPLEXITY, budget=forgetting.BUDGET, work=forgetting.FORGETTING),
 )}
 

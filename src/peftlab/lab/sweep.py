@@ -43,7 +43,7 @@ from peftlab.train.options import (
 )
 
 #: What `peftlab compare` runs when --methods is not given: the seed experiment's four.
-DEFAULT_METHODS = ("full", "lora", "dora", "qlora")
+DEFAULT_METHODS = (FULL_FINE_TUNING, "lora", "dora", "qlora")
 #: Options that belong to the comparison, not to a run: each run gets its own method, folder and name.
 PER_RUN_OPTIONS = ("method", "out", "resume", "run_name")
 #: Options not worth a sweep axis: where output goes and how often it is written.
