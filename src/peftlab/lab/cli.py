@@ -31,6 +31,7 @@ from peftlab.lab.extra_eval import check_eval_datasets
 from peftlab.lab.metric import EXACT_MATCH, metric_for
 from peftlab.lab.results import load_results
 from peftlab.methods import METHODS
+from peftlab.methods.method import adapter_dropout_option
 from peftlab.lab.sweep import (
     DEFAULT_METHODS,
     PER_RUN_OPTIONS,
@@ -54,10 +55,10 @@ COMPARE_DEFAULTS: dict[str, Any] = {"max_train_samples": 2000, "max_length": 64,
 #: 0.00). See the README's "Generation" section for its timing.
 LLM_COMPARE_DEFAULTS: dict[str, Any] = {"dataset": "number-words", "max_train_samples": 240, "max_steps": 30,
                                         "batch_size": 8, "max_length": 64, "max_eval_samples": 50}
-#: What every compared method that has the option takes, unless flags, the config file or --set say
-#: otherwise: no adapter dropout, as the seed experiment's hand-written LoRA and DoRA (whose times the
+#: Every compared method's adapter dropout (lora_dropout, vera_dropout, mora_dropout), unless flags, the config
+#: file or --set say otherwise: none, as the seed experiment's hand-written LoRA and DoRA (whose times the
 #: report quotes); `peftlab train` keeps the LoRA family's 0.05.
-COMPARE_METHOD_DEFAULTS: dict[str, Any] = {"lora_dropout": 0.0}
+COMPARE_ADAPTER_DROPOUT = 0.0
 SHARED_OPTIONS = tuple(name for name in option_names() if name not in PER_RUN_OPTIONS)
 EXIT_RUN_FAILED, EXIT_INTERRUPTED = 1, 130
 
@@ -78,7 +79,7 @@ class CompareCommand:
             + f"\nsweepable options: {', '.join(sweepable_options())}"
             + f"\ndefault budget: {' '.join(_as_flags(COMPARE_DEFAULTS))}; with --task causal-lm: "
             + f"{' '.join(_as_flags(LLM_COMPARE_DEFAULTS))} (ranked by exact match of the greedy answers); adapters: "
-            + " ".join(_as_flags(COMPARE_METHOD_DEFAULTS))
+            + f"no dropout (--lora-dropout {COMPARE_ADAPTER_DROPOUT:g} and its twins)"
         )
         plan = parser.add_argument_group("the comparison")
         plan.add_argument("--methods", metavar="NAME,NAME",
@@ -154,10 +155,9 @@ def plan_from_args(args: argparse.Namespace) -> tuple[list[PlannedRun], dict[str
             print(f"peftlab compare: --methods all leaves out {name}: {reason}", file=sys.stderr)
     overrides = collect_overrides(args.overrides, methods)
     for method in methods:
-        own = METHODS[method].options if method in METHODS else {}  # full fine-tuning has no adapter options
-        for name, value in COMPARE_METHOD_DEFAULTS.items():
-            if name in own and shared.get(name) is None:
-                overrides.setdefault(method, {}).setdefault(name, value)
+        dropout = adapter_dropout_option(METHODS.get(method))  # full fine-tuning has none
+        if dropout is not None and shared.get(dropout) is None:
+            overrides.setdefault(method, {}).setdefault(dropout, COMPARE_ADAPTER_DROPOUT)
     axes = [parse_sweep(text) for text in args.sweeps]
     runs = plan_runs(shared, methods, overrides, axes)
     if args.eval_datasets:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.io import atomic_write_text
+from peftlab.methods import METHODS
+from peftlab.methods.method import adapter_dropout_option
 from peftlab.lab import seed_run
 from peftlab.lab.findings import findings
 from peftlab.lab.method_notes import describe_method
@@ -286,7 +288,7 @@ def _adapter_dropout(results: Results) -> str | None:
     """Which adapter dropout each run had: it costs time (a mask per adapted layer and step) and regularises."""
     by_value: dict[Any, list[str]] = {}
     for run in results.runs:
-        value = run.options.get("lora_dropout")
+        value = run.options.get(adapter_dropout_option(METHODS.get(run.method)) or "")
         if value is not None:
             by_value.setdefault(value, []).append(run.run_name)
     if not by_value:

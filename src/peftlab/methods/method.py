@@ -139,8 +139,15 @@ class MethodOption:
 
 
 
-#: The adapter-input dropout option the LoRA-family methods show as ``--lora-dropout``.
+#: The adapter-input dropout option: ``lora_dropout`` of the LoRA family, ``vera_dropout``, ``mora_dropout``. A
+#: method declares its dropout option with this object, so the lab finds it by :func:`adapter_dropout_option`.
 ADAPTER_DROPOUT = MethodOption(float, "dropout on the adapter input", "in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def adapter_dropout_option(method: Method | None) -> str | None:
+    """The name of ``method``'s adapter dropout option (None: it has none, or no method: full fine-tuning)."""
+    options = type(method).options if method is not None else {}
+    return next((name for name, option in options.items() if option is ADAPTER_DROPOUT), None)
 
 class Method:
     """One PEFT method as the core sees it; see the module docstring for the order of the calls."""

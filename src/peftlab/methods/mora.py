@@ -40,7 +40,7 @@ from peftlab.config import AdapterConfig
 from peftlab.adapter import Adapter
 from peftlab.methods.fused import can_fuse
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
-from peftlab.methods.method import Method, MethodOption, UnsupportedBaseError
+from peftlab.methods.method import ADAPTER_DROPOUT, Method, MethodOption, UnsupportedBaseError
 from peftlab.methods.registry import register_method
 
 SHARING, ROPE = 1, 6
@@ -259,7 +259,7 @@ class MoraMethod(Method):
     options = {
         "r": MethodOption(int, "LoRA rank whose parameter count M matches (r̂ ≈ √((in+out)·r))", "positive", lambda v: v > 0),
         "mora_type": MethodOption(int, "1: sharing, 6: RoPE", "1 or 6", lambda v: v in (SHARING, ROPE)),
-        "mora_dropout": MethodOption(float, "dropout on the adapter input", "in [0, 1)", lambda v: 0 <= v < 1),
+        "mora_dropout": ADAPTER_DROPOUT,
     }
     #: M starts at zero with scale 1, like LoRA's B: LoRA's rate (the paper uses LoRA's settings).
     run_defaults = {"lr": 1e-3, "r": 8}

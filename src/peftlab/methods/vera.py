@@ -53,7 +53,7 @@ from peftlab.adapter import Adapter
 from peftlab.methods.fused import add_low_rank_input_grad, can_fuse, sample_mask
 from peftlab.methods.lora import add_low_rank
 from peftlab.methods.lora_targets import LORA_DEFAULT_TARGET_MODULES
-from peftlab.methods.method import Method, MethodOption, UnsupportedBaseError
+from peftlab.methods.method import ADAPTER_DROPOUT, Method, MethodOption, UnsupportedBaseError
 from peftlab.methods.registry import register_method
 
 
@@ -319,7 +319,7 @@ class VeraMethod(Method):
     config_class = VeraConfig
     options = {
         "r": MethodOption(int, "rank of the shared random projection", "positive", lambda v: v > 0),
-        "vera_dropout": MethodOption(float, "dropout on the adapter input", "in [0, 1)", lambda v: 0 <= v < 1),
+        "vera_dropout": ADAPTER_DROPOUT,
         "d_initial": MethodOption(float, "initial value of every lambda_d", "a number", lambda v: True),
         "projection_prng_key": MethodOption(int, "seed of the shared random projection", "an integer", lambda v: True),
     }
