@@ -106,7 +106,7 @@ class CompareCommand:
     def run(self, args: argparse.Namespace) -> int:
         from peftlab.lab.measure import environment
         from peftlab.lab.report import format_table
-        from peftlab.lab.runner import check_resumable, load_plan, prepare_out_dir, run_comparison
+        from peftlab.lab.runner import check_before_runs, check_resumable, load_plan, run_comparison
 
         out = args.compare_resume or args.compare_out or default_out_dir()
         if args.compare_resume and args.compare_out and args.compare_out != args.compare_resume:
@@ -117,7 +117,7 @@ class CompareCommand:
             runs, config = load_plan(out)
         else:
             runs, config = plan_from_args(args)
-        prepare_out_dir(out, bool(args.compare_resume))  # before the base model's answers: a bad --out fails first
+        check_before_runs(runs, out, bool(args.compare_resume))  # before the base model's answers
         config = with_base_scores(runs, config)
         try:
             results = run_comparison(runs, config, out, environment(), resuming=bool(args.compare_resume))

@@ -69,6 +69,13 @@ def log_to_stderr(message: str) -> None:
 # -- the output folder ------------------------------------------------------------------------------
 
 
+def check_before_runs(runs: list[PlannedRun], out: Path, resuming: bool) -> None:
+    """What would fail every run, refused before any (and before ``out`` is made): a missing tracker
+    package (here, not in every run's process), an output folder that cannot be written or holds a comparison."""
+    require_trackers(dict.fromkeys(name for run in runs for name in TrainOptions(**run.options).report_to))
+    prepare_out_dir(out, resuming)
+
+
 def prepare_out_dir(out: Path, resuming: bool) -> None:
     """Fail before any run when ``out`` cannot be written, or would mix a new comparison into an old one."""
     if not resuming and (out / RESULTS_FILE).exists():
@@ -147,9 +154,7 @@ def run_comparison(
     Resuming, a run is done when ``out`` holds an ok record of it, planned with the same options but
     for :data:`TRACKING_OPTIONS` (trackers do not change what a run measures).
     """
-    # A missing tracker package is refused here, not in every run's process.
-    require_trackers(dict.fromkeys(name for run in runs for name in TrainOptions(**run.options).report_to))
-    prepare_out_dir(out, resuming)
+    check_before_runs(runs, out, resuming)
     earlier, earlier_options = earlier_work(out) if resuming else ([], {})
     planned = {run.run_name: run for run in runs}
     done = [record.run_name for record in earlier if record.ok and record.run_name in planned
