@@ -48,13 +48,6 @@ def probe_inputs(model: nn.Module, tokenizer: Any = None, length: int = 16, seed
     return [torch.randint(min(3, vocab - 1), vocab, (1, length), generator=generator) for _ in PROBE_PROMPTS]
 
 
-def is_quantized(model: nn.Module) -> bool:
-    """Whether ``model`` holds 4-bit layers (``peftlab.quant``)."""
-    from peftlab.quant import Linear4bit
-
-    return any(isinstance(m, Linear4bit) for m in model.modules())
-
-
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     device = next(model.parameters()).device
     with torch.no_grad():

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from peftlab import io
-from peftlab.base_gap import LogitGap, is_quantized
+from peftlab.base_gap import LogitGap
+from peftlab.quant import is_quantized
 from peftlab.methods.lora import LoraConfig
 from peftlab.methods.registry import name_of
 

@@ -233,7 +233,7 @@ def prepare_model_for_kbit_training(
     bitsandbytes: freeze every parameter, keep the full-precision ones (norms, embeddings, heads)
     in float32 for stable training, and turn on gradient checkpointing with inputs that require
     grad, so adapters inside checkpointed blocks get gradients."""
-    from peftlab.quant import Linear4bit
+    from peftlab.quant import is_quantized
 
     if isinstance(model, PeftModel):
         raise ValueError("prepare_model_for_kbit_training takes the base model, before get_peft_model.")
@@ -241,7 +241,7 @@ def prepare_model_for_kbit_training(
     for param in model.parameters():
         if param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
-    quantized = any(isinstance(m, Linear4bit) for m in model.modules())
+    quantized = is_quantized(model)
     if quantized and use_gradient_checkpointing:
         kwargs = {"use_reentrant": True, **(gradient_checkpointing_kwargs or {})}  # HF's default
         enable_activation_checkpointing(model, kwargs)

@@ -26,7 +26,7 @@ from torch import nn
 from peftlab import hf_trainer, io
 from peftlab.adapter_errors import on_its_own_base
 from peftlab.base import BaseLayerView, Conv1DView, LossyMergeWarning, base_view
-from peftlab.base_gap import BaseMismatchWarning, is_quantized, nf4_gap
+from peftlab.base_gap import BaseMismatchWarning, nf4_gap
 from peftlab.checkpointing import enable_activation_checkpointing
 from peftlab.config import SEQ_CLS_HEAD_NAMES, AdapterConfig
 from peftlab.export import build_lora_export, write_lora_export
@@ -42,6 +42,7 @@ from peftlab.modules_to_save import (
     tie_output_embedding_copy,
     warn_untied_embedding,
 )
+from peftlab.quant import is_quantized
 from peftlab.targets import ALL_LINEAR, expand_all_linear, select_targets
 
 

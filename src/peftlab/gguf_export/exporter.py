@@ -27,6 +27,7 @@ import torch
 
 from peftlab import io
 from peftlab.output_folder import check_output_folder, staged_output
+from peftlab.quant import is_quantized
 from peftlab.assets import notice
 from peftlab.gguf_export import diagnose
 from peftlab.gguf_export.base_check import BaseMatch, check_base_gguf
@@ -86,7 +87,7 @@ def export_gguf(
     prompts = (prompts or load_prompts(prompts_file)) if verify else []
     reference = peftlab_reference(model, tokenizer, prompts) if verify else None
 
-    quantized = any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    quantized = is_quantized(model)
     if quantized:  # QLoRA: the base is the dequantised 4-bit weights, exactly what the adapter was trained on
         from peftlab.quant import dequantize_model
 

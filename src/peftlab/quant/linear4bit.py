@@ -383,3 +383,8 @@ def model_size_bytes(model: nn.Module) -> int:
     """
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` holds 4-bit layers."""
+    return any(isinstance(m, Linear4bit) for m in model.modules())
