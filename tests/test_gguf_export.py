@@ -237,6 +237,19 @@ def test_lora_export_runs_in_llama_cpp_as_in_peftlab(kind, tokenizer, tmp_path, 
     assert "FROM ./base.gguf\nADAPTER ./adapter.gguf\n" in (tmp_path / "out" / "Modelfile").read_text()
 
 
+def test_the_engine_runs_on_one_thread(tokenizer, tmp_path, llama_cpp):
+    """With two threads llama.cpp ran through torch's OpenMP runtime, started with spinning waits: each
+    generated token took ~1.7 s instead of 0.06 s on the shared 2-core machine, and --verify took many minutes."""
+    from peftlab.gguf_export.verify import Engine
+
+    export_gguf(adapted("llama", tokenizer), tokenizer, tmp_path / "out", verify=False)
+    engine = Engine(tmp_path / "out" / "base.gguf", tmp_path / "out" / "adapter.gguf", n_ctx=32, f32_cache=True)
+    try:
+        assert engine.llm.context_params.n_threads == engine.llm.context_params.n_threads_batch == 1
+    finally:
+        engine.close()
+
+
 def test_merged_dora_and_q8_0_run_in_llama_cpp(tokenizer, tmp_path, llama_cpp):
     dora = adapted("llama", tokenizer, LoraConfig(r=4, target_modules="all-linear", use_dora=True,
                                                    modules_to_save=["embed_tokens"]))

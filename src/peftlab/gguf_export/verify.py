@@ -26,30 +26,35 @@ from tqdm import tqdm
 
 from peftlab.gguf_export.metadata import GGUFExportError
 
-#: A fixed, varied set: questions, instructions, code, lists, prose continuation.
+#: The default check, a fixed, varied set: a question, an explanation, code, a list, a translation, a story,
+#: prose continuation, arithmetic. Every prompt runs through every layer, so these few check every layer
+#: family; eight keep export + verify of a 135M model within a minute on 2 cores.
 BUILTIN_PROMPTS = (
     "What is the capital of France?",
     "Explain in two sentences why the sky is blue.",
-    "Write a haiku about autumn leaves.",
+    "Write a Python function that returns the factorial of n.",
     "List three prime numbers greater than twenty.",
     "Translate 'good morning, my friend' into French.",
-    "Write a Python function that returns the factorial of n.",
+    "Tell a short story about a lighthouse keeper and a storm.",
+    "O Romeo, Romeo, wherefore art thou Romeo? Continue the speech.",
+    "What is 17 multiplied by 23? Show your steps.",
+)
+#: More of the same kind, for a longer check (``--verify-prompts``; benchmarks/gguf_parity.py uses them).
+MORE_PROMPTS = (
+    "Write a haiku about autumn leaves.",
     "Summarise the plot of Romeo and Juliet in one paragraph.",
     "Give me a recipe for a simple tomato soup.",
     "What is the difference between a virus and a bacterium?",
-    "Tell a short story about a lighthouse keeper and a storm.",
     "How many days are there in a leap year, and why?",
     "Describe the water cycle to a ten-year-old.",
     "What are the main causes of inflation?",
     "Write a polite email declining a meeting invitation.",
     "Name four planets of the solar system and one fact about each.",
-    "O Romeo, Romeo, wherefore art thou Romeo? Continue the speech.",
     "Compare cats and dogs as pets in a short list.",
     "What does the HTTP status code 404 mean?",
     "Explain what a neural network is without using jargon.",
     "Why do leaves change colour in the fall?",
     "Give three tips for learning a new language.",
-    "What is 17 multiplied by 23? Show your steps.",
 )
 NEW_TOKENS = 32
 #: Tolerances per dtype of the engine's weights: (relative logits difference, relative effect difference).
@@ -144,20 +149,24 @@ def _cut_at_stop(tokens: list[int], stops: set[int]) -> list[int]:
     return tokens
 
 
+#: One thread: with more, llama.cpp runs its threads through OpenMP, whose runtime torch has already started
+#: with spinning waits (OMP_WAIT_POLICY is read once, at torch's import); on a busy 2-core machine that made
+#: each generated token ~30x slower (1.7 s instead of 0.06 s), and one thread is as fast as two there.
+ENGINE_THREADS = 1
+
+
 class Engine:
     """One llama.cpp model (and LoRA) loaded through ``llama_cpp``, fed token ids."""
 
     def __init__(self, model_path: Path, lora_path: Path | None, n_ctx: int, f32_cache: bool) -> None:
-        # llama.cpp's OpenMP threads spin while waiting; on a shared CPU that makes it ~50x slower here.
-        # Read when its OpenMP runtime starts (first import), unless the user set it.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import llama_cpp
 
         kwargs = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
         with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink), _without_weight_repacking():
             self.llm = llama_cpp.Llama(
                 model_path=str(model_path), lora_path=str(lora_path) if lora_path else None, n_ctx=n_ctx,
-                n_batch=n_ctx, logits_all=True, n_threads=2, verbose=False, seed=0, **kwargs,
+                n_batch=n_ctx, logits_all=True, n_threads=ENGINE_THREADS, n_threads_batch=ENGINE_THREADS, verbose=False,
+                seed=0, **kwargs,
             )
 
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -185,7 +194,7 @@ class Engine:
 
 
 #: What parity.json says of the engine's settings.
-ENGINE_SETTINGS = "2 threads, weight repacking (extra buffer types) off, KV cache {cache}"
+ENGINE_SETTINGS = "1 thread, weight repacking (extra buffer types) off, KV cache {cache}"
 
 
 @contextlib.contextmanager
