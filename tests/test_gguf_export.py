@@ -215,6 +215,23 @@ def test_refusals(tokenizer, tmp_path, monkeypatch):
     assert not any((tmp_path / n).exists() for n in "abcde")
 
 
+def test_the_peftlab_reference_runs_on_one_torch_thread(tokenizer):
+    """Two spinning torch threads made batch-1 generation ~9x slower on the shared 2-core machine."""
+    from peftlab.gguf_export.verify import peftlab_reference
+
+    model = adapted("llama", tokenizer)
+    seen = []
+    model.base_model.model.layers[0].register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        reference = peftlab_reference(model, tokenizer, PROMPTS[:1], new_tokens=3)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2  # restored afterwards
+    finally:
+        torch.set_num_threads(before)
+    assert len(reference.prompts[0].continuation) == 3
+
+
 # -- in llama.cpp -----------------------------------------------------------------------------------
 
 
