@@ -28,7 +28,8 @@ from peftlab.gguf_export.metadata import GGUFExportError
 
 #: The default check, a fixed, varied set: a question, an explanation, code, a list, a translation, a story,
 #: prose continuation, arithmetic. Every prompt runs through every layer, so these few check every layer
-#: family; eight keep export + verify of a 135M model within a minute on 2 cores.
+#: family; eight are meant to keep export + verify of a 135M model within a minute on 2 cores
+#: (benchmarks/gguf_export_time.py measures it; the goals table runs 32 prompts).
 BUILTIN_PROMPTS = (
     "What is the capital of France?",
     "Explain in two sentences why the sky is blue.",
