@@ -53,6 +53,8 @@ DEFAULT_METHODS = (FULL_FINE_TUNING, "lora", "dora", "qlora")
 PER_RUN_OPTIONS = ("method", "out", "resume", "run_name")
 #: Options not worth a sweep axis: where output goes and how often it is written.
 NOT_SWEEPABLE = (*PER_RUN_OPTIONS, "save_every", "log_every", "device", "method_options", "report_to", "run_group")
+#: Config fields the engine fills in itself (what the saved file records), so no sweep may set them.
+CONFIG_BOOKKEEPING = ("task_type", "base_model_name_or_path", "revision", "inference_mode")
 #: Options of the adapter; full fine-tuning has none, so a sweep over them runs full once.
 ADAPTER_OPTIONS = (*METHOD_OPTIONS, "target_modules", "method_options", "quantize")
 
@@ -148,7 +150,7 @@ def config_only_options() -> list[str]:
 
     named = set(option_names())
     fields = (spec.name for method in METHODS.values() for spec in dataclasses.fields(method.config_class))
-    return sorted({name for name in fields if name not in named and not name.startswith("_")})
+    return sorted({name for name in fields if name not in named and name not in CONFIG_BOOKKEEPING})
 
 
 def sweepable_options() -> list[str]:
