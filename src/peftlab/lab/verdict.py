@@ -23,6 +23,9 @@ A question compares cells on one metric (validation accuracy, or peak memory):
                   claimed larger in the first. Each effect carries its own spread, so their
                   difference must beat the sum of the two spreads (each at least the sampling error,
                   for accuracy); the three outcomes as above.
+    GapNarrowing  does a treatment narrow a control's gap to a reference cell (LoftQ: QLoRA's to LoRA)?
+                  Judged as the Effect of treatment over control, claimed higher (the gap shrinks by
+                  exactly that), with both gaps to the reference stated; not judged without the reference.
     Consistency   one cell over several seeds: the spread is the result. "Results are consistent
                   across runs" holds when the seed-to-seed standard deviation is at most the
                   evaluation set's own sampling error, sqrt(p (1 - p) / n) for accuracy p on n
