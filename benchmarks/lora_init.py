@@ -12,10 +12,13 @@ runs both, in turns (peftlab first on even repeats, HF first on odd ones), after
 of each (the first call pays for imports and lazy initialisation: HF's first ``get_peft_model``
 imports torch._inductor). Printed per init: the median and the fastest of --repeats runs of each
 side, and the ratio of the medians (peftlab / HF; below 1: peftlab faster), with the load average
-before and after. On a shared machine the medians move with the load; rerun it on a quiet one:
+before and after. On a shared machine the medians move with the load; rerun it on a quiet one. Under
+load, torch's two OpenMP threads wait on each other (a 16x16 QR took 26 ms in both libraries at load 8),
+which swamps the inits' own cost; ``OMP_NUM_THREADS=1`` keeps a loaded run comparable:
 
     PYTHONPATH=src python benchmarks/lora_init.py --repeats 5
     PYTHONPATH=src python benchmarks/lora_init.py --inits pissa olora loftq --repeats 5
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/lora_init.py --repeats 3   # on a busy machine
 """
 
 from __future__ import annotations
