@@ -34,9 +34,11 @@ def chat_data(tmp_path_factory):
 
 
 def test_chat_training_packed_follows_the_padded_loss_curve(chat_llama_dir, chat_data, tmp_path) -> None:
+    # Each step takes the whole set (24 rows padded; all its sequences packed), so both runs see the
+    # same examples every step, and the loss, a mean over label tokens, must not depend on the layout.
     runs = {}
-    for packing, max_length in ((False, None), (True, 32)):  # packed: rows of 32 hold two examples
-        options = tiny_options(chat_llama_dir, chat_data, tmp_path / str(packing), task="causal-lm",
+    for packing, max_length in ((False, None), (True, 32)):  # packed: sequences of 32 hold up to two rows
+        options = tiny_options(chat_llama_dir, chat_data, tmp_path / str(packing), task="causal-lm", batch_size=24,
                                max_length=max_length, packing=packing, max_steps=3, lr=1e-2)
         runs[packing] = run_training(options)
     padded, packed = runs[False], runs[True]
@@ -44,7 +46,11 @@ def test_chat_training_packed_follows_the_padded_loss_curve(chat_llama_dir, chat
     assert padded["train_rows"] == 24 and padded["train_rows_truncated"] == 0 and padded["eval_rows_truncated"] == 0
     assert packed["train_loss_curve"] == pytest.approx(padded["train_loss_curve"], abs=1e-5)
     assert packed["eval_loss"] == pytest.approx(padded["eval_loss"], abs=1e-5)
+    assert packed["packed_sequences"] < 24 and "packed_sequences" not in padded
+    tokens = packed["packing_efficiency"] * packed["packed_sequences"] * 32
     assert 0 < packed["padding_share"] < padded["padding_share"] and packed["train_tokens_per_s"] > 0
+    # the batch pads each sequence to the longest of the step, at most 32: less padding than 32-token slots
+    assert packed["padding_share"] <= 1 - tokens / (packed["packed_sequences"] * 32) + 1e-9
 
 
 def test_truncated_rows_are_counted(chat_llama_dir, chat_data, tmp_path) -> None:
