@@ -42,7 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("peftlab-padded", "trl-padded", "peftlab-packed", "trl-packed")
+SEPARATE = ("peftlab-padded", "trl-padded", "peftlab-packed", "trl-packed")
+VARIANTS = (*SEPARATE, "interleaved-padded", "interleaved-packed")
 WORDS = ("the a of to and in is it that for on with as was at by this be from or have not are an they which one "
          "you had but what all were when we there can more if out so said about into than them only some time could "
          "number answer model data train value first then each list word two three four five question result").split()
@@ -83,17 +84,24 @@ def peak_memory_mb(device: str) -> float:
 # -- the two sides (run in a child process each) -----------------------------------------------------
 
 
-def run_peftlab(args: argparse.Namespace, data: Path, packing: bool) -> dict[str, Any]:
-    from peftlab.train.loop import run_training
+def peftlab_options(args: argparse.Namespace, data: Path, packing: bool):
     from peftlab.train.options import TrainOptions
 
     out = Path(tempfile.mkdtemp(prefix="sft-peftlab-"))
-    options = TrainOptions(
+    return TrainOptions(
         model=args.model, task="causal-lm", dataset=str(data), method="lora", r=args.r, lora_alpha=args.alpha,
         lora_dropout=0.0, target_modules="all-linear", lr=args.lr, scheduler="linear", warmup_ratio=0.0,
-        batch_size=args.batch, max_steps=args.steps, max_length=args.max_length, packing=packing, seed=args.seed,
+        batch_size=packed_batch_size(args, trl_rows(args, data)) if packing else args.batch, max_steps=args.steps,
+        max_length=args.max_length, packing=packing, seed=args.seed,
         max_eval_samples=1, eval_batch_size=1, log_every=1, device=args.device, out=str(out), overwrite=True,
     )
+
+
+def run_peftlab(args: argparse.Namespace, data: Path, packing: bool) -> dict[str, Any]:
+    from peftlab.train.loop import run_training
+
+    options = peftlab_options(args, data, packing)
+    out = Path(options.out)
     metrics = run_training(options)
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][args.warmup :]
     seconds = sum(row["step_time_s"] for row in steps)
@@ -117,19 +125,22 @@ def trl_rows(args: argparse.Namespace, data: Path) -> list[dict[str, list[int]]]
     return rows
 
 
-def run_trl(args: argparse.Namespace, data: Path, packing: bool) -> dict[str, Any]:
-    import torch
+def packed_batch_size(args: argparse.Namespace, rows: list[dict[str, list[int]]]) -> int:
+    """Packed sequences per step, on both sides: as many as hold about ``--batch`` rows' tokens."""
+    mean_length = sum(len(r["input_ids"]) for r in rows) / len(rows)
+    return max(1, round(args.batch * mean_length / args.max_length))
+
+
+def trl_trainer(args: argparse.Namespace, data: Path, packing: bool):
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from peftlab.assets import load_model_and_tokenizer
 
     rows = trl_rows(args, data)
     model, tokenizer = load_model_and_tokenizer(args.model, "causal-lm")
-    mean_length = sum(len(r["input_ids"]) for r in rows) / len(rows)
-    batch = max(1, round(args.batch * mean_length / args.max_length)) if packing else args.batch
+    batch = packed_batch_size(args, rows) if packing else args.batch
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="sft-trl-"), per_device_train_batch_size=batch, max_steps=args.steps,
         learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
@@ -139,8 +150,15 @@ def run_trl(args: argparse.Namespace, data: Path, packing: bool) -> dict[str, An
         gradient_checkpointing=False,  # TRL's SFTConfig turns it on by default; peftlab's default is off
     )
     lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=lora)
+    return SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                      peft_config=lora)
+
+
+def run_trl(args: argparse.Namespace, data: Path, packing: bool) -> dict[str, Any]:
+    import torch
+    from transformers import TrainerCallback
+
+    trainer = trl_trainer(args, data, packing)
     counted: list[tuple[int, int]] = []  # (tokens, slots) of each batch collated, in order
     collate = trainer.data_collator
 
@@ -175,6 +193,72 @@ def run_trl(args: argparse.Namespace, data: Path, packing: bool) -> dict[str, An
             "peak_memory_mb": peak_memory_mb(args.device), "rows_truncated": None}
 
 
+# -- tokens/s interleaved: both sides in one process, step by step -------------------------------------
+
+
+def interleaved(args: argparse.Namespace, data: Path, packing: bool) -> dict[str, Any]:
+    """peftlab's and TRL's training steps alternated in one process (who goes first alternates too),
+    so a change of load on the machine slows both alike; tokens/s of each over the steps after
+    ``--warmup``. TRL's steps are its ``Trainer.training_step`` (forward, SFTTrainer's loss and
+    metrics, backward) plus the clip, optimizer and scheduler steps its loop takes; its batches are
+    collated outside the clock. peftlab's are ``TrainingRun.train_step``, collation included."""
+    import torch
+
+    from peftlab.train.distributed import start_processes
+    from peftlab.train.loop import TrainingRun
+
+    options = peftlab_options(args, data, packing).with_method_defaults()
+    run = TrainingRun(options, start_processes(options.device, options.strategy), Path(options.out))
+    order = run.epoch_batches(0)
+
+    def peftlab_step(index: int) -> tuple[float, float, int]:
+        before, began, cpu = run.state["tokens_seen"], time.perf_counter(), time.process_time()
+        run.train_step([order[index % len(order)]])
+        return time.perf_counter() - began, time.process_time() - cpu, run.state["tokens_seen"] - before
+
+    trainer = trl_trainer(args, data, packing)
+    trainer.create_optimizer_and_scheduler(num_training_steps=args.steps)
+    model = trainer.model
+    loader = iter(trainer.get_train_dataloader())
+
+    def trl_step(_: int) -> tuple[float, float, int]:
+        batch = trainer._prepare_inputs(next(loader))
+        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        items = (batch["labels"][..., 1:] != -100).sum()
+        began, cpu = time.perf_counter(), time.process_time()
+        trainer.training_step(model, batch, items)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        model.zero_grad()
+        return time.perf_counter() - began, time.process_time() - cpu, tokens
+
+    sides = {"peftlab": peftlab_step, "trl": trl_step}
+    measured: dict[str, list[tuple[float, float, int]]] = {"peftlab": [], "trl": []}
+    for index in range(args.steps):
+        for name in list(sides) if index % 2 == 0 else list(sides)[::-1]:
+            measured[name].append(sides[name](index))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, step in sides.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for index in range(args.profile):
+                    step(args.steps + index)
+            print(f"  {name} {'packed' if packing else 'padded'}, {args.profile} profiled steps:\n"
+                  + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), file=sys.stderr)
+    run.processes.close()
+    result = {}
+    for name, steps in measured.items():
+        kept = steps[args.warmup :]
+        tokens = sum(n for _, _, n in kept)
+        result[name] = (tokens / sum(t for t, _, _ in kept), tokens / sum(c for _, c, _ in kept))
+        print(f"  {name} {'packed' if packing else 'padded'} step seconds (wall/CPU): "
+              + " ".join(f"{t:.2f}/{c:.2f}" for t, c, _ in steps), file=sys.stderr, flush=True)
+    return {"peftlab_tokens_per_s": result["peftlab"][0], "trl_tokens_per_s": result["trl"][0],
+            "peftlab_tokens_per_cpu_s": result["peftlab"][1], "trl_tokens_per_cpu_s": result["trl"][1]}
+
+
 # -- the parent: one child per variant, then the table ------------------------------------------------
 
 
@@ -183,7 +267,8 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     side, packing = args.child.split("-")[0], args.child.endswith("packed")
-    result = (run_peftlab if side == "peftlab" else run_trl)(args, Path(args.data), packing)
+    run = {"peftlab": run_peftlab, "trl": run_trl, "interleaved": interleaved}[side]
+    result = run(args, Path(args.data), packing)
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -202,6 +287,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="interleaved variants: then profile this many more steps of each side (torch.profiler)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -226,15 +313,26 @@ def main() -> None:
           f"max length {args.max_length}, {args.steps} steps ({args.warmup} warm-up left out), {args.threads} threads, {args.device}")
     print(f"{'variant':16} {'tokens/s':>10} {'padding':>8} {'final loss':>11} {'peak MB':>9}")
     for variant, r in results.items():
-        print(f"{variant:16} {r['tokens_per_s']:10.1f} {r['padding_share']:8.1%} {r['final_loss']:11.4f} {r['peak_memory_mb']:9.0f}")
+        if variant in SEPARATE:
+            print(f"{variant:16} {r['tokens_per_s']:10.1f} {r['padding_share']:8.1%} {r['final_loss']:11.4f} "
+                  f"{r['peak_memory_mb']:9.0f}")
     for mode in ("padded", "packed"):
         ours, theirs = results.get(f"peftlab-{mode}"), results.get(f"trl-{mode}")
         if ours and theirs:
-            print(f"{mode}: peftlab / TRL tokens/s = {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x")
+            print(f"{mode}, separate runs: peftlab / TRL tokens/s = {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
+                  f"peak memory {ours['peak_memory_mb'] / theirs['peak_memory_mb']:.2f}x")
+        both = results.get(f"interleaved-{mode}")
+        if both:
+            print(f"{mode}, interleaved steps: peftlab {both['peftlab_tokens_per_s']:.1f} tokens/s, TRL "
+                  f"{both['trl_tokens_per_s']:.1f}: {both['peftlab_tokens_per_s'] / both['trl_tokens_per_s']:.2f}x "
+                  f"(per CPU second: {both['peftlab_tokens_per_cpu_s'] / both['trl_tokens_per_cpu_s']:.2f}x)")
     if "peftlab-padded" in results and "peftlab-packed" in results:
         gain = results["peftlab-packed"]["tokens_per_s"] / results["peftlab-padded"]["tokens_per_s"]
-        print(f"packing's gain (peftlab): {gain:.2f}x tokens/s; padding share without packing "
-              f"{results['peftlab-padded']['padding_share']:.1%}")
+        print(f"packing's gain (peftlab, separate runs): {gain:.2f}x tokens/s; padding share without packing "
+              f"{results['peftlab-padded']['padding_share']:.1%}, with {results['peftlab-packed']['padding_share']:.1%}")
+    if "interleaved-padded" in results and "interleaved-packed" in results:
+        gain = results["interleaved-packed"]["peftlab_tokens_per_s"] / results["interleaved-padded"]["peftlab_tokens_per_s"]
+        print(f"packing's gain (peftlab, interleaved runs): {gain:.2f}x tokens/s")
 
 
 if __name__ == "__main__":

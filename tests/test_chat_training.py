@@ -10,6 +10,7 @@ from chat_fixtures import CHATML, chat_tokenizer, write_chat_rows
 from train_fixtures import save_tiny_model, tiny_options, write_sentiment_data
 
 from peftlab.cli import main
+from peftlab.train.generation import encode_prompt, load_for_generation
 from peftlab.train.loop import run_training
 from peftlab.train.options import OptionsError
 
@@ -80,6 +81,14 @@ def test_the_cli_tells_the_task_from_the_data_and_asks_for_a_template(chat_llama
     assert f"chat_template={template}" in err  # the run's template, taken from its metrics.json
     scores = json.loads(out)
     assert scores["max_length"] == 23 and scores["eval_rows"] == 6 and scores["eval_rows_truncated"] == 0
+    # what generates from the run renders its prompts with the run's template, saved with its tokenizer
+    template.unlink()
+    _, tokenizer = load_for_generation(None, str(tmp_path / "b"))
+    assert tokenizer.chat_template == CHATML
+    assert encode_prompt(tokenizer, "hi") == tokenizer(
+        "<|im_start|>user hi<|im_end|> <|im_start|>assistant ", add_special_tokens=False)["input_ids"]
+    code, out, err = run_cli(capsys, "generate", "--adapter", str(tmp_path / "b"), "--max-new-tokens", "2", "hi")
+    assert code == 0, err
 
 
 def test_packing_is_refused_for_classification(tmp_path) -> None:

@@ -14,10 +14,11 @@ import transformers
 from chat_fixtures import chat_tokenizer
 from tiny_models import tiny_llama
 
+from peftlab import LoraConfig, get_peft_model
 from peftlab.data import CausalLMCollator, DataError
 from peftlab.data.encoded import EncodedRows
 from peftlab.data.packing import best_fit_bins, check_packing_is_exact, pack_dataset, pack_rows
-from peftlab.train.evaluate import batch_totals, model_inputs
+from peftlab.train.evaluate import batch_totals, forward_totals, model_inputs, scored_logits_only
 
 
 def tiny_qwen2(seed: int = 0) -> transformers.Qwen2ForCausalLM:
@@ -156,3 +157,31 @@ def test_packing_is_refused_for_attention_that_mixes_examples() -> None:
     torch.manual_seed(0)
     with pytest.raises(DataError, match="--packing: opt with attention 'sdpa' does not keep packed examples apart"):
         check_packing_is_exact(transformers.OPTForCausalLM(config))
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("packing", [False, True])
+def test_logits_only_where_labels_are_give_the_full_loss_and_gradients(build, packing) -> None:
+    """forward_totals runs the output layer on the label positions only: the same loss, accuracy and
+    gradients as the model's full logits, padded or packed, on a LoRA model (its head frozen)."""
+    model = get_peft_model(build(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapter's gradients non-trivial
+            torch.nn.init.normal_(parameter, std=0.1)
+    batch = CausalLMCollator(chat_tokenizer(), max_length=24, packing=packing)(rows_of_spread_lengths())
+    cpu = torch.device("cpu")
+    results = []
+    for forward in (lambda: batch_totals("causal-lm", model(**model_inputs(batch, cpu)).logits, batch["labels"]),
+                    lambda: forward_totals(model, batch, "causal-lm", cpu)):
+        model.zero_grad()
+        totals = forward()
+        totals.loss_sum.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((totals.loss_sum.item(), totals.count, totals.correct, grads))
+    (full_loss, full_count, full_correct, full_grads), (loss, count, correct, grads) = results
+    assert count == full_count and correct == full_correct and abs(loss - full_loss) < 1e-5 * max(1.0, full_loss)
+    for name, grad in full_grads.items():
+        assert torch.allclose(grad, grads[name], atol=1e-5, rtol=0), name
+    with scored_logits_only(model, batch["labels"][:, 1:] != -100) as selection:
+        logits = model(**model_inputs(batch, cpu)).logits
+    assert selection.applied and logits.shape == (count, 64)

@@ -170,6 +170,10 @@ def build_model(
     model, tokenizer = load_model_and_tokenizer(options.model, options.task, num_labels=num_labels or 2)
     if options.task == "causal-lm":
         check_causal_lm(options.model, tokenizer, model.config)
+    if options.chat_template is not None:
+        # Saved with the run's tokenizer (chat_template.jinja), so what generates from the run
+        # (generate, chat, eval --task generate) renders prompts as training did.
+        tokenizer.chat_template = read_chat_template(options.chat_template)
     if options.task == "seq-cls" and label_names:
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {name: i for i, name in enumerate(label_names)}

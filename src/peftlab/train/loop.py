@@ -53,7 +53,7 @@ from peftlab.train.fsdp import (
     load_full_optimizer_state,
     load_full_tensors,
 )
-from peftlab.train.evaluate import batch_totals, evaluate, label_count, model_inputs, shard_batches
+from peftlab.train.evaluate import evaluate, forward_totals, label_count, shard_batches
 from peftlab.train.hooks import HookRunner, TrainingProgress, discover_hooks
 from peftlab.train.options import METHOD_OPTIONS, OptionsError, TrainOptions
 from peftlab.train.phase_clock import PhaseClock, split_per_step
@@ -311,9 +311,7 @@ class TrainingRun:
         for i, batch in enumerate(batches):
             with self.processes.no_sync(self.ddp_model, skip=i < len(batches) - 1):
                 clock.mark()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.options.bf16):
-                    logits = self.ddp_model(**model_inputs(batch, device)).logits
-                result = batch_totals(task, logits, batch["labels"].to(device))
+                result = forward_totals(self.ddp_model, batch, task, device, self.options.bf16)
                 # DDP averages gradients over processes; this scaling turns that into the global mean.
                 loss = result.loss_sum * (self.processes.world_size / max(global_count, 1.0))
                 extra = self.hooks.extra_loss(progress)
