@@ -9,16 +9,28 @@ norm, batch, max length, steps and seed; AdamW (torch) on both; no gradient chec
 either (SFTConfig's default turns it on). TRL keeps its other defaults (it also computes the
 entropy and token accuracy it logs).
 
-Batches: ``--batch`` conversations per step, padded to the longest (``packing off``), or packed
-without padding (``packing on``: peftlab packs each batch's rows into rows of ``--max-length``;
-TRL packs the dataset best-fit into sequences of ``--max-length`` and takes as many of them per
-step as hold about ``--batch`` conversations' tokens, so both steps see about the same tokens).
+Batches: ``--batch`` conversations per step, padded to the longest (``padded``), or packed
+(``packed``: each side packs the whole training set best fit into sequences of at most
+``--max-length``, peftlab with ``--packing``, TRL with ``packing=True`` (its bfd strategy and
+padding-free batches); both take as many sequences per step as hold about ``--batch``
+conversations' tokens, so padded and packed steps see about the same tokens). Padded, both sides
+see the same rows in the same order (the same seeded permutation).
 
 Figures per variant, each run in a fresh child process: trained tokens per second (tokens of the
 rows, padding excluded, over the steps after ``--warmup``; step times only, data loading left out
 on TRL's side and counted on peftlab's), the share of padding in the batches, the final training
-loss (the last step's mean over its label tokens), and the peak memory of the process (CPU: RSS
-high-water mark, which includes the model; CUDA: max allocated).
+loss (the last step's mean over its label tokens), the peak memory of the process (CPU: RSS
+high-water mark, which includes the model; CUDA: max allocated), and the exact match of greedy
+answers to ``--eval-rows`` held-out conversations (the same generation code on both sides, with its
+binomial standard error). Then the ``interleaved-*`` variants time both sides' steps alternately in
+one process, so that a machine whose load changes slows both alike: the ratio to trust on a shared
+machine (wall and CPU time; ``--profile N`` adds torch.profiler's top ops of N more steps per side).
+
+``--data spread`` (default) is the seeded conversations above: lengths lognormal like instruction
+data (a user turn of ~20 words, an answer of ~40, up to 150/300, a fifth with two exchanges, a
+third with a system prompt), which padding wastes ~30% on; ``--data number-words`` is peftlab's
+offline instruction set (short rows of nearly one length), where exact match moves within a few
+hundred steps.
 
     python benchmarks/sft_vs_trl.py                                     # SmolLM2-135M, CPU, 2 threads
     python benchmarks/sft_vs_trl.py --steps 12 --warmup 2 --batch 8 --max-length 512 --threads 2
@@ -26,7 +38,8 @@ high-water mark, which includes the model; CUDA: max allocated).
     python benchmarks/sft_vs_trl.py --device cuda --steps 30 --batch 16 --max-length 1024
 
 Goals (issue 22): peftlab >= 1.5x TRL's tokens/s with packing on both sides, >= 1.3x without;
-final loss within the seed-to-seed spread; peak memory no higher. State the load (``uptime``).
+final loss within the seed-to-seed spread (rerun with ``--seed 1`` for it); held-out exact match within
+its standard error; peak memory no higher. State the load (``uptime``).
 """
 
 from __future__ import annotations
@@ -67,8 +80,15 @@ def conversations(count: int, seed: int) -> list[list[dict[str, str]]]:
 
 
 def write_data(folder: Path, args: argparse.Namespace) -> None:
-    rows = conversations(args.rows + 4, args.seed)
-    for name, part in (("train", rows[: args.rows]), ("validation", rows[args.rows :])):
+    if args.data == "number-words":
+        from peftlab.data.synthetic import number_words_rows
+
+        train = [row["messages"] for row in number_words_rows("train")[: args.rows]]
+        validation = [row["messages"] for row in number_words_rows("validation")[: args.eval_rows]]
+    else:
+        rows = conversations(args.rows + args.eval_rows, args.seed)
+        train, validation = rows[: args.rows], rows[args.rows :]
+    for name, part in (("train", train), ("validation", validation)):
         with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps({"messages": messages}) + "\n" for messages in part)
 
@@ -79,6 +99,19 @@ def peak_memory_mb(device: str) -> float:
     import torch
 
     return peak(torch.device(device))
+
+
+def held_out_exact_match(model, tokenizer, data: Path, args: argparse.Namespace) -> float:
+    """Exact match (peftlab's normalisation) of the greedy answers to the validation rows, the same
+    generation code on both sides."""
+    from peftlab.data import load_dataset_spec
+    from peftlab.train.generation import Sampling
+    from peftlab.train.generation_eval import answer_questions, held_out_questions
+    from peftlab.train.generation_metrics import generation_scores
+
+    questions = held_out_questions(load_dataset_spec(data, "validation", task="causal-lm"))
+    answers = answer_questions(model.eval(), tokenizer, questions, Sampling(max_new_tokens=args.new_tokens))
+    return generation_scores(answers, [q.reference for q in questions])["exact_match"]
 
 
 # -- the two sides (run in a child process each) -----------------------------------------------------
@@ -103,12 +136,15 @@ def run_peftlab(args: argparse.Namespace, data: Path, packing: bool) -> dict[str
     options = peftlab_options(args, data, packing)
     out = Path(options.out)
     metrics = run_training(options)
+    from peftlab.train.generation import load_for_generation
+
+    exact = held_out_exact_match(*load_for_generation(None, str(out)), data, args)
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][args.warmup :]
     seconds = sum(row["step_time_s"] for row in steps)
     tokens = sum(row["tokens_per_s"] * row["step_time_s"] for row in steps)
     return {"tokens_per_s": tokens / seconds, "final_loss": metrics["train_loss_curve"][-1],
             "padding_share": metrics["padding_share"], "peak_memory_mb": metrics["peak_memory_mb"],
-            "rows_truncated": metrics["train_rows_truncated"]}
+            "rows_truncated": metrics["train_rows_truncated"], "exact_match": exact}
 
 
 def trl_rows(args: argparse.Namespace, data: Path) -> list[dict[str, list[int]]]:
@@ -188,9 +224,11 @@ def run_trl(args: argparse.Namespace, data: Path, packing: bool) -> dict[str, An
     used = counted[: len(times)]
     tokens = sum(t for t, _ in used[args.warmup :])
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    peak = peak_memory_mb(args.device)  # of training, before generation
     return {"tokens_per_s": tokens / sum(times[args.warmup :]), "final_loss": losses[-1],
             "padding_share": 1 - sum(t for t, _ in used) / sum(s for _, s in used),
-            "peak_memory_mb": peak_memory_mb(args.device), "rows_truncated": None}
+            "peak_memory_mb": peak, "rows_truncated": None,
+            "exact_match": held_out_exact_match(trainer.model, trainer.processing_class, data, args)}
 
 
 # -- tokens/s interleaved: both sides in one process, step by step -------------------------------------
@@ -277,6 +315,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--rows", type=int, default=256, help="training conversations")
+    parser.add_argument("--data", choices=("spread", "number-words"), default="spread",
+                        help="spread: seeded conversations with a realistic length spread (default); number-words: "
+                             "peftlab's offline instruction set, short rows whose exact match learning moves")
+    parser.add_argument("--eval-rows", type=int, default=16, help="held-out conversations answered for exact match")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per held-out answer")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of tokens/s")
     parser.add_argument("--batch", type=int, default=8, help="conversations per step")
@@ -311,11 +354,12 @@ def main() -> None:
             results[variant] = json.loads(result.read_text())
     print(f"\nSmolLM2-style chat SFT, {args.model}: LoRA r={args.r} alpha={args.alpha} all-linear, batch {args.batch}, "
           f"max length {args.max_length}, {args.steps} steps ({args.warmup} warm-up left out), {args.threads} threads, {args.device}")
-    print(f"{'variant':16} {'tokens/s':>10} {'padding':>8} {'final loss':>11} {'peak MB':>9}")
+    print(f"{'variant':16} {'tokens/s':>10} {'padding':>8} {'final loss':>11} {'peak MB':>9} {'exact match':>17}")
     for variant, r in results.items():
         if variant in SEPARATE:
+            error = math.sqrt(r["exact_match"] * (1 - r["exact_match"]) / args.eval_rows)  # binomial standard error
             print(f"{variant:16} {r['tokens_per_s']:10.1f} {r['padding_share']:8.1%} {r['final_loss']:11.4f} "
-                  f"{r['peak_memory_mb']:9.0f}")
+                  f"{r['peak_memory_mb']:9.0f} {r['exact_match']:10.1%} ± {error:4.1%}")
     for mode in ("padded", "packed"):
         ours, theirs = results.get(f"peftlab-{mode}"), results.get(f"trl-{mode}")
         if ours and theirs:

@@ -48,6 +48,7 @@ def test_chat_training_packed_follows_the_padded_loss_curve(chat_llama_dir, chat
     assert packed["train_loss_curve"] == pytest.approx(padded["train_loss_curve"], abs=1e-5)
     assert packed["eval_loss"] == pytest.approx(padded["eval_loss"], abs=1e-5)
     assert packed["packed_sequences"] < 24 and "packed_sequences" not in padded
+    assert packed["examples_per_s"] * packed["train_time_s"] == pytest.approx(3 * 24)  # rows, not sequences
     tokens = packed["packing_efficiency"] * packed["packed_sequences"] * 32
     assert 0 < packed["padding_share"] < padded["padding_share"] and packed["train_tokens_per_s"] > 0
     # the batch pads each sequence to the longest of the step, at most 32: less padding than 32-token slots

@@ -109,6 +109,13 @@ class PackedRows(EncodedRows):
         return {"packed_sequences": len(self), "packing_efficiency": self.efficiency}
 
 
+def examples_in(data: Any, indices: Sequence[int]) -> int:
+    """How many rows the items ``indices`` of ``data`` hold: one each, or a packed sequence's examples."""
+    if isinstance(data, PackedRows):
+        return sum(len(data.example_lengths[i]) for i in indices)
+    return len(indices)
+
+
 def pack_dataset(rows: EncodedRows, fit: Callable[[list[int], list[bool]], tuple[list[int], list[bool]]],
                  max_length: int, seed: int) -> PackedRows:
     """``rows``, each cut by ``fit`` to at most ``max_length``, packed best-fit into sequences."""

@@ -59,7 +59,7 @@ from peftlab.train.options import METHOD_OPTIONS, OptionsError, TrainOptions
 from peftlab.train.phase_clock import PhaseClock, split_per_step
 from peftlab.data import DataError
 from peftlab.data.encoded import EncodedRows
-from peftlab.data.packing import check_packing_is_exact
+from peftlab.data.packing import check_packing_is_exact, examples_in
 from peftlab.train.build import build_model, load_datasets, make_collator, prepare_rows, save_trained
 from peftlab.train.data_init import DataDrivenInit
 from peftlab.train.run_folder import claim_output_folder
@@ -338,7 +338,7 @@ class TrainingRun:
         clock.lap("optimizer")
         self.state["epoch_correct"] += int(correct)
         self.state["epoch_count"] += int(count)
-        examples = sum(len(indices) for indices in global_batches)
+        examples = sum(examples_in(self.train_data, indices) for indices in global_batches)
         return step_loss, examples
 
     def _stop_if_diverged(self, what: str, value: float) -> None:
