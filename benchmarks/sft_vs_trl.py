@@ -306,7 +306,7 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     side, packing = args.child.split("-")[0], args.child.endswith("packed")
     run = {"peftlab": run_peftlab, "trl": run_trl, "interleaved": interleaved}[side]
-    result = run(args, Path(args.data), packing)
+    result = run(args, Path(args.data_folder), packing)
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -333,7 +333,7 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="interleaved variants: then profile this many more steps of each side (torch.profiler)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--data-folder", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -348,7 +348,7 @@ def main() -> None:
         for variant in variants:
             result = Path(folder) / f"{variant}.json"
             flags = [a for a in sys.argv[1:]]
-            command = [sys.executable, __file__, *flags, "--child", variant, "--data", folder, "--result", str(result)]
+            command = [sys.executable, __file__, *flags, "--child", variant, "--data-folder", folder, "--result", str(result)]
             print(f"running {variant} ...", file=sys.stderr, flush=True)
             subprocess.run(command, check=True)
             results[variant] = json.loads(result.read_text())

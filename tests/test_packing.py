@@ -116,6 +116,8 @@ def test_the_dataset_packer_is_deterministic_for_a_seed() -> None:
 
     first, again, other = (pack_dataset(rows, same, 8, seed) for seed in (0, 0, 1))
     assert first == again
+    chosen = first.select([2, 0])
+    assert (chosen[0], chosen[1]) == (first[2], first[0]) and chosen.examples == len(first.example_lengths[2] + first.example_lengths[0])
     assert first.example_lengths == other.example_lengths  # the seed only orders rows of equal length
     assert first.input_ids != other.input_ids
 
