@@ -250,9 +250,9 @@ def interleaved(args: argparse.Namespace, data: Path, packing: bool) -> dict[str
     order = run.epoch_batches(0)
 
     def peftlab_step(index: int) -> tuple[float, float, int]:
-        before, began, cpu = run.state["tokens_seen"], time.perf_counter(), time.process_time()
+        before, began, cpu = run.state.tokens_seen, time.perf_counter(), time.process_time()
         run.train_step([order[index % len(order)]])
-        return time.perf_counter() - began, time.process_time() - cpu, run.state["tokens_seen"] - before
+        return time.perf_counter() - began, time.process_time() - cpu, run.state.tokens_seen - before
 
     trainer = trl_trainer(args, data, packing)
     trainer.create_optimizer_and_scheduler(num_training_steps=args.steps)

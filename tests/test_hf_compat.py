@@ -260,7 +260,7 @@ def _trainer(model, out, eval_dataset=None, **args):
 
 
 def test_importing_peftlab_patches_nothing_until_a_model_is_built():
-    """``import peftlab`` leaves transformers' Trainer and the import system alone; the first PeftModel
+    """``import peftlab`` leaves transformers' Trainer, its attention registry and the import system alone; the first PeftModel
     installs the Trainer support (checked in a fresh interpreter, since this one has built models)."""
     import subprocess
     import sys
@@ -269,14 +269,18 @@ def test_importing_peftlab_patches_nothing_until_a_model_is_built():
         "import sys, peftlab, transformers.trainer as t\n"
         "from peftlab.hf_trainer import _PatchOnImport\n"
         "hooked = lambda: any(isinstance(f, _PatchOnImport) for f in sys.meta_path)\n"
-        "print(hooked(), hasattr(t, '_peftlab_wrapped'))\n"
+        "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as attention\n"
+        "print(hooked(), hasattr(t, '_peftlab_wrapped'), 'peftlab_s2' in attention)\n"
         "from tiny_models import tiny_llama\n"
         "peftlab.get_peft_model(tiny_llama(), peftlab.LoraConfig(r=2, target_modules=['q_proj']))\n"
-        "print(hooked(), hasattr(t, '_peftlab_wrapped'))\n"
+        "print(hooked(), hasattr(t, '_peftlab_wrapped'), 'peftlab_s2' in attention)\n"
+        "peftlab.get_peft_model(tiny_llama(), peftlab.LongLoraConfig(r=2, target_modules=['q_proj'], rope_scale=2.0))\n"
+        "print('peftlab_s2' in attention)\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parent).stdout.split("\n")
-    assert out[:2] == ["False False", "True True"]
+    # S²-Attn joins transformers' attention registry when a LongLoRA model first uses it, not on import.
+    assert out[:3] == ["False False False", "True True False", "True"]
 
 
 def test_hf_trainer_writes_adapter_folders_and_resumes_from_them(tmp_path):

@@ -82,7 +82,7 @@ def test_an_interrupted_run_leaves_nothing_stale_and_a_bare_resume_continues_it(
     original_step = TrainingRun.train_step
 
     def stop_at_step_3(self, batches):
-        if self.state["step"] == 2:
+        if self.state.step == 2:
             raise KeyboardInterrupt
         return original_step(self, batches)
 

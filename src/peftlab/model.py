@@ -42,7 +42,7 @@ from peftlab.modules_to_save import (
     tie_output_embedding_copy,
     warn_untied_embedding,
 )
-from peftlab.quant import is_quantized
+from peftlab.quant import dequantize_model, is_quantized, packed_weights, quantize_model
 from peftlab.targets import ALL_LINEAR, expand_all_linear, select_targets
 
 
@@ -192,11 +192,11 @@ class PeftModel(nn.Module):
                 layer.remove(adapter_name)
             if not layer.adapters:
                 _set_module(self.base_model, path, layer.base_layer)
-        for path, copy in list(self.trained_copies()):
-            if adapter_name in copy.copies:
-                copy.remove(adapter_name)
-            if not copy.copies:
-                _set_module(self.base_model, path, copy.original_module)
+        for path, trained in list(self.trained_copies()):
+            if adapter_name in trained.copies:
+                trained.remove(adapter_name)
+            if not trained.copies:
+                _set_module(self.base_model, path, trained.original_module)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -205,8 +205,8 @@ class PeftModel(nn.Module):
         self.active_adapters = names
         for _, layer in self.adapted_layers():
             layer.active = list(names)
-        for _, copy in self.trained_copies():
-            copy.active = next((n for n in names if n in copy.copies), None)
+        for _, trained in self.trained_copies():
+            trained.active = next((n for n in names if n in trained.copies), None)
         self._update_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -235,8 +235,8 @@ class PeftModel(nn.Module):
                 if name in self.active_adapters and not self.peft_config[name].inference_mode:
                     for param in adapter.trainable_parameters():
                         param.requires_grad_(True)
-        for _, copy in self.trained_copies():
-            for name, module in copy.copies.items():
+        for _, trained in self.trained_copies():
+            for name, module in trained.copies.items():
                 module.requires_grad_(name in self.active_adapters and not self.peft_config[name].inference_mode)
 
     # -- merging and disabling -------------------------------------------------------------------
@@ -264,8 +264,6 @@ class PeftModel(nn.Module):
         merged model computes what the QLoRA model did.
         """
         if dequantize:
-            from peftlab.quant import dequantize_model
-
             dequantize_model(self.base_model)
         self.merge_adapter(adapter_names)
         return self.unload()
@@ -279,8 +277,8 @@ class PeftModel(nn.Module):
                 method.unload(self, name, state)
         for path, layer in list(self.adapted_layers()):
             _set_module(self.base_model, path, layer.base_layer)
-        for path, copy in list(self.trained_copies()):
-            _set_module(self.base_model, path, copy.current())
+        for path, trained in list(self.trained_copies()):
+            _set_module(self.base_model, path, trained.current())
         return self.base_model
 
     @contextlib.contextmanager
@@ -289,7 +287,7 @@ class PeftModel(nn.Module):
         if any(layer.merged for layer in layers):
             warnings.warn("disable_adapter: merged adapters are unmerged first so the base can run alone.", stacklevel=3)
             self.unmerge_adapter()
-        wrappers = layers + [copy for _, copy in self.trained_copies()]
+        wrappers = layers + [trained for _, trained in self.trained_copies()]
         for wrapper in wrappers:
             wrapper.disabled = True
         try:
@@ -384,9 +382,9 @@ class PeftModel(nn.Module):
         """The ``modules_to_save`` copies of one adapter under the HF PEFT file keys."""
         return {
             f"{io.KEY_PREFIX}{path}.{suffix}": tensor
-            for path, copy in self.trained_copies()
-            if adapter_name in copy.copies
-            for suffix, tensor in copy.saved_tensors(adapter_name).items()
+            for path, trained in self.trained_copies()
+            if adapter_name in trained.copies
+            for suffix, tensor in trained.saved_tensors(adapter_name).items()
         }
 
     def _config_to_save(self, adapter_name: str) -> dict[str, Any]:
@@ -564,13 +562,8 @@ def _one_warning_for_lossy_layers(action: str) -> Iterator[None]:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) of any module; a tied tensor counts once, a 4-bit weight (held in
     buffers) by its values, as in HF peft."""
-    from peftlab.quant import Linear4bit
-
-    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    # 4-bit storage held as parameters for sharding (Linear4bit.shardable_storage_) is not a weight.
-    storage = {id(p) for m in layers for p in m.parameters(recurse=False) if p is not m.bias}
+    storage, quantized = packed_weights(model)
     params = [p for p in model.parameters() if id(p) not in storage]  # a tied tensor comes once
-    quantized = sum(m.in_features * m.out_features for m in layers)
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 
@@ -646,8 +639,6 @@ def match_recorded_base(
     :func:`saved_base_facts`) against ``model``'s. On a mismatch, ``mode`` "check" refuses, "apply"
     quantizes ``model`` as recorded, "ignore" warns with the logit difference of the adapter
     (``attach(base)``) on the two bases. Files without the record (HF peft's) are not checked."""
-    from peftlab.quant import quantize_model
-
     if mode not in BASE_QUANTIZATION_CHOICES:
         raise ValueError(f"base_quantization={mode!r}: use one of {', '.join(map(repr, BASE_QUANTIZATION_CHOICES))}.")
     if getattr(config, "init_lora_weights", None) == "loftq":

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -93,6 +93,14 @@ class CausalLMDataset:
 
 
 TextDataset = ClassificationDataset | CausalLMDataset | ChatDataset | TokenWindows
+
+
+class Rows(Protocol):
+    """What the engine asks of any data set: its length and its rows by index."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
 def load_dataset_spec(

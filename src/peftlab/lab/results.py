@@ -206,7 +206,7 @@ class RunRecord:
         scores = data.get("scores") or {}
         _require(isinstance(scores, dict) and all(_is_number(v) for v in scores.values()),
                  where, "scores", "an object of numbers", scores)
-        curves = {key: _read_curve(data[key], where, key, keys) for key, keys in _CURVE_KEYS.items()}
+        curves: dict[str, Any] = {key: _read_curve(data[key], where, key, keys) for key, keys in _CURVE_KEYS.items()}
         return cls(
             **{key: data[key] for key in _RECORD_KEYS if key not in (*curves, *_OPTIONAL_KEYS, "latency_ms")},
             **curves,
@@ -244,7 +244,7 @@ class Results:
         full = [run for run in timed if run.is_full_fine_tuning]
         if full:
             return next((run for run in full if run.run_name == FULL_FINE_TUNING), full[0])
-        return max(timed, key=lambda run: run.train_time_s, default=None)
+        return max(timed, key=lambda run: run.train_time_s or 0.0, default=None)
 
     def to_dict(self) -> dict[str, Any]:
         return {

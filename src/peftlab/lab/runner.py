@@ -222,8 +222,8 @@ def publish(results: Results, out: Path, head: ReportHead | None = None) -> None
 
     save_results(out / RESULTS_FILE, results)
     results_to_csv(results, out / CSV_FILE)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".report-") as staging:
-        staging = Path(staging)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".report-") as staging_name:
+        staging = Path(staging_name)
         with explain_disk_full(f"writing the report in {out}: the previous report.md, report.html and plots are "
                                "intact"):
             write_report(results, staging, head)
@@ -251,6 +251,7 @@ def launch(run: PlannedRun, folder: Path, log: Log) -> RunRecord:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         try:
+            assert child.stdout is not None  # stdout=PIPE
             for line in child.stdout:
                 transcript.write(line)
                 tail.append(line.rstrip("\n"))
@@ -322,7 +323,7 @@ def execute(spec_path: Path) -> RunRecord:
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     # The comparison owns the run's folder: a rerun replaces what an earlier attempt left there.
     metrics = run_training(TrainOptions(**{**spec["options"], "overwrite": True}))
-    options = TrainOptions(**metrics["options"])
+    options = TrainOptions(**metrics.options)
     train_data, eval_data = load_datasets(options)
     num_labels = getattr(train_data, "num_labels", None)
     batch = [eval_data[i] for i in range(min(options.eval_batch_size, len(eval_data)))]
@@ -332,36 +333,38 @@ def execute(spec_path: Path) -> RunRecord:
     accuracy_key = "eval_accuracy" if options.task == "seq-cls" else "eval_token_accuracy"
     eval_datasets = evaluate_eval_datasets(options, spec.get("eval_datasets") or [], num_labels,
                                            getattr(train_data, "label_names", None), accuracy_key)
-    scores = {}
-    if metric is EXACT_MATCH:  # what the trained model answers: its score, the rest beside it
+    scores: dict[str, float] = {}
+    if metric is not EXACT_MATCH:
+        val_accuracy = metrics.eval[metric["key"]]
+    else:  # what the trained model answers: its score, the rest beside it
         answered = answer_held_out(options, eval_data, spec_path.parent / GENERATIONS_FILE)
-        metrics = {**metrics, **answered}
-        scores = {"contains_answer": answered["contains_answer"], "token_accuracy": metrics["eval_token_accuracy"],
-                  "eval_loss": metrics["eval_loss"]}
+        val_accuracy = answered["exact_match"]
+        scores = {"contains_answer": answered["contains_answer"], "token_accuracy": metrics.eval["eval_token_accuracy"],
+                  "eval_loss": metrics.eval["eval_loss"]}
     record = RunRecord(
         method=spec["method"],
         run_name=spec["run_name"],
         status="ok",
         sweep=spec["sweep"],
-        val_accuracy=metrics[metric["key"]],
-        val_curve=[{"step": point["step"], "accuracy": point[metric["key"]]}
-                   for point in metrics["val_curve"] if metric["key"] in point],
+        val_accuracy=val_accuracy,
+        val_curve=[{"step": int(point["step"]), "accuracy": point[metric["key"]]}
+                   for point in metrics.val_curve if metric["key"] in point],
         scores=scores,
-        train_loss_curve=[{"step": step, "loss": loss} for step, loss in enumerate(metrics["train_loss_curve"], 1)],
+        train_loss_curve=[{"step": step, "loss": loss} for step, loss in enumerate(metrics.train_loss_curve, 1)],
         train_accuracy=[{"epoch": epoch, "accuracy": accuracy}
-                        for epoch, accuracy in enumerate(metrics["train_accuracy"], 1)],
-        train_time_s=metrics["train_time_s"],
-        time_per_step_s=metrics["time_per_step_s"],
-        step_time_split_s=metrics["time_split_per_step_s"],
-        examples_per_s=metrics["examples_per_s"],
-        peak_memory_mb=metrics["peak_memory_mb"],
-        trainable_params=metrics["trainable_params"],
-        total_params=metrics["total_params"],
+                        for epoch, accuracy in enumerate(metrics.train_accuracy, 1)],
+        train_time_s=metrics.train_time_s,
+        time_per_step_s=metrics.time_per_step_s,
+        step_time_split_s=metrics.time_split_per_step_s,
+        examples_per_s=metrics.examples_per_s,
+        peak_memory_mb=metrics.peak_memory_mb,
+        trainable_params=metrics.trainable_params,
+        total_params=metrics.total_params,
         adapter_size_bytes=saved_model_bytes(options.out),
         model_size_bytes=model_bytes,
         latency_ms=latency,
-        steps=metrics["steps"],
-        options=metrics["options"],
+        steps=metrics.steps,
+        options=metrics.options,
         rank_per_layer=rank_per_layer,
         accuracy_per_rank=accuracy_per_rank,
         eval_datasets=eval_datasets,

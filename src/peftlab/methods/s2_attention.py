@@ -31,8 +31,6 @@ import math
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 #: The attention implementation name registered with transformers.
 S2_ATTENTION = "peftlab_s2"
@@ -168,6 +166,7 @@ def enable_s2_attention(model, group_size_ratio: float = 0.25, fixed_group_size:
     if not attention:
         raise ValueError(f"{type(model).__name__} has no attention module with q_proj/o_proj for S²-Attn to run in.")
     previous = model.config._attn_implementation
+    _register_with_transformers()
     model.set_attn_implementation(S2_ATTENTION)
     for module in attention:
         setattr(module, GROUP_RATIO_ATTRIBUTE, group_size_ratio)
@@ -183,5 +182,12 @@ def disable_s2_attention(model, previous: str) -> None:
                 delattr(module, attribute)
 
 
-ALL_ATTENTION_FUNCTIONS.register(S2_ATTENTION, s2_attention_forward)
-ALL_MASK_ATTENTION_FUNCTIONS.register(S2_ATTENTION, sdpa_mask)
+def _register_with_transformers() -> None:
+    """S²-Attn as an attention implementation transformers can switch to; done on first use, not on import,
+    so importing peftlab changes nothing in transformers (and does not load its model machinery, ~1/3 of
+    ``import peftlab``'s time)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS.register(S2_ATTENTION, s2_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(S2_ATTENTION, sdpa_mask)

@@ -7,6 +7,7 @@ from peftlab.quant.linear4bit import (
     dequantize_model,
     is_quantized,
     model_size_bytes,
+    packed_weights,
     quantize_model,
 )
 from peftlab.quant.nf4 import SUPPORTED_BLOCKSIZES, NF4State, dequantize_nf4, quantize_nf4
@@ -24,6 +25,7 @@ __all__ = [
     "dequantize_nf4",
     "is_quantized",
     "model_size_bytes",
+    "packed_weights",
     "quantize_model",
     "quantize_nf4",
 ]

@@ -388,3 +388,11 @@ def model_size_bytes(model: nn.Module) -> int:
 def is_quantized(model: nn.Module) -> bool:
     """Whether ``model`` holds 4-bit layers."""
     return any(isinstance(m, Linear4bit) for m in model.modules())
+
+
+def packed_weights(model: nn.Module) -> tuple[set[int], int]:
+    """The 4-bit layers' packed storage, held as parameters for sharding (:meth:`Linear4bit.shardable_storage_`)
+    but not weights themselves (their ``id``\s), and how many weight values that storage holds."""
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    storage = {id(p) for m in layers for p in m.parameters(recurse=False) if p is not m.bias}
+    return storage, sum(m.in_features * m.out_features for m in layers)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Sequence
+
+from peftlab.data.datasets import Rows
 
 
-def data_sha256(*datasets: Sequence[dict[str, Any]]) -> str:
+def data_sha256(*datasets: Rows) -> str:
     digest = hashlib.sha256()
     for dataset in datasets:
         digest.update(f"{len(dataset)}\n".encode())

@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peftlab.data import IGNORE_INDEX
+from peftlab.data.datasets import Rows
 from peftlab.train.distributed import Processes
 
 
@@ -132,7 +133,7 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
 
 
 def shard_batches(
-    data: Sequence[Any], collate: Callable, processes: Processes, batch_size: int, lockstep: bool = False
+    data: Rows, collate: Callable, processes: Processes, batch_size: int, lockstep: bool = False
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This process's contiguous share of ``data``, collated in batches of ``batch_size``.
 

@@ -56,7 +56,9 @@ from peftlab.train.fsdp import (
 from peftlab.train.evaluate import evaluate, forward_totals, label_count, shard_batches
 from peftlab.train.hooks import HookRunner, TrainingProgress, discover_hooks
 from peftlab.train.options import METHOD_OPTIONS, OptionsError, TrainOptions
+from peftlab.train.loop_state import EvalPoint, LoopState
 from peftlab.train.phase_clock import PhaseClock, split_per_step
+from peftlab.train.run_metrics import RunMetrics
 from peftlab.data import DataError
 from peftlab.data.encoded import EncodedRows
 from peftlab.data.packing import check_packing_is_exact, examples_in
@@ -78,8 +80,8 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient became NaN or infinite; the run stopped before applying the step."""
 
 
-def run_training(options: TrainOptions) -> dict[str, Any]:
-    """Train as ``options`` say and return the content of metrics.json.
+def run_training(options: TrainOptions) -> RunMetrics:
+    """Train as ``options`` say and return what the run measured (the content of metrics.json).
 
     Global state is left as found: the process group this call started is destroyed, and the
     torch and python RNG states are restored, so callers can run several trainings in a row.
@@ -170,6 +172,7 @@ class TrainingRun:
             check_packing_is_exact(self.model)
         self.ddp_model = processes.wrap(self.model)
         self.hooks = HookRunner(discover_hooks(self.model))
+        assert options.lr is not None, "with_method_defaults gives every run a learning rate"
         self.optimizer = make_optimizer(self.model, options.optimizer, options.lr, options.weight_decay, options.momentum)
         self.batches_per_epoch = self._count_batches()
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / options.grad_accum)
@@ -178,12 +181,7 @@ class TrainingRun:
         self.scheduler = make_scheduler(self.optimizer, options.scheduler, self.total_steps, warmup)
         # Dropout differs per process, as in any data-parallel run; initialisation above did not.
         torch.manual_seed(options.seed + processes.rank)
-        self.state: dict[str, Any] = {
-            "step": 0, "epoch": 0, "batch_in_epoch": 0, "train_time_s": 0.0, "examples_seen": 0,
-            "tokens_seen": 0, "token_slots": 0,
-            "train_loss_curve": [], "val_curve": [], "train_accuracy": [], "epoch_correct": 0, "epoch_count": 0,
-            "logged": [], "data_sha256": data_sha256(self.train_data, self.eval_data),
-        }
+        self.state = LoopState(data_sha256=data_sha256(self.train_data, self.eval_data))
         if options.resume:
             self._resume(options.resume)
 
@@ -243,7 +241,7 @@ class TrainingRun:
                 f"resume with the same number (now {self.processes.world_size})."
             )
         saved_data = checkpoint.state.get("data_sha256")  # checkpoints before it was recorded have none
-        if saved_data is not None and saved_data != self.state["data_sha256"]:
+        if saved_data is not None and saved_data != self.state.data_sha256:
             raise CheckpointError(
                 f"checkpoint {checkpoint.path} was trained on other data: the examples of {self.options.dataset} "
                 "changed since (a file edited, added or removed). Resume with the data it was trained on, or start "
@@ -258,9 +256,13 @@ class TrainingRun:
         self.scheduler.load_state_dict(checkpoint.scheduler)
         self.hooks.load_state_dict(checkpoint.hooks)
         restore_rng_state(checkpoint.rng[self.processes.rank])
-        self.state = {"data_sha256": self.state["data_sha256"],
-                      **{k: v for k, v in checkpoint.state.items() if k != "options"}}
-        self._log(f"resumed from {checkpoint.path} at step {self.state['step']}")
+        try:
+            saved_state = LoopState.from_dict({k: v for k, v in checkpoint.state.items() if k != "options"})
+        except ValueError as error:
+            raise CheckpointError(f"checkpoint {checkpoint.path}: {error}; resume it with that version.") from None
+        saved_state.data_sha256 = self.state.data_sha256
+        self.state = saved_state
+        self._log(f"resumed from {checkpoint.path} at step {self.state.step}")
 
     def _save_checkpoint(self) -> None:
         # Every process takes part (gathering RNG states, and under FSDP2 the shards); only the first writes.
@@ -270,21 +272,21 @@ class TrainingRun:
             return
         path = save_checkpoint(
             self.out,
-            self.state["step"],
+            self.state.step,
             trainable=trainable,
             optimizer=optimizer,
             scheduler=self.scheduler.state_dict(),
             hooks=self.hooks.state_dict(),
             rng=rng,
-            state={**self.state, "options": self.options.to_dict()},
+            state={**self.state.to_dict(), "options": self.options.to_dict()},
         )
         self._log(f"saved {path}")
 
     # -- one step ------------------------------------------------------------------------------------
 
     def progress(self) -> TrainingProgress:
-        epoch = self.state["epoch"] + self.state["batch_in_epoch"] / self.batches_per_epoch
-        return TrainingProgress(self.state["step"], self.total_steps, epoch, self.options.seed)
+        epoch = self.state.epoch + self.state.batch_in_epoch / self.batches_per_epoch
+        return TrainingProgress(self.state.step, self.total_steps, epoch, self.options.seed)
 
     def train_step(self, global_batches: list[list[int]]) -> tuple[float, int]:
         """One optimizer step; returns the step's mean loss and how many examples it used."""
@@ -295,19 +297,19 @@ class TrainingRun:
         if global_count == 0:
             rows = sum(len(indices) for indices in global_batches)
             raise DataError(
-                f"step {self.state['step'] + 1}: every label of its {rows} rows is masked (nothing to learn: "
+                f"step {self.state.step + 1}: every label of its {rows} rows is masked (nothing to learn: "
                 f"responses cut away by --max-length {self.options.max_length}, or empty); raise --max-length, "
                 f"or remove the rows the run's notice counts"
             )
         for indices, batch in zip(global_batches, batches):
             tokens, slots = self.batch_tokens(indices, batch)
-            self.state["tokens_seen"] += tokens
-            self.state["token_slots"] += slots
+            self.state.tokens_seen += tokens
+            self.state.token_slots += slots
         progress = self.progress()
         self.hooks.on_step_begin(progress)
         self.ddp_model.train()
         totals = torch.zeros(3, dtype=torch.float64)
-        clock = PhaseClock(self.state.setdefault("phase_time_s", {}), enabled=device.type == "cpu")
+        clock = PhaseClock(self.state.phase_time_s, enabled=device.type == "cpu")
         for i, batch in enumerate(batches):
             with self.processes.no_sync(self.ddp_model, skip=i < len(batches) - 1):
                 clock.mark()
@@ -336,8 +338,8 @@ class TrainingRun:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         clock.lap("optimizer")
-        self.state["epoch_correct"] += int(correct)
-        self.state["epoch_count"] += int(count)
+        self.state.epoch_correct += int(correct)
+        self.state.epoch_count += int(count)
         examples = sum(examples_in(self.train_data, indices) for indices in global_batches)
         return step_loss, examples
 
@@ -350,13 +352,13 @@ class TrainingRun:
         if self.out != Path(self.options.out):
             keep = f"the run it was to replace in {self.options.out} is kept as it was"
         raise TrainingDiverged(
-            f"the training {what} became {value} at step {self.state['step'] + 1}; the step was not applied and "
+            f"the training {what} became {value} at step {self.state.step + 1}; the step was not applied and "
             f"{keep}. Lower --lr (now {self.options.lr:g}), keep --max-grad-norm on, or turn off --bf16."
         )
 
     # -- the run -------------------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> RunMetrics:
         with self._start_trackers() as self.trackers:
             return self._train()
 
@@ -366,12 +368,12 @@ class TrainingRun:
         if not (options.report_to and self.processes.is_main):
             return TrackerGroup([])
         run = TrackedRun(options.run_name or Path(options.out).resolve().name, options.run_group, self.out, options.to_dict())
-        resume_ids = self.state.get("tracker_runs") if resumes_into(options) else None
+        resume_ids = self.state.tracker_runs if resumes_into(options) else None
         trackers = TrackerGroup.start(options.report_to, run, resume_ids)
-        self.state["tracker_runs"] = trackers.run_ids()
+        self.state.tracker_runs = trackers.run_ids()
         return trackers
 
-    def _train(self) -> dict[str, Any]:
+    def _train(self) -> RunMetrics:
         options, state = self.options, self.state
         trainable, total = count_parameters(self.model)
         self._log(
@@ -379,100 +381,99 @@ class TrainingRun:
             f"{len(self.train_data)} examples, {self.total_steps} steps, "
             f"{self.processes.world_size} process(es) on {self.processes.device}"
         )
-        self._write_metrics_lines(state["logged"], mode="w")
+        self._write_metrics_lines(state.logged, mode="w")
         self.load_peak_memory = peak_memory_mb(self.processes.device)
         self.can_measure_training_peak = reset_peak_memory(self.processes.device)
         bar = tqdm(
-            total=self.total_steps, initial=state["step"], desc="train", unit="step", file=sys.stderr,
+            total=self.total_steps, initial=state.step, desc="train", unit="step", file=sys.stderr,
             disable=not (self.processes.is_main and sys.stderr.isatty()), dynamic_ncols=True,
         )
         window: list[tuple[float, float, int, int]] = []  # (loss, seconds, examples, tokens) since the last log line
         with bar:
-            while state["step"] < self.total_steps:
-                batches = self.epoch_batches(state["epoch"])
-                while state["batch_in_epoch"] < len(batches) and state["step"] < self.total_steps:
-                    start = state["batch_in_epoch"]
+            while state.step < self.total_steps:
+                batches = self.epoch_batches(state.epoch)
+                while state.batch_in_epoch < len(batches) and state.step < self.total_steps:
+                    start = state.batch_in_epoch
                     group = batches[start : start + options.grad_accum]
-                    lr = self.scheduler.get_last_lr()[0]
-                    began, tokens_before = time.perf_counter(), state["tokens_seen"]
+                    lr = float(self.scheduler.get_last_lr()[0])
+                    began, tokens_before = time.perf_counter(), state.tokens_seen
                     loss, examples = self.train_step(group)
                     seconds = time.perf_counter() - began
-                    state["step"] += 1
-                    state["batch_in_epoch"] += len(group)
-                    state["train_time_s"] += seconds
-                    state["examples_seen"] += examples
-                    state["train_loss_curve"].append(loss)
-                    window.append((loss, seconds, examples, state["tokens_seen"] - tokens_before))
+                    state.step += 1
+                    state.batch_in_epoch += len(group)
+                    state.train_time_s += seconds
+                    state.examples_seen += examples
+                    state.train_loss_curve.append(loss)
+                    window.append((loss, seconds, examples, state.tokens_seen - tokens_before))
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                    if state["step"] % options.log_every == 0 or state["step"] == self.total_steps:
+                    if state.step % options.log_every == 0 or state.step == self.total_steps:
                         self._log_window(window, lr)
                         window = []
-                    if options.eval_every and state["step"] % options.eval_every == 0:
+                    if options.eval_every and state.step % options.eval_every == 0:
                         self._evaluate()
-                    if options.save_every and state["step"] % options.save_every == 0:
+                    if options.save_every and state.step % options.save_every == 0:
                         self._save_checkpoint()
-                if state["batch_in_epoch"] >= len(batches):
+                if state.batch_in_epoch >= len(batches):
                     self._close_epoch_accuracy()
-                    state["epoch"] += 1
-                    state["batch_in_epoch"] = 0
-        if state["epoch_count"]:  # a run that stopped inside an epoch reports that epoch's accuracy too
+                    state.epoch += 1
+                    state.batch_in_epoch = 0
+        if state.epoch_count:  # a run that stopped inside an epoch reports that epoch's accuracy too
             self._close_epoch_accuracy()
-        if not state["val_curve"] or state["val_curve"][-1]["step"] != state["step"]:
+        if not state.val_curve or state.val_curve[-1]["step"] != state.step:
             self._evaluate()
-        return self._finish(state["val_curve"][-1], trainable, total)
+        return self._finish(state.val_curve[-1], trainable, total)
 
     def _close_epoch_accuracy(self) -> None:
         state = self.state
-        state["train_accuracy"].append(state["epoch_correct"] / max(state["epoch_count"], 1))
-        state["epoch_correct"] = state["epoch_count"] = 0
+        state.train_accuracy.append(state.epoch_correct / max(state.epoch_count, 1))
+        state.epoch_correct = state.epoch_count = 0
 
     def _evaluate(self) -> None:
         batches = shard_batches(self.eval_data, self.collate, self.processes, self.options.eval_batch_size,
                                 lockstep=self.processes.sharded)
         metrics = evaluate(self.model, batches, self.options.task, self.processes, self.options.bf16)
-        self.state["val_curve"].append({"step": self.state["step"], **metrics})
-        self.trackers.log("eval", metrics, self.state["step"])
-        self._log("eval " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + f" at step {self.state['step']}")
+        self.state.val_curve.append({"step": self.state.step, **metrics})
+        self.trackers.log("eval", metrics, self.state.step)
+        self._log("eval " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + f" at step {self.state.step}")
 
-    def _finish(self, last_eval: dict[str, Any], trainable: int, total: int) -> dict[str, Any]:
+    def _finish(self, last_eval: EvalPoint, trainable: int, total: int) -> RunMetrics:
         state = self.state
-        train_time = state["train_time_s"]
+        train_time = state.train_time_s
         training_peak = peak_memory_mb(self.processes.device)
         peak_memory = self.processes.gather(max(training_peak, self.load_peak_memory))
-        training_peak_memory = self.processes.gather(training_peak if self.can_measure_training_peak else None)
-        metrics = {
-            **{k: v for k, v in last_eval.items() if k != "step"},
-            "train_time_s": train_time,
-            "init_time_s": self.init_data.seconds,  # EVA's or CorDA's pass over the data; 0 for the others
-            "peak_memory_mb": max(peak_memory),
-            "peak_memory_mb_per_process": peak_memory,
-            "training_peak_memory_mb_per_process": training_peak_memory,  # from the first step on
-            "model_bytes_per_process": self.processes.gather(held_bytes(self.model)),
-            "trainable_params": trainable,
-            "total_params": total,
-            "steps": state["step"],
-            "epochs": self.progress().epoch,
-            "train_loss_curve": state["train_loss_curve"],
-            "val_curve": state["val_curve"],
-            "train_accuracy": state["train_accuracy"],
-            "time_per_step_s": train_time / max(state["step"], 1),
-            "time_split_per_step_s": split_per_step(state.get("phase_time_s", {}), state["step"]),
-            "examples_per_s": state["examples_seen"] / train_time if train_time else 0.0,
-            # this process's tokens (padding excluded), and the share of its batches' slots that were padding
-            "train_tokens_per_s": state["tokens_seen"] / train_time if train_time else 0.0,
-            "padding_share": 1 - state["tokens_seen"] / state["token_slots"] if state["token_slots"] else 0.0,
-            **self.prepared.metrics(),
-            "world_size": self.processes.world_size,
-            "strategy": self.processes.strategy,
-            "options": self.options.to_dict(),
-        }
+        metrics = RunMetrics(
+            eval={k: v for k, v in last_eval.items() if k != "step"},
+            train_time_s=train_time,
+            init_time_s=self.init_data.seconds,
+            peak_memory_mb=max(peak_memory),
+            peak_memory_mb_per_process=peak_memory,
+            training_peak_memory_mb_per_process=self.processes.gather(
+                training_peak if self.can_measure_training_peak else None),
+            model_bytes_per_process=self.processes.gather(held_bytes(self.model)),
+            trainable_params=trainable,
+            total_params=total,
+            steps=state.step,
+            epochs=self.progress().epoch,
+            train_loss_curve=state.train_loss_curve,
+            val_curve=state.val_curve,
+            train_accuracy=state.train_accuracy,
+            time_per_step_s=train_time / max(state.step, 1),
+            time_split_per_step_s=split_per_step(state.phase_time_s, state.step),
+            examples_per_s=state.examples_seen / train_time if train_time else 0.0,
+            train_tokens_per_s=state.tokens_seen / train_time if train_time else 0.0,
+            padding_share=state.padding_share,
+            data=self.prepared.metrics(),
+            world_size=self.processes.world_size,
+            strategy=self.processes.strategy,
+            options=self.options.to_dict(),
+        )
         with full_trainable_parameters(self.model):  # a collective under FSDP2
             if self.processes.is_main:
                 save_trained(self.model, self.tokenizer, self.out)
         if self.processes.is_main:
-            atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
-            self.trackers.log("final", {k: v for k, v in metrics.items() if not k.startswith("eval_")}, state["step"])
+            atomic_write_text(self.out / "metrics.json", json.dumps(metrics.to_dict(), indent=1) + "\n")
+            self.trackers.log("final", {k: v for k, v in metrics.items() if k not in metrics.eval}, state.step)
             self._log(f"wrote {self.options.out}")
         self.processes.barrier()
         return metrics
@@ -482,7 +483,7 @@ class TrainingRun:
     def _log_window(self, window: list[tuple[float, float, int, int]], lr: float) -> None:
         seconds = sum(s for _, s, _, _ in window)
         row = {
-            "step": self.state["step"],
+            "step": self.state.step,
             "epoch": round(self.progress().epoch, 4),
             "loss": sum(loss for loss, _, _, _ in window) / len(window),
             "lr": lr,
@@ -490,9 +491,9 @@ class TrainingRun:
             "examples_per_s": sum(n for _, _, n, _ in window) / seconds if seconds else 0.0,
             "tokens_per_s": sum(t for _, _, _, t in window) / seconds if seconds else 0.0,
         }
-        self.state["logged"].append(row)
+        self.state.logged.append(row)
         self._write_metrics_lines([row], mode="a")
-        self.trackers.log("train", row, row["step"])
+        self.trackers.log("train", row, self.state.step)
         if not sys.stderr.isatty():  # no progress bar: a periodic line instead
             left = (self.total_steps - row["step"]) * row["step_time_s"]
             self._log(

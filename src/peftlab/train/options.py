@@ -8,9 +8,11 @@ argparse flags from them (``lora_alpha`` -> ``--lora-alpha``) and :func:`read_co
 checks a YAML file against them (keys may be written ``lora_alpha`` or ``lora-alpha``). A value
 of the wrong type and a misspelled key are errors that say what to write instead.
 
-The fields are the run's own (:class:`RunOptions`) plus one per option the registered methods
-declare (``Method.options``: ``r``, ``lora_alpha``, ...), added when this module is imported:
-nothing here names a method's fields. Options left ``None`` take the method's default
+The fields are the run's own, written out below, plus one per option the registered methods
+declare (``Method.options``: ``r``, ``lora_alpha``, ...), added to the class by
+:func:`_with_method_option_fields` before ``@dataclass`` reads it: nothing here names a method's
+fields, and a new method's option needs no edit here. A type checker sees the run's fields; a
+method's option is read with ``getattr(options, name)``. Options left ``None`` take the method's default
 (``Method.run_defaults``, see :func:`method_defaults`) and, for ``target_modules``, the
 model family's (:data:`DEFAULT_TARGET_MODULES`); the run records the resolved values in metrics.json.
 """
@@ -25,7 +27,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -90,9 +92,31 @@ def _option(default: Any, help: str, choices: tuple | None = None, flag: str | N
     return field(default=default, metadata=metadata)
 
 
+def _method_option_help(name: str, option: MethodOption) -> str:
+    by_value: dict[Any, list[str]] = {}
+    for method in METHODS.values():
+        if name in method.options and name in method.run_defaults:
+            by_value.setdefault(method.run_defaults[name], []).append(method.name)
+    defaults = "; ".join(f"{', '.join(names)}: {value}" for value, names in by_value.items())
+    return f"{option.help} (default for {defaults})" if defaults else option.help
+
+
+def _with_method_option_fields(cls: type) -> type:
+    """One field per registered method option (``int | None`` for ``r``, ...; None: the method's default),
+    added to the class body before ``@dataclass`` turns it into fields."""
+    for name, option in METHOD_OPTIONS.items():
+        cls.__annotations__[name] = option.kind | None
+        setattr(cls, name, _option(None, _method_option_help(name, option)))
+    return cls
+
+
 @dataclass
-class RunOptions:
-    """The options every run has; :class:`TrainOptions` adds the methods' own."""
+@_with_method_option_fields
+class TrainOptions:
+    """Every option of a training run: the run's own fields below, then the registered methods' options."""
+
+    if TYPE_CHECKING:  # the methods' options are keywords too (added at class creation, unseen by checkers)
+        def __init__(self, **options: Any) -> None: ...
 
     # -- model and data ----------------------------------------------------------------------------
     model: str = _option("minilm-l6", "offline alias (minilm-l6, smollm2-135m), local model folder, or hub id")
@@ -209,7 +233,7 @@ class RunOptions:
             return self.quantize
         return METHODS[self.method].quantization if self.method in METHODS else None
 
-    def with_method_defaults(self) -> "RunOptions":
+    def with_method_defaults(self) -> TrainOptions:
         """A copy with unset options filled from the method's defaults; an unknown method, or an
         option the method does not have, is an error."""
         known = sorted({*METHODS, FULL_FINE_TUNING})
@@ -249,24 +273,6 @@ def _checked_trackers(names: list[str] | str) -> list[str]:
     if NO_TRACKER in names and len(set(names)) > 1:
         raise OptionsError(f"report_to: {NO_TRACKER!r} cannot be combined with trackers ({', '.join(names)}); keep one.")
     return list(dict.fromkeys(name for name in names if name != NO_TRACKER))
-
-
-def _method_option_help(name: str, option: MethodOption) -> str:
-    by_value: dict[Any, list[str]] = {}
-    for method in METHODS.values():
-        if name in method.options and name in method.run_defaults:
-            by_value.setdefault(method.run_defaults[name], []).append(method.name)
-    defaults = "; ".join(f"{', '.join(names)}: {value}" for value, names in by_value.items())
-    return f"{option.help} (default for {defaults})" if defaults else option.help
-
-
-TrainOptions = dataclasses.make_dataclass(
-    "TrainOptions",
-    [(name, option.kind | None, _option(None, _method_option_help(name, option))) for name, option in METHOD_OPTIONS.items()],
-    bases=(RunOptions,),
-)
-TrainOptions.__module__ = __name__
-TrainOptions.__doc__ = "Every option of a training run: :class:`RunOptions` plus the registered methods' options."
 
 
 def default_target_modules(model_type: str) -> list[str] | str:
@@ -363,7 +369,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise OptionsError(f"config file {path} must be a mapping of option: value, got {type(data).__name__}.")
     names = _field_names()
-    options = {}
+    options: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in names:
@@ -446,7 +452,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] |
             continue
         kind, _ = _base_type(hints[spec.name])
         flag = spec.metadata["flag"] or "--" + spec.name.replace("_", "-")
-        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        default = spec.default_factory() if callable(spec.default_factory) else spec.default
         kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS}
         kwargs["help"] = spec.metadata["help"] + ("" if default in (None, {}, []) else f" (default: {default})")
         if kind is bool:
