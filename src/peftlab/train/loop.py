@@ -69,7 +69,7 @@ from peftlab.train.run_folder import claim_output_folder
 #: Options a resumed run must share with the saved one for its loss curve to continue exactly.
 MUST_MATCH_ON_RESUME = (
     "model", "task", "dataset", "data_dir", "max_train_samples", "max_length", "chat_template", "train_on_prompt",
-    "method", "quantize",
+    "packing", "method", "quantize",
     *METHOD_OPTIONS, "target_modules", "method_options", "optimizer", "lr", "weight_decay",
     "momentum", "scheduler", "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum",
     "max_grad_norm", "bf16", "seed",
