@@ -239,7 +239,8 @@ def interleaved(args: argparse.Namespace, data: Path, packing: bool) -> dict[str
     so a change of load on the machine slows both alike; tokens/s of each over the steps after
     ``--warmup``. TRL's steps are its ``Trainer.training_step`` (forward, SFTTrainer's loss and
     metrics, backward) plus the clip, optimizer and scheduler steps its loop takes; its batches are
-    collated outside the clock. peftlab's are ``TrainingRun.train_step``, collation included."""
+    collated outside the clock. peftlab's are ``TrainingRun.train_step``, collation included. Padded,
+    both take the same rows at each step."""
     import torch
 
     from peftlab.train.distributed import start_processes
@@ -259,8 +260,17 @@ def interleaved(args: argparse.Namespace, data: Path, packing: bool) -> dict[str
     model = trainer.model
     loader = iter(trainer.get_train_dataloader())
 
-    def trl_step(_: int) -> tuple[float, float, int]:
-        batch = trainer._prepare_inputs(next(loader))
+    # Padded, TRL's dataset holds the rows in peftlab's order: both sides take the same rows each step
+    # (a padded step's cost follows its longest row). Packed sequences are nearly full: TRL's own order.
+    same_rows = not packing and len(trainer.train_dataset) == len(run.train_data)
+
+    def trl_step(index: int) -> tuple[float, float, int]:
+        if same_rows:
+            rows = [trainer.train_dataset[i] for i in order[index % len(order)]]
+            batch = trainer._prepare_inputs(trainer.data_collator(
+                [{k: v for k, v in row.items() if k in ("input_ids", "labels")} for row in rows]))
+        else:
+            batch = trainer._prepare_inputs(next(loader))
         tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         items = (batch["labels"][..., 1:] != -100).sum()
         began, cpu = time.perf_counter(), time.process_time()
