@@ -3,20 +3,32 @@
 SmolLM2-135M, all linear layers, r = 16, alpha = 32, float32 on the CPU (or --device). Timed:
 ``get_peft_model`` on a fresh copy of the base (the copy is not timed), plus for EVA
 ``initialize_lora_eva_weights`` and for CorDA ``preprocess_corda``, both on the same batches of
-held-out Shakespeare (batches of one sequence: HF's CorDA needs them). Medians of --repeats runs,
-the two libraries alternating. HF's LoftQ hard-codes a CUDA/XPU device; on a CPU it runs HF's own
-``loftq_init`` with that one line pointed at the CPU (as the tests do).
+held-out Shakespeare (batches of one sequence: HF's CorDA needs them). HF's LoftQ hard-codes a
+CUDA/XPU device; on a CPU it runs HF's own ``loftq_init`` with that one line pointed at the CPU (as
+the tests do).
 
-    python benchmarks/lora_init.py
-    python benchmarks/lora_init.py --inits pissa olora loftq --repeats 5
+The two sides are interleaved so that a change in the machine's load hits both alike: each repeat
+runs both, in turns (peftlab first on even repeats, HF first on odd ones), after one untimed warm-up
+of each (the first call pays for imports and lazy initialisation: HF's first ``get_peft_model``
+imports torch._inductor). Printed per init: the median and the fastest of --repeats runs of each
+side, and the ratio of the medians (peftlab / HF; below 1: peftlab faster), with the load average
+before and after. On a shared machine the medians move with the load; rerun it on a quiet one. Under
+load, torch's two OpenMP threads wait on each other (a 16x16 QR took 26 ms in both libraries at load 8),
+which swamps the inits' own cost; ``OMP_NUM_THREADS=1`` keeps a loaded run comparable:
+
+    PYTHONPATH=src python benchmarks/lora_init.py --repeats 5
+    PYTHONPATH=src python benchmarks/lora_init.py --inits pissa olora loftq --repeats 5
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/lora_init.py --repeats 3   # on a busy machine
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import importlib.util
 import inspect
+import os
 import statistics
 import textwrap
 import time
@@ -93,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--inits", nargs="+", default=INITS, choices=INITS)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, default=16, help="sequences of --length tokens for EVA and CorDA")
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--device", default="cpu")
@@ -106,21 +118,36 @@ def main() -> None:
     base, tokenizer = load_model_and_tokenizer(args.model, "causal-lm")
     base = base.float().to(args.device).eval()
     batches = _batches(tokenizer, args.device, args.batches, args.length)
-    print(f"{args.model}, all linear r=16, {args.device}, {torch.get_num_threads()} threads; median of {args.repeats} runs (s)")
-    print(f"{'init':<15}{'peftlab':>10}{'HF peft':>10}{'ratio':>8}")
+    sides = {"peftlab": _peftlab, "hf": _hf}
+    for run in sides.values():  # warm-up, untimed: imports and lazy initialisation
+        _timed(run, base, "True", batches)
+    print(f"{args.model}, all linear r=16, {args.device}, {torch.get_num_threads()} threads; {args.repeats} runs "
+          f"per side, interleaved; load average {_load()} (s)")
+    print(f"{'init':<15}{'peftlab':>10}{'(min)':>8}{'HF peft':>10}{'(min)':>8}{'ratio':>8}")
     for init in args.inits:
-        times = {"peftlab": [], "hf": []}
-        for _ in range(args.repeats):
-            for name, run in (("peftlab", _peftlab), ("hf", _hf)):
-                copy_ = copy.deepcopy(base)
-                torch.manual_seed(0)
-                start = time.perf_counter()
-                with torch.no_grad() if init in ("eva", "corda") else torch.enable_grad():
-                    run(copy_, init, batches)
-                times[name].append(time.perf_counter() - start)
-                del copy_
-        ours, theirs = statistics.median(times["peftlab"]), statistics.median(times["hf"])
-        print(f"{init:<15}{ours:>10.3f}{theirs:>10.3f}{ours / theirs:>8.2f}", flush=True)
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        for repeat in range(args.repeats):
+            for name in (list(sides) if repeat % 2 == 0 else list(reversed(sides))):
+                times[name].append(_timed(sides[name], base, init, batches))
+        ours, theirs = (statistics.median(times[name]) for name in sides)
+        print(f"{init:<15}{ours:>10.3f}{min(times['peftlab']):>8.3f}{theirs:>10.3f}{min(times['hf']):>8.3f}"
+              f"{ours / theirs:>8.2f}", flush=True)
+    print(f"load average after: {_load()}")
+
+
+def _timed(run, base, init: str, batches) -> float:
+    """Seconds of one init on a fresh copy of ``base`` (the copy is not timed)."""
+    model = copy.deepcopy(base)
+    gc.collect()
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    with torch.no_grad() if init in ("eva", "corda") else torch.enable_grad():
+        run(model, init, batches)
+    return time.perf_counter() - start
+
+
+def _load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 if __name__ == "__main__":

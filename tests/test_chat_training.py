@@ -10,6 +10,7 @@ from chat_fixtures import CHATML, chat_tokenizer, write_chat_rows
 from train_fixtures import save_tiny_model, tiny_options, write_sentiment_data
 
 from peftlab.cli import main
+from peftlab.train.generation import encode_prompt, load_for_generation
 from peftlab.train.loop import run_training
 from peftlab.train.options import OptionsError
 
@@ -34,9 +35,11 @@ def chat_data(tmp_path_factory):
 
 
 def test_chat_training_packed_follows_the_padded_loss_curve(chat_llama_dir, chat_data, tmp_path) -> None:
+    # Each step takes the whole set (24 rows padded; all its sequences packed), so both runs see the
+    # same examples every step, and the loss, a mean over label tokens, must not depend on the layout.
     runs = {}
-    for packing, max_length in ((False, None), (True, 32)):  # packed: rows of 32 hold two examples
-        options = tiny_options(chat_llama_dir, chat_data, tmp_path / str(packing), task="causal-lm",
+    for packing, max_length in ((False, None), (True, 32)):  # packed: sequences of 32 hold up to two rows
+        options = tiny_options(chat_llama_dir, chat_data, tmp_path / str(packing), task="causal-lm", batch_size=24,
                                max_length=max_length, packing=packing, max_steps=3, lr=1e-2)
         runs[packing] = run_training(options)
     padded, packed = runs[False], runs[True]
@@ -44,7 +47,12 @@ def test_chat_training_packed_follows_the_padded_loss_curve(chat_llama_dir, chat
     assert padded["train_rows"] == 24 and padded["train_rows_truncated"] == 0 and padded["eval_rows_truncated"] == 0
     assert packed["train_loss_curve"] == pytest.approx(padded["train_loss_curve"], abs=1e-5)
     assert packed["eval_loss"] == pytest.approx(padded["eval_loss"], abs=1e-5)
+    assert packed["packed_sequences"] < 24 and "packed_sequences" not in padded
+    assert packed["examples_per_s"] * packed["train_time_s"] == pytest.approx(3 * 24)  # rows, not sequences
+    tokens = packed["packing_efficiency"] * packed["packed_sequences"] * 32
     assert 0 < packed["padding_share"] < padded["padding_share"] and packed["train_tokens_per_s"] > 0
+    # the batch pads each sequence to the longest of the step, at most 32: less padding than 32-token slots
+    assert packed["padding_share"] <= 1 - tokens / (packed["packed_sequences"] * 32) + 1e-9
 
 
 def test_truncated_rows_are_counted(chat_llama_dir, chat_data, tmp_path) -> None:
@@ -74,6 +82,14 @@ def test_the_cli_tells_the_task_from_the_data_and_asks_for_a_template(chat_llama
     assert f"chat_template={template}" in err  # the run's template, taken from its metrics.json
     scores = json.loads(out)
     assert scores["max_length"] == 23 and scores["eval_rows"] == 6 and scores["eval_rows_truncated"] == 0
+    # what generates from the run renders its prompts with the run's template, saved with its tokenizer
+    template.unlink()
+    _, tokenizer = load_for_generation(None, str(tmp_path / "b"))
+    assert tokenizer.chat_template == CHATML
+    assert encode_prompt(tokenizer, "hi") == tokenizer(
+        "<|im_start|>user hi<|im_end|> <|im_start|>assistant ", add_special_tokens=False)["input_ids"]
+    code, out, err = run_cli(capsys, "generate", "--adapter", str(tmp_path / "b"), "--max-new-tokens", "2", "hi")
+    assert code == 0, err
 
 
 def test_packing_is_refused_for_classification(tmp_path) -> None:

@@ -57,7 +57,8 @@ def test_compare_on_prompt_rows_ranks_by_exact_match(llama_dir, prompt_dir, tmp_
     out = tmp_path / "cmp"
     code, stdout, stderr = run_cli("compare", "--model", str(llama_dir), "--task", "causal-lm", "--dataset",
                                    str(prompt_dir), "--methods", "lora", "--max-steps", "2", "--batch-size", "8",
-                                   "--max-length", "24", "--lr", "1e-2", "--out", str(out))
+                                   "--max-length", "24", "--lr", "1e-2", "--out", str(out),
+                                   "--eval-dataset", str(prompt_dir / "validation.jsonl"))
     assert code == 0, stderr
     results = load_results(out / "results.json")
     run = results.runs[0]
@@ -69,3 +70,6 @@ def test_compare_on_prompt_rows_ranks_by_exact_match(llama_dir, prompt_dir, tmp_
     base = results.config["base_scores"]
     assert base["examples"] == 8 and set(base) == {"exact_match", "contains_answer", "examples"}
     assert f"ok, val exact match {run.val_accuracy:.3f}" in stderr
+    # an extra set is scored by the comparison's metric: here the validation rows again, the same answers
+    # (its token accuracy, the score before, differs: 0.0625 where exact match is 0 after 2 steps)
+    assert run.eval_datasets == {str(prompt_dir / "validation.jsonl"): run.val_accuracy}

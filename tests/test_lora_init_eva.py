@@ -134,3 +134,28 @@ def test_eva_on_a_4bit_base_fills_a_with_the_quantized_models_input_components()
         a = adapter.lora_A.data
         assert a.shape[0] == 4 and not adapter.lora_B.any()
         torch.testing.assert_close(a @ a.T, torch.eye(4), atol=1e-4, rtol=0)  # orthonormal principal directions
+
+
+def test_eva_on_a_layer_that_sees_one_vector_per_sequence_takes_its_rows():
+    """BERT's pooler gets the first token's state, [batch, hidden]: each row is one sample (HF indexes it as
+    tokens and fails; `peftlab study init` met it on MiniLM, whose default targets include the pooler's dense)."""
+    from tiny_models import tiny_bert_seq_cls
+
+    model = get_peft_model(tiny_bert_seq_cls(), LoraConfig(r=2, target_modules=["query", "dense"], init_lora_weights="eva",
+                                                           eva_config=EvaConfig(rho=1.0)))
+    pooler = dict(model.adapted_layers())["bert.pooler.dense"]
+    data = batches(count=8)
+    states = []
+    handle = pooler.register_forward_hook(lambda module, args, output: states.append(args[0]))
+    with torch.no_grad():
+        for batch in data:
+            model(**batch)
+    handle.remove()
+    initialize_lora_eva_weights(model, data, show_progress_bar=False)
+    a = pooler.adapters["default"].lora_A
+    # A's rows lie in the top principal subspace of the pooler's inputs (one per sequence); the incremental
+    # PCA stops once its components settle, so up to a few percent (a random direction: ~0.35 of its norm)
+    centred = torch.cat(states) - torch.cat(states).mean(0)
+    top = torch.linalg.svd(centred, full_matrices=False).Vh[: a.shape[0]]
+    inside = (a.detach() @ top.T).norm(dim=1) / a.detach().norm(dim=1)
+    assert inside.min() > 0.95, inside

@@ -10,7 +10,7 @@ import argparse
 
 import torch
 from tiny_models import tiny_batch
-from train_fixtures import llama_dir, prompt_dir, tiny_options  # noqa: F401 (fixtures)
+from train_fixtures import bert_dir, llama_dir, prompt_dir, sentiment_dir, tiny_options  # noqa: F401 (fixtures)
 
 import pytest
 from peftlab.assets import load_model_and_tokenizer
@@ -142,3 +142,19 @@ def test_data_driven_init_without_data_is_refused(llama_dir, prompt_dir, tmp_pat
     options = _options(llama_dir, prompt_dir, tmp_path, method_options={"init_lora_weights": "eva"})
     with pytest.raises(ValueError, match="init_lora_weights='eva' starts from the layers' inputs on sample data"):
         build_model(options, None)
+
+
+def test_the_labs_latency_measure_loads_a_loftq_run_as_training_left_it(bert_dir, sentiment_dir, tmp_path):
+    """The lab measures a finished run's latency on its saved adapter; a LoftQ adapter goes on the
+    full-precision base, which it quantizes itself (on an already quantized base LoftQ is refused:
+    `peftlab study init` met it on MiniLM)."""
+    from peftlab.lab.measure import measure_inference
+    from peftlab.train.build import load_datasets
+
+    options = tiny_options(bert_dir, sentiment_dir, tmp_path / "out", method="qlora", r=4, lora_alpha=4,
+                           method_options={"init_lora_weights": "loftq"}).with_method_defaults()
+    model, tokenizer, options = build_model(options, 2)
+    save_trained(model, tokenizer, tmp_path / "out")
+    _, eval_data = load_datasets(options)
+    latency, base_bytes = measure_inference(options, 2, [eval_data[i] for i in range(2)], torch.device("cpu"))
+    assert latency.base > 0 and latency.adapter > 0 and base_bytes > 0

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .chat import render_conversation
 from .errors import DataError
-from .packing import IGNORE_INDEX, pack_rows
+from .packing import IGNORE_INDEX, pack_rows, packed_batch, split_sequence
 
 
 def _require_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -80,9 +80,10 @@ class CausalLMCollator:
     itself, if shorter) and the prompt the rest, so every row keeps some tokens to learn from. A
     response cut short loses its EOS, since the text did not end there.
 
-    ``packing``: rows are laid end to end in rows of at most ``max_length`` tokens instead of
-    padded one per row (see :mod:`.packing`): ``position_ids`` restart at each example, and there
-    is no ``attention_mask``, which tells transformers to keep the examples apart.
+    ``packing``: the batch's rows are laid end to end in rows of at most ``max_length`` tokens
+    instead of padded one per row (see :mod:`.packing`): ``position_ids`` restart at each example,
+    and there is no ``attention_mask``, which tells transformers to keep the examples apart. Items
+    already packed (:class:`.packing.PackedRows`) become one batch row each, packing or not.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -138,6 +139,8 @@ class CausalLMCollator:
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if batch and "score_from" in batch[0]:
             return _stack_windows(batch)
+        if batch and "example_lengths" in batch[0]:  # sequences packed before batching (PackedRows)
+            return packed_batch([split_sequence(item) for item in batch], self.tokenizer.pad_token_id)
         rows = [self.fit(*self.encode_whole(item)) for item in batch]
         if self.packing:
             return pack_rows(rows, self.max_length, self.tokenizer.pad_token_id)

@@ -110,7 +110,8 @@ def measure_inference(options: TrainOptions, num_labels: int | None, examples: l
     from peftlab.assets import load_model_and_tokenizer
     from peftlab.model import PeftModel
     from peftlab.quant import model_size_bytes, quantize_model
-    from peftlab.train.build import make_collator
+    from peftlab.io import read_adapter_config
+    from peftlab.train.build import load_trained, make_collator, quantizes_itself
 
     labels = num_labels or 2
     base, tokenizer = load_model_and_tokenizer(options.model, options.task, num_labels=labels)
@@ -124,7 +125,11 @@ def measure_inference(options: TrainOptions, num_labels: int | None, examples: l
         del base
         tuned, _ = load_model_and_tokenizer(options.out, options.task, num_labels=labels)
         return Latency(base=base_ms, adapter=None, merged=forward_latency_ms(tuned.to(device), batch)), base_bytes
-    adapted = PeftModel.from_pretrained(base, options.out).to(device)
+    if options.quantization and quantizes_itself(read_adapter_config(Path(options.out)).get("init_lora_weights")):
+        del base  # LoftQ's adapter goes on the full-precision base, which it quantizes itself, as in training
+        adapted = load_trained(options.model, options.out, options.task, labels, options.quantization)[0].to(device)
+    else:
+        adapted = PeftModel.from_pretrained(base, options.out).to(device)
     adapter_ms = forward_latency_ms(adapted, batch)
     try:
         with warnings.catch_warnings():

@@ -24,12 +24,14 @@ from peftlab.lab.results import Results
 from peftlab.lab.sweep import parse_sweep
 from peftlab.lab.verdict import (
     ACCURACY,
+    EARLY_LOSS,
     GENERAL_PERPLEXITY,
     METHOD_OPTION,
     PEAK_MEMORY,
     SEED_OPTION,
     Consistency,
     Effect,
+    GapNarrowing,
     Interaction,
     Metric,
     Question,
@@ -45,6 +47,8 @@ TWO_SEEDS = (0, 1)
 #: normalised per parameter; at AdamW's 1e-3 SGD barely moves an adapter that starts at zero.
 SGD_LR = 0.1
 SMALL_RANK, LARGE_RANK = 8, 256
+#: The init study's option and its default start (HF's ``init_lora_weights=True``: A kaiming, B = 0).
+INIT, DEFAULT_INIT = "init_lora_weights", True
 
 
 class StudyWork(Protocol):
@@ -60,8 +64,10 @@ class Study:
     """A rule of thumb as a preset grid and the questions its verdicts answer.
 
     ``grid`` is one or more arms, each a tuple of ``--sweep`` texts; every arm runs at every seed and
-    the runs of all arms make the study. ``budget`` holds options the study starts from that the
-    user's flags may change (the swept ones they may not).
+    the runs of all arms make the study. An arm may also hold ``method=NAME,NAME``: the methods that arm
+    runs instead of ``methods`` (QLoRA's arm of the init study). ``budget`` holds options the study starts
+    from that the user's flags may change (the swept ones they may not). ``loss_curves``: the report also
+    plots the training loss against the steps, one line per setting.
     """
 
     name: str
@@ -72,15 +78,44 @@ class Study:
     seeds: tuple[int, ...] = TWO_SEEDS
     metric: Metric = ACCURACY  # what its plot shows
     budget: dict[str, Any] = field(default_factory=dict)
-    why_seeds: str = ""  # why this many seeds, when it is not the default two
+    note: str = ""  # said after the verdicts: why this many seeds (not the default two), how a metric is measured
     work: StudyWork | None = None
+    loss_curves: bool = False
 
     def swept_options(self) -> list[str]:
         """The options the study sets itself: those of its grid, and the seed."""
-        return list(dict.fromkeys([*(parse_sweep(text).option for arm in self.grid for text in arm), SEED_OPTION]))
+        return list(dict.fromkeys([*(parse_sweep(text).option for arm in self.grid for text in arm_sweeps(arm)),
+                                   SEED_OPTION]))
+
+    def arm_methods(self, arm: tuple[str, ...]) -> str:
+        """The methods ``arm`` runs: its own ``method=...``, else the study's."""
+        return next((text.partition("=")[2] for text in arm if _names_methods(text)), self.methods)
 
     def seed_sweep(self) -> str:
         return f"{SEED_OPTION}={','.join(map(str, self.seeds))}"
+
+
+def _names_methods(text: str) -> bool:
+    return text.partition("=")[0].strip() == METHOD_OPTION
+
+
+def arm_sweeps(arm: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``--sweep`` texts of an arm, without its ``method=...``."""
+    return tuple(text for text in arm if not _names_methods(text))
+
+
+def _converges_faster(name: str, init: str) -> Effect:
+    return Effect(f"{name} converges faster: its training loss over the first 10% of the steps is lower than the "
+                  "default start's", INIT, DEFAULT_INIT, init, expect="lower", metric=EARLY_LOSS,
+                  where={METHOD_OPTION: "lora"}, paired=True)
+
+
+def _init_note() -> str:
+    return ("Every start trains at the same learning rate (the lab's default for adapters). Training loss over the "
+            "first 10% of the steps: the mean of each step's training loss over steps 1 to ceil(0.1 x steps) (every "
+            "start computes the base model's function at step 1, so they part from step 2 on). The loss verdicts are "
+            "paired: at one seed every start trains on the same batches, so the per-seed differences cancel what a "
+            "batch's difficulty does to the loss.")
 
 
 def _memory_note() -> str:
@@ -119,14 +154,14 @@ STUDIES: dict[str, Study] = {study.name: study for study in (
                   expect="same", metric=PEAK_MEMORY, where={"r": SMALL_RANK}, paired=True),
            Effect(f"at a large rank (r = {LARGE_RANK}) SGD needs less peak memory than AdamW", "optimizer", "adamw",
                   "sgd", expect="lower", metric=PEAK_MEMORY, where={"r": LARGE_RANK}, paired=True)),
-          metric=PEAK_MEMORY, budget={"max_steps": 10, "max_eval_samples": 64}, why_seeds=_memory_note()),
+          metric=PEAK_MEMORY, budget={"max_steps": 10, "max_eval_samples": 64}, note=_memory_note()),
     Study("epochs", "training for 1 epoch against 3 over the same data", "lora", (("epochs=1,3",),),
           (Effect("several epochs hurt through overfitting: 3 epochs are less accurate than 1", "epochs", 1, 3,
                   expect="lower"),)),
     Study("consistency", "the same LoRA run over five seeds: how far the seed alone moves the result", "lora", ((),),
           (Consistency("results are consistent across runs: the seed moves accuracy no more than the evaluation "
                        "set's sampling error"),),
-          seeds=(0, 1, 2, 3, 4), why_seeds="Five seeds: the spread is the result, and two would barely estimate it."),
+          seeds=(0, 1, 2, 3, 4), note="Five seeds: the spread is the result, and two would barely estimate it."),
     Study("forgetting", "full fine-tuning against adapters on a causal LM: accuracy on the task (learning) and "
           "perplexity on held-out general text before and after (forgetting)", forgetting.METHODS, ((),),
           tuple(question for method in forgetting.ADAPTER_METHODS for question in (
@@ -135,6 +170,18 @@ STUDIES: dict[str, Study] = {study.name: study for study in (
               Effect(f"{method} forgets less than full fine-tuning: its perplexity on held-out general text rises "
                      "less", METHOD_OPTION, FULL_FINE_TUNING, method, expect="lower", metric=GENERAL_PERPLEXITY))),
           metric=GENERAL_PERPLEXITY, budget=forgetting.BUDGET, work=forgetting.FORGETTING),
+    Study("init", "where LoRA starts: the default init against PiSSA, OLoRA and EVA on LoRA, and QLoRA's default "
+          "against LoftQ, with LoRA as the reference", "lora",
+          ((f"{INIT}=true,pissa,olora,eva",), (f"{METHOD_OPTION}=qlora", f"{INIT}=true,loftq")),
+          (_converges_faster("PiSSA", "pissa"),
+           Effect("PiSSA reaches a higher final accuracy than the default start", INIT, DEFAULT_INIT, "pissa",
+                  where={METHOD_OPTION: "lora"}),
+           _converges_faster("OLoRA", "olora"),
+           _converges_faster("EVA", "eva"),
+           GapNarrowing("LoftQ narrows QLoRA's gap to LoRA: QLoRA started by LoftQ is more accurate than QLoRA's "
+                        "default start", INIT, DEFAULT_INIT, "loftq", where={METHOD_OPTION: "qlora"},
+                        reference={METHOD_OPTION: "lora", INIT: DEFAULT_INIT})),
+          note=_init_note(), loss_curves=True),
 )}
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from peftlab.io import atomic_write_text
 from peftlab.lab.cli import EXIT_INTERRUPTED, SHARED_OPTIONS, plan_from_args
-from peftlab.lab.study import ALL, STUDIES, VERDICTS_FILE, Study, studies_named, verdicts
+from peftlab.lab.study import ALL, STUDIES, VERDICTS_FILE, Study, arm_sweeps, studies_named, verdicts
 from peftlab.lab.sweep import PlannedRun, parse_sweep
 from peftlab.lab.verdict import SEED_OPTION, Verdict
 from peftlab.train.options import OptionsError, TrainOptions, add_train_arguments
@@ -35,7 +35,7 @@ def check_flags(studies: Sequence[Study], args: argparse.Namespace) -> None:
 def _sweeps_of(study: Study, option: str) -> str:
     if option == SEED_OPTION:
         return f"study {study.name} runs {study.seed_sweep()}"
-    texts = [text for arm in study.grid for text in arm if parse_sweep(text).option == option]
+    texts = [text for arm in study.grid for text in arm_sweeps(arm) if parse_sweep(text).option == option]
     return f"study {study.name} runs {' and '.join(texts)}"
 
 
@@ -43,16 +43,18 @@ def plan_study(study: Study, args: argparse.Namespace) -> tuple[list[PlannedRun]
     """The study's runs: each arm of its grid at every seed, on the shared options of ``args``."""
     check_flags([study], args)
     shared = {name: getattr(args, name) for name in SHARED_OPTIONS if hasattr(args, name)}
-    base = {**study.budget, **shared, "methods": study.methods, "overrides": [], "config": None, "eval_datasets": []}
+    base = {**study.budget, **shared, "overrides": [], "config": None, "eval_datasets": []}
     runs: list[PlannedRun] = []
     config: dict[str, Any] = {}
     for arm in study.grid:
-        arm_runs, config = plan_from_args(argparse.Namespace(**base, sweeps=[*arm, study.seed_sweep()]))
+        arm_runs, config = plan_from_args(argparse.Namespace(**base, methods=study.arm_methods(arm),
+                                                             sweeps=[*arm_sweeps(arm), study.seed_sweep()]))
         runs += arm_runs
     if study.work:
         study.work.check(TrainOptions(**runs[0].options), args)
     grid = [" ".join([*arm, study.seed_sweep()]) for arm in study.grid]
-    return runs, {**config, "sweep": grid, "study": study.name}
+    methods = list(dict.fromkeys(run.method for run in runs))  # every arm's, not only the last one's
+    return runs, {**config, "methods": methods, "sweep": grid, "study": study.name}
 
 
 def plan_studies(studies: Sequence[Study], args: argparse.Namespace
@@ -158,7 +160,7 @@ class StudyCommand:
 
 def verdicts_markdown(study: Study, study_verdicts: Sequence[Verdict]) -> str:
     lines = "\n".join(f"- {verdict.text()}" for verdict in study_verdicts)
-    return f"# Study {study.name}: {study.about}\n\n{lines}\n" + (f"\n{study.why_seeds}\n" if study.why_seeds else "")
+    return f"# Study {study.name}: {study.about}\n\n{lines}\n" + (f"\n{study.note}\n" if study.note else "")
 
 
 def planned_examples(options: dict[str, Any]) -> int | None:

@@ -1,21 +1,24 @@
-"""A study's plot: its metric per setting, each seed a dot, the mean a bar, the seed-to-seed range a line.
-
-One row per setting (``lora_alpha=2r``), so the effect a verdict weighs -- the distance between two
+"""A study's plots. Its metric per setting, each seed a dot, the mean a bar, the seed-to-seed range a line:
+one row per setting (``lora_alpha=2r``), so the effect a verdict weighs -- the distance between two
 rows' means -- is drawn against the spread it had to beat -- each row's range. Each seed keeps its
 colour across rows, which shows whether one seed is better everywhere. For accuracy, a hollow
 diamond marks the mean training accuracy of the last epoch: its distance from the validation mean is
 the overfitting gap.
+
+And, for a study that asks how fast the loss falls (``init``), the training loss against the steps:
+one colour per setting, each seed a thin line, the mean over seeds a thick one.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from statistics import fmean
 
 from peftlab.lab.plots import _bar_height, _figure, _footnote_left_out, _save
 from peftlab.lab.results import Results
 from peftlab.lab.study_findings import last_epoch_train_accuracy
-from peftlab.lab.verdict import ACCURACY, SEED_OPTION, Metric, cell_of, matches, settings
+from peftlab.lab.verdict import ACCURACY, EARLY_SHARE, SEED_OPTION, Metric, cell_of, matches, setting_label, settings
 
 MEAN_COLOR = "0.1"
 
@@ -64,5 +67,39 @@ def plot_study(results: Results, metric: Metric, title: str, path: Path) -> Path
     fig.legend(fontsize=8, loc="outside lower center", ncols=len(seeds) + 2)
     ax.set_xlabel(metric.axis or metric.name)
     ax.set_title(title)
+    _footnote_left_out(fig, results, drawn)
+    return _save(fig, path)
+
+
+def plot_loss_by_setting(results: Results, title: str, path: Path) -> Path | None:
+    """Training loss against the optimizer step, one colour per setting: each seed's curve thin, their mean
+    (at the steps every seed logged) thick. A dotted line marks 10% of the steps, the end of the window the
+    early-loss verdicts average. None when no run recorded a loss curve."""
+    rows = [(setting, [run for run in results.ok_runs if run.train_loss_curve and matches(run, setting)])
+            for setting in settings(results.runs)]
+    rows = [(setting, runs) for setting, runs in rows if runs]
+    if not rows:
+        return None
+    fig = _figure(height=5.2)
+    ax = fig.subplots()
+    drawn, longest = [], 0
+    for index, (setting, runs) in enumerate(rows):
+        color = f"C{index % 10}"
+        curves = [{point["step"]: point["loss"] for point in run.train_loss_curve} for run in runs]
+        for curve in curves:
+            ax.plot(list(curve), list(curve.values()), color=color, linewidth=0.7, alpha=0.35)
+        shared = sorted(set.intersection(*(set(curve) for curve in curves)))
+        ax.plot(shared, [fmean(curve[step] for curve in curves) for step in shared], color=color, linewidth=2,
+                label=f"{setting_label(setting)} (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        drawn += runs
+        longest = max(longest, *(run.steps or max(curve) for run, curve in zip(runs, curves)))
+    ax.axvline(EARLY_SHARE * longest, color="0.5", linestyle=":", linewidth=1)
+    ax.annotate(f"{EARLY_SHARE:.0%} of the steps", (EARLY_SHARE * longest, 1), xycoords=("data", "axes fraction"),
+                xytext=(4, -12), textcoords="offset points", fontsize=8, color="0.4")
+    ax.grid(True, alpha=0.3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper right")
     _footnote_left_out(fig, results, drawn)
     return _save(fig, path)

@@ -28,10 +28,11 @@ from peftlab.lab.report import (
 from peftlab.lab.results import Results, RunRecord
 from peftlab.lab.study import STUDIES, Study, verdicts
 from peftlab.lab.study_findings import all_findings, study_findings
-from peftlab.lab.study_plots import plot_study
+from peftlab.lab.study_plots import plot_loss_by_setting, plot_study
 from peftlab.lab.verdict import ACCURACY, Verdict
 
 STUDY_PLOT = "study.png"
+LOSS_PLOT = "study_loss.png"
 ALL_TITLE = "peftlab study all"
 
 
@@ -49,14 +50,14 @@ def head_for(results: Results) -> ReportHead | None:
 def study_blocks(study: Study, results: Results, plots_dir: Path, level: int = 2) -> list[Block]:
     blocks: list[Block] = [Paragraph(f"Study {study.name}: {study.about}."), Heading(level, "Verdicts"),
                            BulletList([verdict.text() for verdict in verdicts(study, results.runs)])]
-    if study.why_seeds:
-        blocks.append(Paragraph(study.why_seeds))
+    if study.note:
+        blocks.append(Paragraph(study.note))
     sentences = (study.work.findings(results) if study.work else []) + study_findings(results.runs, study.metric)
     if sentences:
         blocks += [Heading(level, "What the runs show"), BulletList(sentences)]
-    plot = draw_study_plot(study, results, plots_dir)
-    if plot is not None:
-        blocks += [Heading(level + 1, plot.title), Image(plot), Paragraph(plot.caption)]
+    for plot in (draw_study_plot(study, results, plots_dir), draw_loss_plot(study, results, plots_dir)):
+        if plot is not None:
+            blocks += [Heading(level + 1, plot.title), Image(plot), Paragraph(plot.caption)]
     return blocks
 
 
@@ -71,6 +72,19 @@ def draw_study_plot(study: Study, results: Results, plots_dir: Path) -> Plot | N
     if study.metric is ACCURACY:
         caption += " Hollow diamonds: training accuracy counted during the last epoch, averaged over seeds."
     return Plot(title, path, caption)
+
+
+def draw_loss_plot(study: Study, results: Results, plots_dir: Path) -> Plot | None:
+    """The training loss against the steps per setting, for a study that asks for it (``loss_curves``)."""
+    if not study.loss_curves:
+        return None
+    title = f"Study {study.name}: training loss against the steps"
+    path = plot_loss_by_setting(results, title, plots_dir / LOSS_PLOT)
+    if path is None:
+        return None
+    return Plot(title, path, "Each thin line is one seed's training loss at every optimizer step, the thick line "
+                "of its colour the mean over seeds. Left of the dotted line: the first 10% of the steps, whose mean "
+                "loss the convergence verdicts compare.")
 
 
 def write_study_all_report(outcomes: Sequence[tuple[Study, Results, list[Verdict]]], out: Path,

@@ -19,6 +19,11 @@ Values of ``--sweep`` (and ``--set``):
     target_modules   attn (the query and value projections of the model's family), all-linear,
                      or layer names joined by "+": query+value
     any other        a number, true/false, or a word, checked as `peftlab train` checks its flags
+
+Besides the options of `peftlab train`, a sweep may name any field of a method's config that has no
+flag of its own (``init_lora_weights=true,pissa``): each run then gets it as ``--method-option
+KEY=VALUE`` would give it. A compared method whose config lacks the field is an error; full
+fine-tuning, which has no adapter, runs once.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ DEFAULT_METHODS = (FULL_FINE_TUNING, "lora", "dora", "qlora")
 PER_RUN_OPTIONS = ("method", "out", "resume", "run_name")
 #: Options not worth a sweep axis: where output goes and how often it is written.
 NOT_SWEEPABLE = (*PER_RUN_OPTIONS, "save_every", "log_every", "device", "method_options", "report_to", "run_group")
+#: Config fields the engine fills in itself (what the saved file records), so no sweep may set them.
+CONFIG_BOOKKEEPING = ("task_type", "base_model_name_or_path", "revision", "inference_mode")
 #: Options of the adapter; full fine-tuning has none, so a sweep over them runs full once.
 ADAPTER_OPTIONS = (*METHOD_OPTIONS, "target_modules", "method_options", "quantize")
 
@@ -136,8 +143,22 @@ def option_names() -> list[str]:
     return [spec.name for spec in dataclasses.fields(TrainOptions)]
 
 
+def config_only_options() -> list[str]:
+    """The fields of the registered methods' configs that have no option of their own (no flag):
+    a sweep sets them through ``method_options``, as ``--method-option KEY=VALUE`` does."""
+    from peftlab.methods import METHODS
+
+    named = set(option_names())
+    fields = (spec.name for method in METHODS.values() for spec in dataclasses.fields(method.config_class))
+    return sorted({name for name in fields if name not in named and name not in CONFIG_BOOKKEEPING})
+
+
 def sweepable_options() -> list[str]:
-    return [name for name in option_names() if name not in NOT_SWEEPABLE]
+    return [*(name for name in option_names() if name not in NOT_SWEEPABLE), *config_only_options()]
+
+
+def _config_has(method: str, option: str) -> bool:
+    return option in {spec.name for spec in dataclasses.fields(method_named(method).config_class)}
 
 
 def _option_name(text: str, valid: list[str], what: str) -> str:
@@ -299,14 +320,25 @@ def plan_runs(
     repeated = sorted({option for option in swept if swept.count(option) > 1})
     if repeated:
         raise OptionsError(f"--sweep {repeated[0]} is given twice; put all its values in one: --sweep {repeated[0]}=V1,V2.")
+    in_config = set(config_only_options()) & set(swept)
     runs: list[PlannedRun] = []
     for method in methods:
-        own_axes = [axis for axis in axes if not (method == FULL_FINE_TUNING and axis.option in ADAPTER_OPTIONS)]
+        own_axes = [axis for axis in axes if not (method == FULL_FINE_TUNING
+                                                  and (axis.option in ADAPTER_OPTIONS or axis.option in in_config))]
+        lacking = [option for option in sorted(in_config) if method != FULL_FINE_TUNING and not _config_has(method, option)]
+        if lacking:
+            raise OptionsError(f"--sweep {lacking[0]}: method {method!r} has no option {lacking[0]!r}; "
+                               f"compare it without this sweep.")
         for combination in itertools.product(*(axis.values for axis in own_axes)):
             values = {axis.option: value for axis, value in zip(own_axes, combination)}
             sweep = {option: _label(value) for option, value in values.items()}
             name = run_name(method, sweep)
-            merged = {**_shared_for(method, shared), **overrides.get(method, {}), **values, "method": method}
+            merged = {**_shared_for(method, shared), **overrides.get(method, {}),
+                      **{option: value for option, value in values.items() if option not in in_config},
+                      "method": method}
+            config_values = {option: value for option, value in values.items() if option in in_config}
+            if config_values:  # a config field without a flag of its own rides in method_options
+                merged["method_options"] = {**(merged.get("method_options") or {}), **config_values}
             if method != FULL_FINE_TUNING:
                 merged = method_named(method).for_comparison(merged)
             try:

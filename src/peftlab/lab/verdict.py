@@ -23,6 +23,9 @@ A question compares cells on one metric (validation accuracy, or peak memory):
                   claimed larger in the first. Each effect carries its own spread, so their
                   difference must beat the sum of the two spreads (each at least the sampling error,
                   for accuracy); the three outcomes as above.
+    GapNarrowing  does a treatment narrow a control's gap to a reference cell (LoftQ: QLoRA's to LoRA)?
+                  Judged as the Effect of treatment over control, claimed higher (the gap shrinks by
+                  exactly that), with both gaps to the reference stated; not judged without the reference.
     Consistency   one cell over several seeds: the spread is the result. "Results are consistent
                   across runs" holds when the seed-to-seed standard deviation is at most the
                   evaluation set's own sampling error, sqrt(p (1 - p) / n) for accuracy p on n
@@ -36,11 +39,12 @@ nothing), or two runs at one seed (the setting does not pin every swept option);
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import fmean, stdev
-from typing import Any, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 from peftlab.lab.results import RunRecord
 
@@ -66,9 +70,11 @@ class Metric:
     value_style: str
     digits: int  # of a difference
     axis: str = ""  # the label of a plot axis, when not the name
+    #: A metric computed from the record (from its loss curve, say) rather than read from its ``key`` attribute.
+    compute: Callable[[RunRecord], float | None] | None = None
 
     def of(self, run: RunRecord) -> float | None:
-        return getattr(run, self.key)
+        return self.compute(run) if self.compute else getattr(run, self.key)
 
     def value(self, raw: float) -> str:
         return self.value_style.format(raw)
@@ -82,6 +88,27 @@ ACCURACY = Metric("val_accuracy", "validation accuracy", "points", 100.0, "{:.3f
 PEAK_MEMORY = Metric("peak_memory_mb", "peak memory", "MB", 1.0, "{:,.0f} MB", 0, "peak memory while training (MB)")
 GENERAL_PERPLEXITY = Metric("general_perplexity", "perplexity on held-out general text", "perplexity", 1.0, "{:.3f}",
                             3, "perplexity on held-out general text after training")
+
+
+#: The share of a run's steps whose training loss :data:`EARLY_LOSS` averages.
+EARLY_SHARE = 0.1
+
+
+def early_loss(run: RunRecord) -> float | None:
+    """The mean training loss over the first 10% of the run's optimizer steps: the steps 1 .. ceil(0.1 x
+    steps) of its loss curve (each step's own loss, the mean over its batch), so at least the first step.
+    A mean over those steps, not the loss at one step, so that one batch's difficulty weighs little.
+    None when the run recorded no loss curve."""
+    curve = run.train_loss_curve
+    if not curve:
+        return None
+    steps = run.steps or curve[-1]["step"]
+    last = max(1, math.ceil(EARLY_SHARE * steps - TOLERANCE))
+    return fmean(point["loss"] for point in curve if point["step"] <= last)
+
+
+EARLY_LOSS = Metric("early_train_loss", "training loss over the first 10% of steps", "loss", 1.0, "{:.4f}", 4,
+                    "mean training loss, first 10% of steps", compute=early_loss)
 
 
 @dataclass(frozen=True)
@@ -359,6 +386,36 @@ class Interaction:
         return judge_interaction(self.claim, pairs[0], pairs[1], f"{self.option}={self.treatment}",
                                  (f"{self.context}={self.first}", f"{self.context}={self.second}"), self.metric,
                                  eval_examples(runs))
+
+
+@dataclass(frozen=True)
+class GapNarrowing:
+    """Does ``option=treatment`` narrow the gap of ``option=control`` (both at ``where``) to the ``reference``
+    setting? Judged as the effect of the treatment over the control (claimed higher: the gap below the
+    reference shrinks by exactly that effect), with both gaps to the reference said beside it."""
+
+    claim: str
+    option: str
+    control: Any
+    treatment: Any
+    where: dict[str, Any]
+    reference: dict[str, Any]
+    metric: Metric = ACCURACY
+
+    def judge(self, runs: Sequence[RunRecord]) -> Verdict:
+        control, treatment = (cell_of(runs, {**self.where, self.option: value}, self.metric)
+                              for value in (self.control, self.treatment))
+        reference = cell_of(runs, self.reference, self.metric)
+        missing = _missing(reference)
+        if missing:
+            return not_judged(self.claim, missing)
+        verdict = judge(self.claim, control, treatment, "higher", self.metric, eval_examples=eval_examples(runs))
+        if verdict.outcome == "not judged":
+            return verdict
+        gaps = [self.metric.scale * (reference.mean - cell.mean) for cell in (control, treatment)]
+        said = (f"gap to {reference.label} ({self.metric.value(reference.mean)}): {self.metric.amount(gaps[0], signed=True)} "
+                f"for {control.label}, {self.metric.amount(gaps[1], signed=True)} for {treatment.label}; ")
+        return dataclasses.replace(verdict, measured=said + verdict.measured)
 
 
 @dataclass(frozen=True)

@@ -392,7 +392,7 @@ def is_quantized(model: nn.Module) -> bool:
 
 def packed_weights(model: nn.Module) -> tuple[set[int], int]:
     """The 4-bit layers' packed storage, held as parameters for sharding (:meth:`Linear4bit.shardable_storage_`)
-    but not weights themselves (their ``id``\s), and how many weight values that storage holds."""
+    but not weights themselves (by id), and how many weight values that storage holds."""
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     storage = {id(p) for m in layers for p in m.parameters(recurse=False) if p is not m.bias}
     return storage, sum(m.in_features * m.out_features for m in layers)

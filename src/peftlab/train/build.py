@@ -14,6 +14,7 @@ from torch import nn
 from peftlab.assets import load_model_and_tokenizer, load_tokenizer, notice, tokenizer_from
 from peftlab.data import CausalLMCollator, ClassificationCollator, TextDataset, load_dataset_spec
 from peftlab.data.encoded import TruncationCount, choose_max_length, count_truncation, encode_rows, refuse_if_nothing_to_learn
+from peftlab.data.packing import PackedRows, pack_dataset
 from peftlab.data.text import TokenWindows, is_plain_text
 from peftlab.hf_compat import saved_num_labels
 from peftlab.io import LABEL_NAMES_KEY, QUANTIZATION_KEY, QUANTIZATION_NONE, read_adapter_config, read_adapter_metadata
@@ -93,14 +94,17 @@ class PreparedRows:
 
     def metrics(self) -> dict[str, Any]:
         counted = {k: v for name, count in self.counts.items() for k, v in count.as_metrics(name).items()}
-        return {**counted, "max_length": self.options.max_length, "max_length_from_data": self.chosen}
+        packed = self.splits.get("train")
+        return {**counted, "max_length": self.options.max_length, "max_length_from_data": self.chosen,
+                **(packed.as_metrics() if isinstance(packed, PackedRows) else {})}
 
 
 def prepare_rows(options: TrainOptions, splits: dict[str, TextDataset], tokenizer, model: nn.Module) -> PreparedRows:
     """Causal-LM rows (not plain-text windows) tokenized once as the collator will. --max-length left
     unset becomes the longest row of the first split, up to the model's limit; the rows each split's
     cut truncates are counted and announced (the first split's always), and a first split with
-    nothing left to learn is refused."""
+    nothing left to learn is refused. With --packing the "train" split is packed into sequences of
+    --max-length (see :func:`peftlab.data.packing.pack_dataset`)."""
     first = next(iter(splits))
     if options.task != "causal-lm" or isinstance(splits[first], TokenWindows):
         return PreparedRows(options, splits, {}, False)
@@ -119,6 +123,9 @@ def prepare_rows(options: TrainOptions, splits: dict[str, TextDataset], tokenize
     for name, count in counts.items():
         if count.truncated or name == first:  # the count on every run, even when nothing is cut
             notice(count.describe(f"{name} data"))
+    if options.packing and "train" in splits:
+        splits["train"] = pack_dataset(splits["train"], collator.fit, collator.max_length, options.seed)
+        notice(splits["train"].describe())
     return PreparedRows(options, splits, counts, chosen)
 
 
@@ -163,6 +170,10 @@ def build_model(
     model, tokenizer = load_model_and_tokenizer(options.model, options.task, num_labels=num_labels or 2)
     if options.task == "causal-lm":
         check_causal_lm(options.model, tokenizer, model.config)
+    if options.chat_template is not None:
+        # Saved with the run's tokenizer (chat_template.jinja), so what generates from the run
+        # (generate, chat, eval --task generate) renders prompts as training did.
+        tokenizer.chat_template = read_chat_template(options.chat_template)
     if options.task == "seq-cls" and label_names:
         model.config.id2label = dict(enumerate(label_names))
         model.config.label2id = {name: i for i, name in enumerate(label_names)}

@@ -53,7 +53,7 @@ from peftlab.train.fsdp import (
     load_full_optimizer_state,
     load_full_tensors,
 )
-from peftlab.train.evaluate import batch_totals, evaluate, label_count, model_inputs, shard_batches
+from peftlab.train.evaluate import evaluate, forward_totals, label_count, shard_batches
 from peftlab.train.hooks import HookRunner, TrainingProgress, discover_hooks
 from peftlab.train.options import METHOD_OPTIONS, OptionsError, TrainOptions
 from peftlab.train.loop_state import EvalPoint, LoopState
@@ -61,7 +61,7 @@ from peftlab.train.phase_clock import PhaseClock, split_per_step
 from peftlab.train.run_metrics import RunMetrics
 from peftlab.data import DataError
 from peftlab.data.encoded import EncodedRows
-from peftlab.data.packing import check_packing_is_exact
+from peftlab.data.packing import check_packing_is_exact, examples_in
 from peftlab.train.build import build_model, load_datasets, make_collator, prepare_rows, save_trained
 from peftlab.train.data_init import DataDrivenInit
 from peftlab.train.run_folder import claim_output_folder
@@ -69,7 +69,7 @@ from peftlab.train.run_folder import claim_output_folder
 #: Options a resumed run must share with the saved one for its loss curve to continue exactly.
 MUST_MATCH_ON_RESUME = (
     "model", "task", "dataset", "data_dir", "max_train_samples", "max_length", "chat_template", "train_on_prompt",
-    "method", "quantize",
+    "packing", "method", "quantize",
     *METHOD_OPTIONS, "target_modules", "method_options", "optimizer", "lr", "weight_decay",
     "momentum", "scheduler", "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum",
     "max_grad_norm", "bf16", "seed",
@@ -313,9 +313,7 @@ class TrainingRun:
         for i, batch in enumerate(batches):
             with self.processes.no_sync(self.ddp_model, skip=i < len(batches) - 1):
                 clock.mark()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.options.bf16):
-                    logits = self.ddp_model(**model_inputs(batch, device)).logits
-                result = batch_totals(task, logits, batch["labels"].to(device))
+                result = forward_totals(self.ddp_model, batch, task, device, self.options.bf16)
                 # DDP averages gradients over processes; this scaling turns that into the global mean.
                 loss = result.loss_sum * (self.processes.world_size / max(global_count, 1.0))
                 extra = self.hooks.extra_loss(progress)
@@ -342,7 +340,7 @@ class TrainingRun:
         clock.lap("optimizer")
         self.state.epoch_correct += int(correct)
         self.state.epoch_count += int(count)
-        examples = sum(len(indices) for indices in global_batches)
+        examples = sum(examples_in(self.train_data, indices) for indices in global_batches)
         return step_loss, examples
 
     def _stop_if_diverged(self, what: str, value: float) -> None:

@@ -136,8 +136,8 @@ class TrainOptions:
         False, "causal LM: learn every token, not only the responses (assistant turns and their end-of-turn)"
     )
     packing: bool = _option(
-        False, "causal LM: lay each batch's rows end to end in rows of --max-length tokens, without padding "
-        "(attention kept within each example)"
+        False, "causal LM: pack the training rows end to end into sequences of --max-length tokens (best fit, "
+        "attention kept within each example); --batch-size then counts sequences"
     )
     # -- method ------------------------------------------------------------------------------------
     method: str = _option("lora", f"full (full fine-tuning) or a registered method: {', '.join(METHODS)}")

@@ -98,6 +98,10 @@ def prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_na
         layer_input = layer_input[0]
     if not isinstance(layer_input, torch.Tensor):
         raise TypeError(f"EVA: layer {layer_name} got a {type(layer_input).__name__}; pass prepare_layer_inputs_fn.")
+    if layer_input.dim() == 2:
+        # One vector per sequence (BERT's pooler sees the first token's state): every row is a sample. HF indexes
+        # it by (row, position) as if it held tokens and fails on the 1-D result; peftlab takes the rows.
+        return layer_input
     return layer_input[model_input.T.unbind()]
 
 
