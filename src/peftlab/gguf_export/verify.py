@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from peftlab.gguf_export.metadata import GGUFExportError
+from peftlab.torch_threads import one_torch_thread
 
 #: The default check, a fixed, varied set: a question, an explanation, code, a list, a translation, a story,
 #: prose continuation, arithmetic. Every prompt runs through every layer, so these few check every layer
@@ -117,20 +118,10 @@ def render(tokenizer, text: str) -> str:
 @torch.no_grad()
 def peftlab_reference(model, tokenizer, prompts: list[str], new_tokens: int = NEW_TOKENS) -> Reference:
     """Greedy continuations and logits with and without the adapter, in peftlab, in float32."""
-    with _one_torch_thread():
+    # Batch-1 generation of a small model gains little from a second thread, and on a shared 2-core machine
+    # torch's two spinning OpenMP threads made it ~9x slower (2 prompts: 108 s instead of 12.6 s at load 5).
+    with one_torch_thread():
         return _reference(model, tokenizer, prompts, new_tokens)
-
-
-@contextlib.contextmanager
-def _one_torch_thread():
-    """Batch-1 generation of a small model gains little from a second thread, and on a shared 2-core machine
-    torch's two spinning OpenMP threads made it ~9x slower (2 prompts: 108 s instead of 12.6 s at load 5)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _reference(model, tokenizer, prompts: list[str], new_tokens: int) -> Reference:

@@ -33,6 +33,8 @@ from typing import Iterator
 
 import torch
 
+from peftlab.torch_threads import one_torch_thread
+
 #: The 16 NF4 values (normal-distribution quantiles scaled to [-1, 1]), bitsandbytes' table.
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -321,11 +323,8 @@ def _one_thread_if_small(numel: int, device: torch.device) -> Iterator[None]:
     if device.type != "cpu" or threads == 1 or numel >= _PARALLEL_MIN_NUMEL:
         yield
         return
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
