@@ -1,6 +1,6 @@
 """GGUF export parity in llama.cpp, per method, on SmolLM2-135M (issue 23's goals table).
 
-    python benchmarks/gguf_parity.py --work /tmp/gguf-parity [--methods lora,dora] [--steps 4]
+    python benchmarks/gguf_parity.py --work /tmp/gguf-parity [--methods lora,dora] [--steps 4] [--lr 3e-3]
 
 For each method: a short training run on SmolLM2-135M (all-linear, shakespeare), then
 `peftlab export --to gguf --verify` with 24 more prompts (32 in all, to pass 2,000 positions):
@@ -10,6 +10,9 @@ For each method: a short training run on SmolLM2-135M (all-linear, shakespeare),
 Each export's parity.json and its wall time are collected into <work>/table.md and table.json.
 Runs are reused when their folder exists, so an interrupted table resumes. Each step runs the CLI in
 its own process with OMP_NUM_THREADS=1 (on a shared 2-core machine a second torch thread is slower).
+Methods that barely move the model in 4 steps (VeRA, AdaLoRA, dora_rank: 0-2 changed top-1 tokens)
+are measured with a longer run (e.g. --steps 40 --lr 1e-2), so that their effect exceeds an f16 or
+Q4_1 base's rounding; the table's "trained" column says how each adapter was trained.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ def run(command: list[str], log: Path) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log, "w") as out:
         code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
-    if code != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({code}); see {log}")
+    if code != 0:  # the CLI's last line says why (e.g. the parity check's refusal)
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        raise RuntimeError(f"{lines[-1] if lines else 'no output'} (exit {code}; see {log})")
     return time.monotonic() - started
 
 
@@ -57,6 +61,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--methods", default=",".join(LORA_METHODS + MERGED_METHODS))
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--lr", default="3e-3")
     parser.add_argument("--bases", default="f32,f16,q4_1", help="LoRA-mode bases to verify on")
     args = parser.parse_args()
     work = args.work
@@ -76,7 +81,7 @@ def main() -> None:
         if not (adapter / "adapter_config.json").exists():
             run(peftlab("train", "--model", "smollm2-135m", "--task", "causal-lm", "--dataset", "shakespeare",
                         "--method", method, "--max-steps", str(args.steps), "--batch-size", "2", "--max-length", "48",
-                        "--max-eval-samples", "4", "--lr", "3e-3", "--seed", "0", "--out", str(adapter),
+                        "--max-eval-samples", "4", "--lr", args.lr, "--seed", "0", "--out", str(adapter),
                         *METHOD_FLAGS.get(method, [])), work / f"train-{method}.log")
     lora_methods = [m for m in methods if m not in MERGED_METHODS]
     bases = {b: ["--base-gguf", str(q4_1)] if b == "q4_1" else ["--dtype", b] for b in args.bases.split(",")}
@@ -97,21 +102,24 @@ def main() -> None:
             parity = json.loads((out / "parity.json").read_text())
         except RuntimeError as error:
             seconds, parity = None, {"error": str(error)}
-        rows.append({"method": method, "export": label, "seconds": seconds, "load": os.getloadavg()[0], **parity})
+        options = json.loads((work / "runs" / method / "metrics.json").read_text())["options"]
+        trained = f"{options['max_steps']} steps, lr {options['lr']:g}"
+        rows.append({"method": method, "export": label, "trained": trained, "seconds": seconds, "load": os.getloadavg()[0],
+                     **parity})
         (work / "table.json").write_text(json.dumps(rows, indent=1))
         write_table(rows, work / "table.md")
         print(f"{method} {label}: {parity.get('top1_agreement', parity.get('error'))}", flush=True)
 
 
 def write_table(rows: list[dict], path: Path) -> None:
-    lines = ["| method | export | top-1 agreement | positions | max rel. logit diff | greedy identical | effect rel. diff "
-             "| top-1 changed by adapter (peftlab/llama.cpp) | export+verify s (load) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | trained | export | top-1 agreement | positions | max rel. logit diff | greedy identical | effect rel. diff "
+             "| top-1 changed by adapter (peftlab/llama.cpp) | export+verify s (load) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['export']} | error: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['method']} | {r.get('trained', '')} | {r['export']} | error: {r['error'][:80]} | | | | | | |")
             continue
         lines.append(
-            f"| {r['method']} | {r['export']} | {100 * r['top1_agreement']:.2f}% | {r['positions']} | {r['max_relative_logit_diff']:.2g} "
+            f"| {r['method']} | {r.get('trained', '')} | {r['export']} | {100 * r['top1_agreement']:.2f}% | {r['positions']} | {r['max_relative_logit_diff']:.2g} "
             f"| {r['generations_identical']}/{r['generations']} | {r['effect_relative_diff']:.2g} "
             f"| {r['effect_top1_changed_peftlab']}/{r['effect_top1_changed_engine']} | {r['seconds']:.0f} ({r['load']:.1f}) |")
     path.write_text("\n".join(lines) + "\n")

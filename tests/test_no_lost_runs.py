@@ -101,6 +101,37 @@ def test_an_interrupted_run_leaves_nothing_stale_and_a_bare_resume_continues_it(
     assert resumed["train_loss_curve"] == expected["train_loss_curve"] and resumed["options"]["r"] == 4
 
 
+def test_sigterm_cleans_up_like_ctrl_c_and_leaves_the_old_run(finished_run, bert_dir, sentiment_dir):
+    """kill / timeout / torchrun send SIGTERM: the new run's staging folder is removed, the old run stays."""
+    import signal
+    import time
+
+    before = _snapshot(finished_run)
+    flags = [*tiny_flags(bert_dir, sentiment_dir, finished_run), "--max-steps", "100000", "--overwrite"]
+    child = subprocess.Popen([sys.executable, "-m", "peftlab", "train", *flags], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(finished_run.parent.glob(".run.*.staging.tmp/metrics.jsonl")):  # training has begun
+            assert child.poll() is None and time.monotonic() < deadline, child.stderr.read() if child.poll() else "timeout"
+            time.sleep(0.1)
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "peftlab train: stopped by SIGTERM"
+    assert _snapshot(finished_run) == before
+    assert not list(finished_run.parent.glob(".*.tmp")) and not list(finished_run.glob(".*.tmp"))
+
+
+def test_a_compare_child_stopped_by_sigterm_is_reported_as_such():
+    from peftlab.lab.runner import _failure_summary
+
+    assert _failure_summary(143, ["step 3"]).startswith("the run's process was killed by SIGTERM\n")
+    assert _failure_summary(-15, []).startswith("the run's process was killed by SIGTERM\n")
+
+
 def run_cli_ok(argv) -> bool:
     from peftlab.cli import main
 

@@ -53,15 +53,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser(chosen if chosen in SUBCOMMANDS else None).parse_args(argv)
     from peftlab.assets import AssetError
+    from peftlab.termination import EXIT_TERMINATED, Terminated, terminate_as_interrupt
     from peftlab.train.loop import TrainingDiverged
 
     try:
-        return load_command(args.command).run(args)
+        with terminate_as_interrupt():  # SIGTERM (kill, timeout, torchrun) cleans up as Ctrl-C does
+            return load_command(args.command).run(args)
     except (ValueError, OSError, AssetError, TrainingDiverged) as error:
         if os.environ.get("PEFTLAB_TRACEBACK") == "1":
             raise
         print(f"peftlab {args.command}: error: {error}", file=sys.stderr)
         return 1 if isinstance(error, TrainingDiverged) else 2
+    except Terminated:
+        print(f"peftlab {args.command}: stopped by SIGTERM", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"peftlab {args.command}: interrupted", file=sys.stderr)
         return 130

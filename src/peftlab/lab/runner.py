@@ -45,6 +45,7 @@ from peftlab.lab.results import (
 from peftlab.lab.metric import metric_label
 from peftlab.lab.sweep import PlannedRun
 from peftlab.trackers import require_trackers
+from peftlab.termination import EXIT_TERMINATED, Terminated, terminate_as_interrupt
 from peftlab.train.options import OptionsError, TrainOptions
 
 if TYPE_CHECKING:
@@ -285,8 +286,8 @@ def write_spec(run: PlannedRun, folder: Path) -> Path:
 
 def _failure_summary(returncode: int, tail: list[str]) -> str:
     """The error's first line says what went wrong (the exception, or the signal); the output tail follows."""
-    if returncode < 0:
-        name = signal.Signals(-returncode).name
+    if returncode < 0 or returncode == EXIT_TERMINATED:  # a signal; SIGTERM is caught, cleaned up after, and exits 143
+        name = signal.Signals(-returncode).name if returncode < 0 else "SIGTERM"
         headline = f"the run's process was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
     elif returncode == 0:
         headline = "the run's process exited without writing its record"
@@ -402,7 +403,12 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Run one planned run of `peftlab compare` (its child process).")
     parser.add_argument("--run-spec", type=Path, required=True, metavar="SPEC.json",
                         help="the run's spec.json, written by `peftlab compare`")
-    execute(parser.parse_args(argv).run_spec)
+    spec = parser.parse_args(argv).run_spec
+    try:
+        with terminate_as_interrupt():  # compare stops this child with SIGTERM: let its cleanup run
+            execute(spec)
+    except Terminated:
+        return EXIT_TERMINATED
     return 0
 
 
