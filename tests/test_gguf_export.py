@@ -286,11 +286,20 @@ def test_an_adapter_the_engine_reads_wrongly_fails_and_the_family_is_named(token
                 for k, v in ((f"{gguf_tensor_name(path + '.weight')}.lora_a", a.float().numpy()),
                              (f"{gguf_tensor_name(path + '.weight')}.lora_b", b.float().numpy()))}
 
+    threads = []
+    torch_logits = diagnose._torch_logits
     monkeypatch.setattr(exporter, "lora_tensors", unpermuted)
     monkeypatch.setattr(diagnose, "lora_tensors", unpermuted)
-    with pytest.raises(ParityError, match=r"families that differ: attn_[qk] .*attn_[qk] ") as error:
-        export_gguf(adapted("llama", tokenizer), tokenizer, tmp_path / "bad", verify=True, prompts=PROMPTS)
+    monkeypatch.setattr(diagnose, "_torch_logits", lambda *a: threads.append(torch.get_num_threads()) or torch_logits(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ParityError, match=r"families that differ: attn_[qk] .*attn_[qk] ") as error:
+            export_gguf(adapted("llama", tokenizer), tokenizer, tmp_path / "bad", verify=True, prompts=PROMPTS)
+    finally:
+        torch.set_num_threads(before)
     assert "ffn" not in str(error.value) and not (tmp_path / "bad").exists()
+    assert threads and set(threads) == {1}  # torch beside llama.cpp: one thread, as in the check itself
 
 
 def test_modelfile_translates_chatml_with_its_default_system_prompt(tokenizer):

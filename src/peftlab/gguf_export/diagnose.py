@@ -17,12 +17,20 @@ import torch
 from peftlab.gguf_export.names import family, gguf_tensor_name, module_name
 from peftlab.gguf_export.verify import TOLERANCES, Engine
 from peftlab.gguf_export.writer import lora_tensors, model_tensors, write_lora_gguf, write_model_gguf
+from peftlab.torch_threads import one_torch_thread
 
 PROMPTS = 3  # a few sequences tell the families apart
 
 
 def families(reference, base, factors, merged, config, with_files, without_files, dtype, tokenizer_keys, scratch: Path) -> str:
     """A sentence naming the families whose effect differs (or saying none does alone)."""
+    # torch and llama.cpp take turns here, as in the check itself: torch's idle OpenMP threads spinning
+    # beside llama.cpp's made the check ~9x slower on 2 cores (see verify.peftlab_reference).
+    with one_torch_thread():
+        return _families(reference, base, factors, merged, config, with_files, without_files, dtype, tokenizer_keys, scratch)
+
+
+def _families(reference, base, factors, merged, config, with_files, without_files, dtype, tokenizer_keys, scratch: Path) -> str:
     sequences = [p.prompt_ids + p.continuation for p in reference.prompts[:PROMPTS]]
     n_ctx = max(map(len, sequences)) + 8
     base_engine = Engine(*without_files, n_ctx=n_ctx, f32_cache=dtype == "f32")
