@@ -34,7 +34,7 @@ def chat_data(tmp_path_factory):
     return folder
 
 
-def test_chat_training_packed_follows_the_padded_loss_curve(chat_llama_dir, chat_data, tmp_path) -> None:
+def test_chat_training_packed_follows_the_padded_loss_curve(chat_llama_dir, chat_data, tmp_path, capsys) -> None:
     # Each step takes the whole set (24 rows padded; all its sequences packed), so both runs see the
     # same examples every step, and the loss, a mean over label tokens, must not depend on the layout.
     runs = {}
@@ -43,6 +43,9 @@ def test_chat_training_packed_follows_the_padded_loss_curve(chat_llama_dir, chat
                                max_length=max_length, packing=packing, max_steps=3, lr=1e-2)
         runs[packing] = run_training(options)
     padded, packed = runs[False], runs[True]
+    log = capsys.readouterr().err  # the log counts rows, and under --packing also what a batch counts
+    assert "trainable; 24 examples, 3 steps" in log
+    assert f"trainable; 24 examples in {packed['packed_sequences']} packed sequences, 3 steps" in log
     assert padded["max_length"] == 23 and padded["max_length_from_data"] is True  # the longest row
     assert padded["train_rows"] == 24 and padded["train_rows_truncated"] == 0 and padded["eval_rows_truncated"] == 0
     assert packed["train_loss_curve"] == pytest.approx(padded["train_loss_curve"], abs=1e-5)

@@ -199,7 +199,7 @@ class TrainingRun:
         count = full + (rest >= self.processes.world_size)
         if count == 0:
             raise OptionsError(
-                f"the training set has {len(self.train_data)} examples, too few for one batch on "
+                f"the training set has {self._size_of_training_set()}, too few for one batch on "
                 f"{self.processes.world_size} processes; add data or lower --batch-size."
             )
         return count
@@ -373,12 +373,19 @@ class TrainingRun:
         self.state.tracker_runs = trackers.run_ids()
         return trackers
 
+    def _size_of_training_set(self) -> str:
+        """'N examples', or under --packing 'N examples in M packed sequences' (what a batch counts)."""
+        packed_from = getattr(self.train_data, "examples", None)  # PackedRows: the rows it packed
+        if packed_from is None:
+            return f"{len(self.train_data)} examples"
+        return f"{packed_from} examples in {len(self.train_data)} packed sequences"
+
     def _train(self) -> RunMetrics:
         options, state = self.options, self.state
         trainable, total = count_parameters(self.model)
         self._log(
             f"training {options.method} on {options.model}: {trainable:,} of {total:,} parameters trainable; "
-            f"{len(self.train_data)} examples, {self.total_steps} steps, "
+            f"{self._size_of_training_set()}, {self.total_steps} steps, "
             f"{self.processes.world_size} process(es) on {self.processes.device}"
         )
         self._write_metrics_lines(state.logged, mode="w")
