@@ -113,15 +113,18 @@ def main() -> None:
 
 def write_table(rows: list[dict], path: Path) -> None:
     lines = ["| method | trained | export | top-1 agreement | positions | max rel. logit diff | greedy identical | effect rel. diff "
-             "| top-1 changed by adapter (peftlab/llama.cpp) | export+verify s (load) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| top-1 changed by adapter (peftlab/llama.cpp) | base alone: top-1 agreement | export+verify s (load) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r.get('trained', '')} | {r['export']} | error: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['method']} | {r.get('trained', '')} | {r['export']} | error: {r['error'][:80]} | | | | | | | |")
             continue
+        base_alone = f"{100 * r['base_top1_agreement']:.2f}%" if "base_top1_agreement" in r else ""  # older rows lack it
         lines.append(
             f"| {r['method']} | {r.get('trained', '')} | {r['export']} | {100 * r['top1_agreement']:.2f}% | {r['positions']} | {r['max_relative_logit_diff']:.2g} "
             f"| {r['generations_identical']}/{r['generations']} | {r['effect_relative_diff']:.2g} "
-            f"| {r['effect_top1_changed_peftlab']}/{r['effect_top1_changed_engine']} | {r['seconds']:.0f} ({r['load']:.1f}) |")
+            f"| {r['effect_top1_changed_peftlab']}/{r['effect_top1_changed_engine']} "
+            f"| {base_alone} | {r['seconds']:.0f} ({r['load']:.1f}) |")
     path.write_text("\n".join(lines) + "\n")
 
 

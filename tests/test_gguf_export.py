@@ -4,6 +4,7 @@ parity in llama.cpp itself on tiny Llama / Qwen2 / Mistral models (where ``llama
 from __future__ import annotations
 
 import copy
+import re
 
 import gguf
 import numpy as np
@@ -248,6 +249,7 @@ def test_lora_export_runs_in_llama_cpp_as_in_peftlab(kind, tokenizer, tmp_path, 
     assert p["passed"] and p["top1_agreement"] == 1.0 and p["generations_identical"] == p["generations"] == len(PROMPTS)
     assert p["max_relative_logit_diff"] < 1e-4 and p["effect_relative_diff"] < 1e-3
     assert p["effect_top1_changed_engine"] == p["effect_top1_changed_peftlab"] > 0  # the adapter does something, in both
+    assert p["base_top1_agree"] == p["positions"] and p["base_max_relative_logit_diff"] < 1e-4  # the base alone, too
     assert p["tokenization_agree"] == p["tokenization_checked"]
     files = sorted(f.name for f in (tmp_path / "out").iterdir())
     assert files == ["Modelfile", "README.md", "adapter.gguf", "base.gguf", "parity.json"]
@@ -275,6 +277,23 @@ def test_merged_dora_and_q8_0_run_in_llama_cpp(tokenizer, tmp_path, llama_cpp):
     lora = adapted("llama", tokenizer)
     p = export_gguf(lora, tokenizer, tmp_path / "q8", mode="merged", dtype="q8_0", verify=True, prompts=PROMPTS).parity
     assert p["passed"] and p["tolerance"] == "q8_0" and p["top1_agreement"] > 0.9
+
+
+def test_an_effect_smaller_than_the_f16_bases_rounding_is_refused_with_its_figures_and_f32_passes(tokenizer, tmp_path, llama_cpp):
+    model = adapted("llama", tokenizer)
+    with torch.no_grad():  # an adapter that barely moves the model: its effect is of the order of f16 rounding
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(1e-3)
+    with pytest.raises(ParityError) as error:
+        export_gguf(copy.deepcopy(model), tokenizer, tmp_path / "f16", dtype="f16", verify=True, prompts=PROMPTS)
+    message = str(error.value)
+    assert re.search(r"the adapter's effect .* differs by [\d.e-]+ of its size in peftlab \(tolerance 0.15; the adapter "
+                     r"changes the top-1 token at \d+ of \d+ positions, and the base alone differs by up to [\d.e-]+ of "
+                     r"the largest logit in llama.cpp\)", message), message
+    assert "can be exported with --dtype f32 instead" in message and not (tmp_path / "f16").exists()
+    p = export_gguf(model, tokenizer, tmp_path / "f32", dtype="f32", verify=True, prompts=PROMPTS).parity
+    assert p["passed"] and p["effect_relative_diff"] < 1e-2
 
 
 def test_an_adapter_the_engine_reads_wrongly_fails_and_the_family_is_named(tokenizer, tmp_path, monkeypatch, llama_cpp):

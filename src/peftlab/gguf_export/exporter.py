@@ -144,11 +144,15 @@ def export_gguf(
                                  "engine": "llama.cpp via llama-cpp-python " + _llama_cpp_version(),
                                  "settings": ENGINE_SETTINGS.format(cache="f32" if tolerance_name == "f32" else "f16 (llama.cpp's default)")}
                 if problems:
+                    hint = ""
+                    if tolerance_name != "f32" and parity.effect_relative_diff > tolerance[1]:
+                        hint = (f"An adapter whose effect is small next to the {tolerance_name} base's rounding can be "
+                                "exported with --dtype f32 instead. ")
                     culprit = diagnose.families(reference, base, factors if mode == "lora" else None, trained, config,
                                                 with_files, without_files, dtype, tokenizer_keys, Path(scratch))
                     raise ParityError(
                         "the exported GGUF does not compute what the trained model does in llama.cpp: "
-                        + "; ".join(problems) + f". {culprit} {out} was left as it was."
+                        + "; ".join(problems) + f". {hint}{culprit} {out} was left as it was."
                     )
             result.seconds = time.monotonic() - started
             (folder / "Modelfile").write_text(modelfile(tokenizer, result.files), encoding="utf-8")

@@ -55,6 +55,8 @@ def export_readme(result, tokenizer) -> str:
             f"| greedy generations identical | {p['generations_identical']}/{p['generations']} |",
             f"| adapter effect (with - without) relative difference | {p['effect_relative_diff']:.4g} |",
             f"| positions whose top-1 the adapter changes: peftlab / llama.cpp | {p['effect_top1_changed_peftlab']} / {p['effect_top1_changed_engine']} |",
+            f"| the base alone (no adapter): top-1 agreement, max relative logit difference | "
+            f"{p['base_top1_agree']}/{p['positions']} ({100 * p['base_top1_agreement']:.2f}%), {p['base_max_relative_logit_diff']:.4g} |",
             f"| prompts tokenized identically by llama.cpp and transformers | {p['tokenization_agree']}/{p['tokenization_checked']} |",
             "", "The figures are in `parity.json`.",
         ]

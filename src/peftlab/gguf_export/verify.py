@@ -238,6 +238,10 @@ class Parity:
     effect_relative_diff: float = 0.0
     effect_top1_changed_peftlab: int = 0
     effect_top1_changed_engine: int = 0
+    # The base alone (no adapter) on both sides: how much of a disagreement the base's GGUF brings by itself
+    # (an f16 or a 4-bit base; llama.cpp's 4-bit kernels also round the activations to 8 bits).
+    base_top1_agree: int = 0
+    base_max_relative_logit_diff: float = 0.0
     generations: int = 0
     generations_identical: int = 0
     first_divergences: list = field(default_factory=list)  # [prompt index, token position] of each differing generation
@@ -248,9 +252,14 @@ class Parity:
     def top1_agreement(self) -> float:
         return self.top1_agree / self.positions if self.positions else 0.0
 
+    @property
+    def base_top1_agreement(self) -> float:
+        return self.base_top1_agree / self.positions if self.positions else 0.0
+
     def as_dict(self) -> dict:
         data = {k: v for k, v in self.__dict__.items()}
         data["top1_agreement"] = self.top1_agreement
+        data["base_top1_agreement"] = self.base_top1_agreement
         return data
 
 
@@ -295,6 +304,9 @@ def engine_parity(
             effect_norm = max(effect_norm, float(np.abs(effect_peftlab).max()))
             result.effect_top1_changed_peftlab += int((prompt.logits_with.argmax(-1) != prompt.logits_without.argmax(-1)).sum())
             result.effect_top1_changed_engine += int((logits.argmax(-1) != without.argmax(-1)).sum())
+            result.base_top1_agree += int((without.argmax(-1) == prompt.logits_without.argmax(-1)).sum())
+            base_diff = np.abs(without - prompt.logits_without).max(-1) / np.abs(prompt.logits_without).max(-1)
+            result.base_max_relative_logit_diff = max(result.base_max_relative_logit_diff, float(base_diff.max()))
     finally:
         base.close()
     result.effect_relative_diff = effect_diff / effect_norm if effect_norm > 0 else 0.0
@@ -317,7 +329,9 @@ def failures(parity: Parity, tolerance: tuple[float, float]) -> list[str]:
                         f"(tolerance {logits_tol:g})")
     if parity.effect_relative_diff > effect_tol:
         problems.append(f"the adapter's effect (logits with minus without it) differs by {parity.effect_relative_diff:.3g} "
-                        f"of its size in peftlab (tolerance {effect_tol:g})")
+                        f"of its size in peftlab (tolerance {effect_tol:g}; the adapter changes the top-1 token at "
+                        f"{parity.effect_top1_changed_peftlab} of {parity.positions} positions, and the base alone differs by "
+                        f"up to {parity.base_max_relative_logit_diff:.3g} of the largest logit in llama.cpp)")
     if parity.tokenization_agree < parity.tokenization_checked:
         problems.append(f"llama.cpp tokenizes {parity.tokenization_checked - parity.tokenization_agree} of "
                         f"{parity.tokenization_checked} prompts differently from transformers (the GGUF's tokenizer keys)")
