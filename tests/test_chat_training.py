@@ -100,3 +100,24 @@ def test_packing_is_refused_for_classification(tmp_path) -> None:
     bert = save_tiny_model(tmp_path / "bert", chat_tokenizer(), "bert")
     with pytest.raises(OptionsError, match="--packing lays causal-LM rows end to end; it does not apply to seq-cls data"):
         run_training(tiny_options(bert, data, tmp_path / "out", packing=True, max_steps=1))
+
+
+def test_packing_that_joins_no_rows_says_how_to_pack(chat_llama_dir, chat_data, tmp_path, capsys) -> None:
+    # --max-length left to the longest row (23 tokens): no two rows (12-23 tokens) fit one sequence; the
+    # advice stays within the model's 32 positions.
+    metrics = run_training(tiny_options(chat_llama_dir, chat_data, tmp_path / "auto", task="causal-lm", batch_size=8,
+                                        max_length=None, packing=True, max_steps=1))
+    log = capsys.readouterr().err
+    assert metrics["packed_sequences"] == 24
+    assert ("--packing joins few rows: sequences of --max-length 23 (the longest row, as no --max-length was given) "
+            "hold about one row each; give a larger --max-length (e.g. 32) to pack several rows") in log
+    metrics = run_training(tiny_options(chat_llama_dir, chat_data, tmp_path / "wide", task="causal-lm", batch_size=2,
+                                        max_length=32, packing=True, max_steps=1))
+    assert metrics["packed_sequences"] <= 0.9 * 24 and "joins few rows" not in capsys.readouterr().err
+
+
+def test_packing_advice_stays_within_the_models_positions() -> None:
+    from peftlab.train.build import _packing_advice
+
+    assert "(e.g. 512)" in _packing_advice(100, False, 2048) and "(e.g. 256)" in _packing_advice(100, False, 256)
+    assert "the model has no more positions (256); packing saves little" in _packing_advice(256, True, 256)

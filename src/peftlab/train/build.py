@@ -126,7 +126,22 @@ def prepare_rows(options: TrainOptions, splits: dict[str, TextDataset], tokenize
     if options.packing and "train" in splits:
         splits["train"] = pack_dataset(splits["train"], collator.fit, collator.max_length, options.seed)
         notice(splits["train"].describe())
+        if len(splits["train"]) > 0.9 * splits["train"].examples:
+            notice(_packing_advice(options.max_length, chosen, position_limit(model)))
     return PreparedRows(options, splits, counts, chosen)
+
+
+def _packing_advice(max_length: int, chosen: bool, limit: int | None) -> str:
+    """--packing that joins (almost) no rows: sequences of --max-length hold one row each (typically
+    --max-length left to the longest row). Said, not refused: the run is still correct."""
+    larger = 1 << (4 * max_length - 1).bit_length()  # a power of two, at least 4 rows of the longest length
+    larger = min(larger, limit) if limit else larger
+    why = " (the longest row, as no --max-length was given)" if chosen else ""
+    if larger <= max_length:
+        return (f"--packing joins few rows: sequences of --max-length {max_length}{why} hold about one row each, and the "
+                f"model has no more positions ({limit}); packing saves little on this data")
+    return (f"--packing joins few rows: sequences of --max-length {max_length}{why} hold about one row each; give a larger "
+            f"--max-length (e.g. {larger}) to pack several rows per sequence (--batch-size counts sequences)")
 
 
 def check_causal_lm(model: str, tokenizer, config=None) -> None:
