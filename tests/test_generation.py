@@ -118,6 +118,7 @@ def test_generate_with_an_adapter_equals_the_merged_folder_and_generate_by_hand(
     by_hand = [tokenizer.decode(greedy_by_hand(model, tokenizer(p)["input_ids"], 8, tokenizer.eos_token_id),
                                 skip_special_tokens=True).strip() for p in prompts]
     assert [line["prompt"] for line in with_adapter] == prompts
+    assert generate_lines(capsys, "--adapter", str(adapter_dir), "--prompt", prompts[0], "-p", prompts[1]) == with_adapter
     assert [line["generation"] for line in with_adapter] == [line["generation"] for line in merged] == by_hand
     assert [line["generation"] for line in base] != by_hand  # the adapter changes the answers
 

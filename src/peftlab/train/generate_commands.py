@@ -57,6 +57,9 @@ class GenerateCommand:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts to answer (or --prompts FILE)")
+        # As llama-cli and others spell it; without it argparse read `--prompt "text"` as --prompts (a file).
+        parser.add_argument("-p", "--prompt", dest="prompt_texts", action="append", default=[], metavar="TEXT",
+                            help="a prompt to answer, as the PROMPT arguments (may be repeated)")
         parser.add_argument("--prompts", dest="prompt_file", metavar="FILE",
                             help='a .txt file (a prompt per line) or .jsonl ({"prompt": ...} or {"messages": [...]} a line)')
         parser.add_argument("--out", type=Path, metavar="FILE.jsonl", help="write the JSON lines here (default: stdout)")
@@ -72,7 +75,7 @@ class GenerateCommand:
         sampling = _sampling(args)
         if args.batch_size < 1:
             raise OptionsError(f"--batch-size must be 1 or more, got {args.batch_size}.")
-        prompts = list(args.prompts) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
+        prompts = [*args.prompts, *args.prompt_texts, *(read_prompt_file(args.prompt_file) if args.prompt_file else [])]
         if not prompts:
             raise OptionsError("no prompts: give them as arguments, or a file with --prompts FILE.")
         if args.out is not None and args.out.exists() and not args.overwrite:
