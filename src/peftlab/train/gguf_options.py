@@ -54,5 +54,5 @@ def run_gguf_export(args: argparse.Namespace, out: Path, loaded) -> int:
     if result.parity is not None:
         p = result.parity
         print(json.dumps({k: p[k] for k in ("positions", "top1_agreement", "max_relative_logit_diff", "generations",
-                                            "generations_identical", "effect_relative_diff", "passed")}, indent=1))
+                                            "generations_identical", "effect_relative_diff", "base_top1_agreement", "passed")}, indent=1))
     return 0
