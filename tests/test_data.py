@@ -310,3 +310,20 @@ def test_pad_equal_to_eos_still_learns_eos() -> None:
     tokenizer.pad_token = tokenizer.eos_token
     batch = CausalLMCollator(tokenizer)([{"prompt": "hi", "response": "there"}, {"prompt": "hi hi hi", "response": "there"}])
     assert batch["labels"].tolist() == [[-100, 3, 0, -100, -100], [-100, -100, -100, 3, 0]]
+
+
+def test_training_on_one_file_says_which_rows_are_held_out(tmp_path, tiny_tokenizer, capsys) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"the movie {i}", "response": " good"}) + "\n" for i in range(20)))
+    train = load_dataset_spec(str(path), "train")
+    validation = load_dataset_spec(str(path), "validation")
+    assert len(train) == 18 and len(validation) == 2
+    assert capsys.readouterr().err.splitlines() == [  # once: when the train split is read
+        f"peftlab: {path} is one file: 2 of its 20 rows (a fixed draw) are held out for validation and not trained on; "
+        "give a folder with train and validation files to choose them"]
+    load_dataset_spec(str(path), "train", held_out=False)  # the whole file: nothing held out, nothing said
+    text = tmp_path / "book.txt"
+    text.write_text("".join(f"line {i} of the book\n" for i in range(50)))
+    load_dataset_spec(str(text), "train", tokenizer=tiny_tokenizer, max_length=8)
+    err = capsys.readouterr().err
+    assert err.startswith(f"peftlab: {text} is one text: its last ") and "are held out for validation" in err

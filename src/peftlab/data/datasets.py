@@ -30,7 +30,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from ..assets import TASKS, TEXT_ALIASES
+from ..assets import TASKS, TEXT_ALIASES, notice
 from .chat import ChatDataset
 from .checks import check_training_classes, checked_texts
 from .errors import DataError
@@ -144,6 +144,10 @@ def load_dataset_spec(
     if stride is not None:
         raise DataError(f"a stride applies to plain text (a .txt file or {', '.join(TEXT_ALIASES)}), not to {name_or_path}")
     table, label_tables, dataset_names = _read_split(name_or_path, split, data_dir, held_out)
+    if split == "train" and held_out and Path(name_or_path).expanduser().is_file():  # said when training reads it
+        whole = len(label_tables[0].rows)
+        notice(f"{name_or_path} is one file: {whole - len(table.rows)} of its {whole} rows (a fixed draw) are held out "
+               "for validation and not trained on; give a folder with train and validation files to choose them")
     if not table.rows:
         raise DataError(f"{table.source} has no {split} examples; add rows below the header")
     format_name = table_format(table)

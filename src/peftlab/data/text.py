@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from ..assets import TEXT_ALIASES, resolve_text
+from ..assets import TEXT_ALIASES, notice, resolve_text
 from .errors import DataError
 from .files import read_text
 from .splits import HOLD_OUT_FRACTION, SPLITS
@@ -91,6 +91,10 @@ def read_plain_text(name_or_path: str | Path, split: str = "validation", held_ou
     if not part.strip():
         raise DataError(f"{path}: its {split} part (the text {'before' if split == 'train' else 'after'} the line "
                         f"break at 90%) is empty; give a longer text")
+    if split == "train" and name not in TEXT_ALIASES:  # said once, when training reads it
+        held = len(split_text(whole, "validation"))
+        notice(f"{path} is one text: its last {held:,} of {len(whole):,} characters (after the line break at 90%) are "
+               "held out for validation and not trained on")
     return part, f"{label} ({split} part: {len(part):,} of {len(whole):,} characters)"
 
 
