@@ -73,3 +73,20 @@ def test_compare_on_prompt_rows_ranks_by_exact_match(llama_dir, prompt_dir, tmp_
     # an extra set is scored by the comparison's metric: here the validation rows again, the same answers
     # (its token accuracy, the score before, differs: 0.0625 where exact match is 0 after 2 steps)
     assert run.eval_datasets == {str(prompt_dir / "validation.jsonl"): run.val_accuracy}
+
+
+def test_compare_tells_the_task_from_the_data_as_train_does(prompt_dir, sst2_dir):
+    """Prompt rows without --task: causal-lm and exact match (they failed every run as classification data)."""
+    from peftlab.cli import build_parser
+    from peftlab.lab.cli import plan_from_args
+
+    def planned(*flags):
+        return plan_from_args(build_parser("compare").parse_args(["compare", "--methods", "lora", *flags]))
+
+    runs, config = planned("--dataset", str(prompt_dir))
+    assert runs[0].options["task"] == "causal-lm" and config["metric"] == EXACT_MATCH
+    assert runs[0].options["max_steps"] == 30  # the causal-LM budget, as with --task causal-lm
+    runs, config = planned("--dataset", str(sst2_dir))
+    assert runs[0].options["task"] == "seq-cls" and config["metric"] == ACCURACY
+    runs, _ = planned("--dataset", str(prompt_dir), "--task", "causal-lm")
+    assert runs[0].options["task"] == "causal-lm"

@@ -144,6 +144,10 @@ def plan_from_args(args: argparse.Namespace) -> tuple[list[PlannedRun], dict[str
     from_file = read_config_file(args.config) if args.config else {}
     given = {name: getattr(args, name) for name in SHARED_OPTIONS if hasattr(args, name)}
     chosen = {**{k: v for k, v in from_file.items() if k not in PER_RUN_OPTIONS}, **given}
+    if "task" not in chosen and "dataset" in chosen:  # as `peftlab train`: the data's format says which
+        from peftlab.data.datasets import task_of_dataset
+
+        chosen["task"] = task_of_dataset(chosen["dataset"], chosen.get("data_dir"))
     defaults = LLM_COMPARE_DEFAULTS if chosen.get("task") == "causal-lm" else COMPARE_DEFAULTS
     values = {**defaults, **chosen}
     shared = {k: v for k, v in TrainOptions(**values).to_dict().items() if k not in PER_RUN_OPTIONS}
