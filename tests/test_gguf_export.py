@@ -216,6 +216,22 @@ def test_refusals(tokenizer, tmp_path, monkeypatch):
     assert not any((tmp_path / n).exists() for n in "abcde")
 
 
+def test_a_lossy_dtype_is_judged_against_its_rounding_of_the_base_alone():
+    """q8_0 rounds SmolLM2-135M's base alone by 0.11 of the largest logit: a fixed 0.1 refused every merged q8_0
+    export of it, the untrained base included. The bound grows with the base's own difference; f32 never does."""
+    from peftlab.gguf_export.verify import TOLERANCES, Parity, failures
+
+    measured = dict(positions=100, top1_agree=96, effect_relative_diff=0.2, base_max_relative_logit_diff=0.11)
+    assert failures(Parity(max_relative_logit_diff=0.184, **measured), TOLERANCES["q8_0"]) == []
+    problems = failures(Parity(max_relative_logit_diff=0.4, **measured), TOLERANCES["q8_0"])
+    assert problems == ["next-token logits differ by up to 0.4 of the largest logit (tolerance 0.33, 3x the base alone's)"]
+    wrong_effect = failures(Parity(max_relative_logit_diff=0.1, **{**measured, "effect_relative_diff": 0.9}), TOLERANCES["q8_0"])
+    assert len(wrong_effect) == 1 and wrong_effect[0].startswith("the adapter's effect")  # still refused
+    f32 = dict(positions=100, top1_agree=100, base_max_relative_logit_diff=0.05)  # a base that differs at f32: a bug
+    assert failures(Parity(max_relative_logit_diff=0.05, **f32), TOLERANCES["f32"]) == [
+        "next-token logits differ by up to 0.05 of the largest logit (tolerance 0.001)"]
+
+
 def test_the_peftlab_reference_runs_on_one_torch_thread(tokenizer):
     """Two spinning torch threads made batch-1 generation ~9x slower on the shared 2-core machine."""
     from peftlab.gguf_export.verify import peftlab_reference

@@ -60,7 +60,7 @@ def _families(reference, base, factors, merged, config, with_files, without_file
         diff = max(float(np.abs((ew - eb) - (tw - tb)).max()) for ew, eb, tw, tb in zip(engine_with, engine_base, torch_with, torch_base))
         size = max(float(np.abs(tw - tb).max()) for tw, tb in zip(torch_with, torch_base))
         errors[name] = diff / size if size > 0 else diff
-    tolerance = TOLERANCES.get(dtype, TOLERANCES["f32"])[1]
+    tolerance = TOLERANCES.get(dtype, TOLERANCES["f32"]).effect
     bad = sorted((n for n, e in errors.items() if e > tolerance), key=lambda n: -errors[n])
     if not bad:
         return "Each layer family's effect agrees when applied alone; the difference comes from their combination."

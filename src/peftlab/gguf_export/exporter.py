@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import os
 import tempfile
 import time
@@ -35,7 +36,9 @@ from peftlab.gguf_export.metadata import GGUFExportError, add_tokenizer_keys, co
 from peftlab.gguf_export.modelfile import modelfile
 from peftlab.gguf_export.names import LINEAR_FAMILIES, gguf_architecture, module_name
 from peftlab.gguf_export.readme import export_readme
-from peftlab.gguf_export.verify import ENGINE_SETTINGS, REPORT_ONLY, TOLERANCES, ParityError, engine_parity, failures, load_prompts, peftlab_reference
+from peftlab.gguf_export.verify import (
+    ENGINE_SETTINGS, REPORT_ONLY, TOLERANCES, ParityError, Tolerance, engine_parity, failures, load_prompts, peftlab_reference,
+)
 from peftlab.gguf_export.writer import DTYPES, LORA_DTYPES, lora_tensors, model_tensors, write_lora_gguf, write_model_gguf
 
 MODES = ("lora", "merged")
@@ -140,12 +143,15 @@ def export_gguf(
                 notice(f"verifying in llama.cpp on {len(reference.prompts)} prompts (tolerance: {tolerance_name})")
                 parity = engine_parity(reference, with_files, without_files, f32_cache=tolerance_name == "f32")
                 problems = failures(parity, tolerance)
+                bounds = (tolerance.logits_bound(parity.base_max_relative_logit_diff), tolerance.effect)
                 result.parity = {**parity.as_dict(), "tolerance": tolerance_name, "passed": not problems,
+                                 "logits_tolerance": bounds[0] if math.isfinite(bounds[0]) else None,
+                                 "effect_tolerance": bounds[1] if math.isfinite(bounds[1]) else None,
                                  "engine": "llama.cpp via llama-cpp-python " + _llama_cpp_version(),
                                  "settings": ENGINE_SETTINGS.format(cache="f32" if tolerance_name == "f32" else "f16 (llama.cpp's default)")}
                 if problems:
                     hint = ""
-                    if tolerance_name != "f32" and parity.effect_relative_diff > tolerance[1]:
+                    if tolerance_name != "f32" and parity.effect_relative_diff > tolerance.effect:
                         hint = (f"An adapter whose effect is small next to the {tolerance_name} base's rounding can be "
                                 "exported with --dtype f32 instead. ")
                     culprit = diagnose.families(reference, base, factors if mode == "lora" else None, trained, config,
@@ -235,7 +241,7 @@ def _method_label(model, adapter_name: str) -> str:
     return name_of(model.peft_config[adapter_name])
 
 
-def _tolerance(dtype: str, base_match: BaseMatch | None) -> tuple[str, tuple[float, float]]:
+def _tolerance(dtype: str, base_match: BaseMatch | None) -> tuple[str, Tolerance]:
     """The tolerance of the least precise weights the engine runs on: the export's dtype, or the user's base."""
     if base_match is None:
         return dtype, TOLERANCES[dtype]

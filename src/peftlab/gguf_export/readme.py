@@ -45,7 +45,9 @@ def export_readme(result, tokenizer) -> str:
         lines += [
             "", "## Parity measured in llama.cpp", "",
             f"{p['engine']} ({p['settings']}), against the trained model in peftlab (float32), on the same token ids; "
-            f"tolerance: {p['tolerance']}; {'passed' if p['passed'] else 'FAILED'}.",
+            f"tolerance: {p['tolerance']}" + (f" (relative logits {p['logits_tolerance']:.3g}, effect {p['effect_tolerance']:.3g})"
+                                             if p.get("logits_tolerance") is not None else "")
+            + f"; {'passed' if p['passed'] else 'FAILED'}.",
             "",
             "| measure | value |", "|---|---|",
             f"| positions compared (prompt + greedy continuation) | {p['positions']} |",
