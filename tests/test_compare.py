@@ -295,6 +295,19 @@ def test_unwritable_output_folder_fails_before_any_run(tmp_path, no_launch, shar
     assert code == 2 and "cannot write to the output folder" in stderr and "Choose another --out" in stderr
 
 
+def test_data_the_task_cannot_use_fails_once_before_any_run(tmp_path, no_launch, shared_flags):
+    """A bad file used to fail every run the same way, one after another, after the base model had loaded."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "validation"):
+        (data / f"{split}.csv").write_text("sentence,label\nthe movie,1\na film,not-a-class\n", encoding="utf-8")
+    flags = [*shared_flags]
+    flags[flags.index("--dataset") + 1] = str(data)
+    code, _, stderr = run_cli("compare", "--methods", "lora,dora", "--out", str(tmp_path / "out"), *flags)
+    assert code == 2 and stderr.count("peftlab compare: error:") == 1 and "not-a-class" in stderr, stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_finished_comparison_is_not_overwritten_without_resume(comparison, no_launch, shared_flags):
     code, _, stderr = run_cli("compare", "--methods", "lora", "--out", str(comparison["out"]), *shared_flags)
     assert code == 2 and "--resume" in stderr

@@ -72,9 +72,27 @@ def log_to_stderr(message: str) -> None:
 
 def check_before_runs(runs: list[PlannedRun], out: Path, resuming: bool) -> None:
     """What would fail every run, refused before any (and before ``out`` is made): a missing tracker
-    package (here, not in every run's process), an output folder that cannot be written or holds a comparison."""
-    require_trackers(dict.fromkeys(name for run in runs for name in TrainOptions(**run.options).report_to))
+    package (here, not in every run's process), the user's data files that cannot be read as the task's data,
+    an output folder that cannot be written or holds a comparison."""
+    options = [TrainOptions(**run.options) for run in runs]
+    require_trackers(dict.fromkeys(name for each in options for name in each.report_to))
+    check_data_files(options)
     prepare_out_dir(out, resuming)
+
+
+def check_data_files(options: list[TrainOptions]) -> None:
+    """Read each distinct data file or folder the runs train on once, as a run would: a bad row or a format
+    the task cannot use is one error here, not the same failure in every run. Named datasets (sst2,
+    number-words ...) are built in and read by the runs themselves."""
+    from peftlab.train.build import load_datasets
+
+    checked = set()
+    for each in options:
+        key = (each.dataset, each.data_dir, each.task)
+        if key in checked or not Path(each.dataset).expanduser().exists():
+            continue
+        checked.add(key)
+        load_datasets(each)
 
 
 def prepare_out_dir(out: Path, resuming: bool) -> None:
