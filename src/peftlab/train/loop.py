@@ -61,7 +61,7 @@ from peftlab.train.phase_clock import PhaseClock, split_per_step
 from peftlab.train.run_metrics import RunMetrics
 from peftlab.data import DataError
 from peftlab.data.encoded import EncodedRows
-from peftlab.data.packing import check_packing_is_exact, examples_in
+from peftlab.data.packing import PackedRows, check_packing_is_exact, examples_in
 from peftlab.train.build import build_model, load_datasets, make_collator, prepare_rows, save_trained
 from peftlab.train.data_init import DataDrivenInit
 from peftlab.train.run_folder import claim_output_folder
@@ -375,10 +375,10 @@ class TrainingRun:
 
     def _size_of_training_set(self) -> str:
         """'N examples', or under --packing 'N examples in M packed sequences' (what a batch counts)."""
-        packed_from = getattr(self.train_data, "examples", None)  # PackedRows: the rows it packed
-        if packed_from is None:
-            return f"{len(self.train_data)} examples"
-        return f"{packed_from} examples in {len(self.train_data)} packed sequences"
+        data = self.train_data
+        if isinstance(data, PackedRows):
+            return f"{data.examples} examples in {len(data)} packed sequences"
+        return f"{len(data)} examples"
 
     def _train(self) -> RunMetrics:
         options, state = self.options, self.state

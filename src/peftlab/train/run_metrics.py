@@ -10,6 +10,7 @@ against the dict and readers of metrics.json see the same names.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,16 +46,21 @@ class RunMetrics(Mapping[str, Any]):
 
     def to_dict(self) -> dict[str, Any]:
         """metrics.json: the evaluation's scores and the data's counts at the top level, as they were."""
+        return dict(self._as_json)
+
+    @functools.cached_property
+    def _as_json(self) -> dict[str, Any]:
+        # Built once (the fields are frozen), not on every key the mapping is asked for.
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("eval", "data")}
         before_data = {k: v for k, v in fields.items() if k not in ("world_size", "strategy", "options")}
         return {**self.eval, **before_data, **self.data, "world_size": self.world_size, "strategy": self.strategy,
                 "options": self.options}
 
     def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
+        return self._as_json[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.to_dict())
+        return iter(self._as_json)
 
     def __len__(self) -> int:
-        return len(self.to_dict())
+        return len(self._as_json)
