@@ -145,7 +145,7 @@ def load_dataset_spec(
         raise DataError(f"a stride applies to plain text (a .txt file or {', '.join(TEXT_ALIASES)}), not to {name_or_path}")
     table, label_tables, dataset_names = _read_split(name_or_path, split, data_dir, held_out)
     if split == "train" and held_out and Path(name_or_path).expanduser().is_file():  # said when training reads it
-        whole = len(label_tables[0].rows)
+        whole = len(label_tables[0].rows)  # for one file, _read_split's label tables are [the whole file]
         notice(f"{name_or_path} is one file: {whole - len(table.rows)} of its {whole} rows (a fixed draw) are held out "
                "for validation and not trained on; give a folder with train and validation files to choose them")
     if not table.rows:
